@@ -1,0 +1,1 @@
+"""bitplan: budgeted mixed-precision quantization plans for LLMs."""

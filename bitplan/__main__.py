@@ -1,0 +1,5 @@
+import sys
+
+from bitplan.cli import main
+
+sys.exit(main())

@@ -1,0 +1,49 @@
+"""The interface every number format implements.
+
+A format knows how to quantize-dequantize ("fake-quantize") a weight tensor, and an activation
+tensor if it quantizes activations, and exactly how many bits a weight of a given shape costs
+on disk. It knows nothing about models.
+
+Weights are 2-D, shaped (out_features, in_features) as in ``torch.nn.Linear``; groups and blocks
+always run along the input dimension (the last one).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class Format(ABC):
+    """A quantization format. Subclasses are small frozen dataclasses."""
+
+    #: Canonical lower-case name, e.g. ``"mxfp4"`` or ``"w4g128"``; ``registry.parse(name)`` returns
+    #: an equal format.
+    name: str
+
+    #: True when the format also quantizes the layer's input activations (MX, NVFP4, W8A8 ...).
+    quantizes_activations: bool = False
+
+    @abstractmethod
+    def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Return the quantize-dequantized weight: same shape and dtype as ``weight``."""
+
+    def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize an activation tensor ``(..., in_features)``; identity by default."""
+        return x
+
+    @abstractmethod
+    def weight_bits(self, shape: tuple[int, int], include_scales: bool = True) -> int:
+        """Exact number of bits that storing a weight of ``shape`` costs.
+
+        With ``include_scales=False`` only the element bits are counted (scales, zero points and
+        tensor-level scales left out), as the reference's tables do.
+        """
+
+    def bits_per_weight(self, shape: tuple[int, int], include_scales: bool = True) -> float:
+        """Average bits per weight element for a weight of ``shape``."""
+        return self.weight_bits(shape, include_scales) / (shape[0] * shape[1])
+
+    def __str__(self) -> str:
+        return self.name

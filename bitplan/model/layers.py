@@ -1,0 +1,164 @@
+"""The layer table: every Linear that bitplan may quantize, with where it sits and what it fuses with.
+
+Inference engines fuse some projections into one matmul (vLLM: q/k/v into ``qkv_proj``, gate/up
+into ``gate_up_proj``), so those layers must share one format. A *fusion group* is such a set; a
+plan chooses one format per group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from bitplan.errors import BitplanError
+
+# Last component of a module's name -> its role. Covers Llama, Mistral, Qwen2/3, Gemma, Phi-3 and
+# Mixtral-style experts (w1 = gate, w3 = up, w2 = down).
+_ROLE_BY_SUFFIX = {
+    "q_proj": "q",
+    "k_proj": "k",
+    "v_proj": "v",
+    "qkv_proj": "qkv",
+    "o_proj": "o",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "gate_up_proj": "gate_up",
+    "down_proj": "down",
+    "w1": "gate",
+    "w3": "up",
+    "w2": "down",
+}
+
+# Roles an engine fuses together -> name of the fused group.
+_FUSED_ROLES = {"q": "qkv", "k": "qkv", "v": "qkv", "qkv": "qkv", "gate": "gate_up", "up": "gate_up"}
+_FUSED_ROLES["gate_up"] = "gate_up"
+
+#: The order roles are listed in within a block.
+ROLE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "other", "lm_head")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One quantizable Linear layer."""
+
+    name: str  # module path, e.g. "model.layers.0.self_attn.q_proj"
+    block: int | None  # decoder block index (0 = nearest the embedding); None outside blocks
+    role: str  # q, k, v, o, gate, up, down, qkv, gate_up, lm_head or other
+    shape: tuple[int, int]  # (out_features, in_features), as the weight is stored
+    group: str  # fusion group name; layers of one group must share a format
+
+    @property
+    def params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass(frozen=True)
+class EmbeddingInfo:
+    """An input embedding table; never quantized by default."""
+
+    name: str
+    shape: tuple[int, int]
+    tied_to_head: bool  # lm_head shares this weight
+
+    @property
+    def params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    layers: tuple[LayerInfo, ...]  # decoder layers in model order, then lm_head if present
+    embeddings: tuple[EmbeddingInfo, ...]
+    num_blocks: int
+    blocks_path: str  # module path of the ModuleList holding the decoder blocks
+
+    def decoder_layers(self) -> list[LayerInfo]:
+        """The Linear layers inside decoder blocks: what the budget covers by default."""
+        return [layer for layer in self.layers if layer.block is not None]
+
+    def head(self) -> LayerInfo | None:
+        return next((layer for layer in self.layers if layer.role == "lm_head"), None)
+
+    def selected(self, include_head: bool = False) -> list[LayerInfo]:
+        """Decoder layers, plus lm_head when ``include_head``."""
+        head = self.head()
+        extra = [head] if include_head and head is not None else []
+        return self.decoder_layers() + extra
+
+    def groups(self, include_head: bool = False) -> dict[str, list[LayerInfo]]:
+        """Fusion group name -> its layers, in model order."""
+        out: dict[str, list[LayerInfo]] = {}
+        for layer in self.selected(include_head):
+            out.setdefault(layer.group, []).append(layer)
+        return out
+
+    def __iter__(self) -> Iterator[LayerInfo]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder blocks: the largest list whose children all share one type."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise BitplanError(
+            f"unsupported model {type(model).__name__}: no list of decoder blocks found"
+        )
+    return best[1], best[2]
+
+
+def _role_and_group(name: str, block_prefix: str | None) -> tuple[str, str]:
+    parent, _, leaf = name.rpartition(".")
+    role = _ROLE_BY_SUFFIX.get(leaf, "other")
+    fused = _FUSED_ROLES.get(role)
+    if fused is None or block_prefix is None:
+        return role, name
+    return role, f"{parent}.{fused}"
+
+
+def build_layer_table(model: nn.Module) -> LayerTable:
+    """List every quantizable Linear of a causal LM, with block, role, shape and fusion group."""
+    blocks_path, blocks = find_blocks(model)
+    head_module = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embed_module = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+
+    layers: list[LayerInfo] = []
+    head: LayerInfo | None = None
+    for index, block in enumerate(blocks):
+        prefix = f"{blocks_path}.{index}"
+        for sub_name, module in block.named_modules():
+            if isinstance(module, nn.Linear):
+                name = f"{prefix}.{sub_name}"
+                role, group = _role_and_group(name, prefix)
+                shape = (module.out_features, module.in_features)
+                layers.append(LayerInfo(name, index, role, shape, group))
+    if not layers:
+        raise BitplanError(
+            f"unsupported model {type(model).__name__}: no nn.Linear layers inside its decoder "
+            "blocks (bitplan quantizes Linear layers)"
+        )
+    for name, module in model.named_modules():
+        if module is head_module and isinstance(module, nn.Linear):
+            shape = (module.out_features, module.in_features)
+            head = LayerInfo(name, None, "lm_head", shape, name)
+            break
+
+    embeddings = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and module is embed_module:
+            tied = head_module is not None and head_module.weight is module.weight
+            embeddings.append(EmbeddingInfo(name, tuple(module.weight.shape), tied))
+    all_layers = tuple(layers + ([head] if head else []))
+    return LayerTable(all_layers, tuple(embeddings), len(blocks), blocks_path)
