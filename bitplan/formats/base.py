@@ -18,8 +18,8 @@ import torch
 class Format(ABC):
     """A quantization format. Subclasses are small frozen dataclasses."""
 
-    #: Canonical lower-case name, e.g. ``"mxfp4"`` or ``"w4g128"``; ``registry.parse(name)`` returns
-    #: an equal format.
+    #: Canonical lower-case name, e.g. ``"mxfp4"`` or ``"w4g128"``;
+    #: ``bitplan.formats.parse_format(name)`` returns an equal format.
     name: str
 
     #: True when the format also quantizes the layer's input activations (MX, NVFP4, W8A8 ...).

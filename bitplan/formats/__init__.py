@@ -1,0 +1,37 @@
+"""Number formats: how a tensor is quantized and what it costs in bits.
+
+One family per module (``integer``, ``mx``, ``nvfp4``, ``fp8``, ``bf16``) on top of the shared
+``minifloat`` rounding and ``blocks`` helpers; ``registry`` turns names into formats.
+
+>>> from bitplan.formats import parse_format
+>>> fmt = parse_format("mxfp4")
+>>> fmt.bits_per_weight((4096, 4096))
+4.25
+"""
+
+from bitplan.formats.base import Format
+from bitplan.formats.bf16 import BF16Format
+from bitplan.formats.fp8 import FP8Format
+from bitplan.formats.integer import Int8W8A8Format, IntFormat
+from bitplan.formats.minifloat import E2M1, E2M3, E4M3, MinifloatSpec, quantize_to_minifloat
+from bitplan.formats.mx import MXFormat
+from bitplan.formats.nvfp4 import NVFP4Format
+from bitplan.formats.registry import known_format_names, parse_format, parse_format_list
+
+__all__ = [
+    "E2M1",
+    "E2M3",
+    "E4M3",
+    "BF16Format",
+    "FP8Format",
+    "Format",
+    "Int8W8A8Format",
+    "IntFormat",
+    "MXFormat",
+    "MinifloatSpec",
+    "NVFP4Format",
+    "known_format_names",
+    "parse_format",
+    "parse_format_list",
+    "quantize_to_minifloat",
+]
