@@ -44,7 +44,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     for (role, shape), count in shapes.items():
         fused = next(sorted(r) for r in group_roles.values() if role in r)
         others = ",".join(r for r in fused if r != role) or "-"
-        print(f"{role:<8} {count:>5}  {f'{shape[0]}x{shape[1]}':<18} {shape[0] * shape[1]:>12,}  {others}")
+        print(
+            f"{role:<8} {count:>5}  {f'{shape[0]}x{shape[1]}':<18} {shape[0] * shape[1]:>12,}  {others}"
+        )
     if head is not None:
         tied = any(e.tied_to_head for e in table.embeddings)
         print(
@@ -72,6 +74,114 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{fmt.name:<14} {with_scales:>15.4f} {without:>9.4f}")
 
 
+def _budget_label(bits: float) -> str:
+    return f"{bits:g}".replace(".", "p")
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from bitplan.data.calibration import calibration_samples
+    from bitplan.formats import parse_format_list
+    from bitplan.model import load_model
+    from bitplan.model.fingerprint import model_fingerprint
+    from bitplan.planning import baseline_plan, build_units, resolve_pins, solve_plans
+    from bitplan.plots import plot_bits_per_layer
+    from bitplan.score import score
+    from bitplan.solve import pareto_front, reachable_range
+
+    formats = parse_format_list(args.options)
+    if len(formats) < 2 and args.recipe is None:
+        raise BitplanError("give at least two --options to choose between, e.g. mxfp4,mxfp8")
+    out = Path(args.out)
+    model = load_model(args.model)
+    table = model.layers
+    pins, pins_head = resolve_pins(args.pin, table, formats)
+    include_head = args.quantize_head or pins_head
+    include_scales = not args.ignore_scale_bits
+    model_id = f"{model.name}@{model_fingerprint(model.module)}"
+
+    # Check the budgets before the (long) scoring pass.
+    units = build_units(table, formats, None, include_head, include_scales)
+    lo, hi = reachable_range(units, pins)
+    budgets = args.avg_bits or []
+    for bits in budgets:
+        if bits < lo - 1e-12:
+            raise BitplanError(
+                f"target {bits:g} bits is below what {args.options} can reach here "
+                f"({lo:.4f} to {hi:.4f} bits per weight"
+                f"{'' if include_scales else ', scale bits ignored'})"
+            )
+
+    if args.recipe is not None:
+        if args.recipe != "uniform" and not budgets:
+            raise BitplanError(f"--recipe {args.recipe} needs --avg-bits")
+        plans = [
+            baseline_plan(
+                args.recipe, table, formats, b, model_id, include_head, include_scales, pins
+            )
+            for b in (budgets or [None])
+        ]
+        scores = None
+    else:
+        if not budgets:
+            raise BitplanError("give one or more target budgets with --avg-bits, e.g. 4.5 5 6")
+        tokens = calibration_samples(
+            model.tokenizer, n_samples=args.n_samples, seq_len=args.seq_len, source=args.calib
+        )
+        scores = score(
+            model,
+            formats,
+            tokens,
+            scorer=args.scorer,
+            include_head=include_head,
+            batch_size=args.batch_size,
+            cache=not args.no_cache,
+        )
+        hit = " (from cache)" if scores.extra.get("cache_hit") else ""
+        print(
+            f"scored {len(scores.layer_scores)} layers x {len(formats)} options with "
+            f"{scores.scorer} in {scores.seconds:.1f} s{hit}"
+        )
+        plans = solve_plans(
+            table, formats, scores, budgets, model_id, include_head, include_scales, pins
+        )
+
+    out.mkdir(parents=True, exist_ok=True)
+    print(
+        f"{'plan':<28} {'budget':>7} {'achieved':>9} {'w/o scales':>10} {'pred. loss':>11}  formats"
+    )
+    for plan in plans:
+        label = (
+            plan.recipe
+            if plan.budget_avg_bits is None
+            else (f"{plan.recipe}_{_budget_label(plan.budget_avg_bits)}")
+        )
+        path = out / f"plan_{label}.json"
+        plan.save(path)
+        budget = "-" if plan.budget_avg_bits is None else f"{plan.budget_avg_bits:g}"
+        loss = "-" if plan.predicted_loss is None else f"{plan.predicted_loss:.5f}"
+        counts = ", ".join(f"{n}x{fmt}" for fmt, n in plan.format_counts().items())
+        print(
+            f"{path.name:<28} {budget:>7} {plan.avg_bits:>9.4f} "
+            f"{plan.avg_bits_without_scales:>10.4f} {loss:>11}  {counts}"
+        )
+    if scores is not None:
+        solved = build_units(table, formats, scores, include_head, include_scales)
+        front = [{"avg_bits": b, "predicted_loss": s} for b, s in pareto_front(solved, pins)]
+        import json
+
+        (out / "front.json").write_text(json.dumps(front, indent=1) + "\n")
+        scores.save(out / "scores.json")
+        proven = all(plan.proven_optimal for plan in plans)
+        print(
+            f"optimum {'proven' if proven else 'NOT proven'} for every budget "
+            f"(exact Pareto front of {len(front)} points in front.json)"
+        )
+    plot_bits_per_layer(plans, table, out / "bits_per_layer.png")
+    print(f"wrote {len(plans)} plan(s), bits_per_layer.png to {out}/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitplan",
@@ -97,6 +207,68 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--layers", action="store_true", help="also list every layer")
     info.set_defaults(func=cmd_info)
+
+    search = sub.add_parser(
+        "search",
+        help="score layers and choose a format per layer for one or more average-bits budgets",
+        description=(
+            "Score every fusion group for every option on calibration text (one pass of the "
+            "unquantized model with the default fisher scorer), then choose, for each budget, "
+            "the formats that minimise the summed predicted loss: an exact optimum, proven. "
+            "Writes one plan JSON per budget, the Pareto front, the scores and a PNG of bits "
+            "per layer. With --recipe, writes a baseline plan instead."
+        ),
+    )
+    search.add_argument("model", nargs="?", default=None, help=_MODEL_HELP)
+    search.add_argument(
+        "--options", required=True, help="comma-separated formats, e.g. mxfp4,mxfp8"
+    )
+    search.add_argument(
+        "--avg-bits", type=float, nargs="+", metavar="BITS", help="target average bits per weight"
+    )
+    search.add_argument("--out", default="plans", help="output folder (default: plans)")
+    search.add_argument(
+        "--scorer",
+        default="fisher",
+        choices=["fisher", "delta-loss"],
+        help="fisher: one pass, second-order on layer outputs (default); delta-loss: the "
+        "reference's |gradient x error|, one pass per option",
+    )
+    search.add_argument(
+        "--recipe",
+        choices=["uniform", "head", "tail"],
+        help="write a baseline plan instead: all cheapest option, or whole blocks nearest the "
+        "output (head) / the embedding (tail) promoted to the most expensive option",
+    )
+    search.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="REGEX=FORMAT",
+        help="force layers whose name matches REGEX to FORMAT (repeatable); they count in the "
+        "budget; pinning lm_head brings it into the plan",
+    )
+    search.add_argument(
+        "--quantize-head",
+        action="store_true",
+        help="include lm_head in scoring and budget (default: kept unquantized, as the reference)",
+    )
+    search.add_argument(
+        "--ignore-scale-bits",
+        action="store_true",
+        help="count element bits only, as the reference's tables do (default: scales and zero "
+        "points counted)",
+    )
+    search.add_argument(
+        "--calib",
+        help="calibration text: a .txt, .jsonl or arrow folder "
+        "(default: text shipped in installed packages)",
+    )
+    search.add_argument("--n-samples", type=int, default=16, help="calibration sequences (16)")
+    search.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (256)")
+    search.add_argument("--batch-size", type=int, default=4, help="sequences per pass (4)")
+    search.add_argument("--no-cache", action="store_true", help="recompute scores even if cached")
+    search.set_defaults(func=cmd_search)
     return parser
 
 
