@@ -32,7 +32,14 @@ _ROLE_BY_SUFFIX = {
 }
 
 # Roles an engine fuses together -> name of the fused group.
-_FUSED_ROLES = {"q": "qkv", "k": "qkv", "v": "qkv", "qkv": "qkv", "gate": "gate_up", "up": "gate_up"}
+_FUSED_ROLES = {
+    "q": "qkv",
+    "k": "qkv",
+    "v": "qkv",
+    "qkv": "qkv",
+    "gate": "gate_up",
+    "up": "gate_up",
+}
 _FUSED_ROLES["gate_up"] = "gate_up"
 
 #: The order roles are listed in within a block.

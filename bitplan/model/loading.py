@@ -108,7 +108,9 @@ def _load_gguf(gguf_path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, ob
     return module, tokenizer
 
 
-def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(
+    source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
     """Load a causal LM for bitplan.
 
     ``source`` is a Hugging Face folder (with ``config.json``), a ``.gguf`` file, or ``None`` for
