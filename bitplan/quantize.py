@@ -1,0 +1,92 @@
+"""Applying a plan as fake quantization: the "fake model" of the reference.
+
+Every planned layer's weight is replaced by its quantize-dequantize under the layer's format, and
+formats that quantize activations get their input quantized on the fly. The result is an ordinary
+torch model (each planned ``nn.Linear`` becomes a ``FakeQuantLinear``, still an ``nn.Linear``)
+that any evaluator can run.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from bitplan.errors import BitplanError
+from bitplan.formats import Format, parse_format
+
+
+class FakeQuantLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight is already quantize-dequantized and whose input is quantized
+    on the fly when its format quantizes activations."""
+
+    fmt: Format
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: Format) -> FakeQuantLinear:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            new.weight = nn.Parameter(fmt.quantize_weight(linear.weight.data), requires_grad=False)
+        new.bias = linear.bias
+        new.fmt = fmt
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt.quantizes_activations:
+            xq = self.fmt.quantize_activation(x)
+            # Straight-through: the forward value is quantized, while gradients (rounding has
+            # none) pass through unchanged, as in quantization-aware scoring and training.
+            x = x + (xq - x).detach() if x.requires_grad else xq
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, format={self.fmt.name}"
+
+
+def _resolve(formats: Mapping[str, Format | str]) -> dict[str, Format]:
+    return {
+        name: fmt if isinstance(fmt, Format) else parse_format(fmt) for name, fmt in formats.items()
+    }
+
+
+def apply_formats(
+    model: nn.Module, formats: Mapping[str, Format | str], inplace: bool = False
+) -> nn.Module:
+    """Fake-quantize ``model``: layer name -> format (or format name). Layers not named, and
+    layers whose format is ``bf16`` on a bf16 model, are left as they are.
+
+    Returns a new model unless ``inplace``; the original is never modified otherwise.
+    """
+    resolved = _resolve(formats)
+    target = model if inplace else copy.deepcopy(model)
+    modules = dict(target.named_modules())
+    missing = [name for name in resolved if name not in modules]
+    if missing:
+        raise BitplanError(
+            f"the plan names {len(missing)} layer(s) this model does not have, e.g. {missing[0]}; "
+            "was it made for another model?"
+        )
+    # Each FakeQuantLinear gets a new weight Parameter, so an lm_head tied to the embedding is
+    # untied here and the embedding itself stays unquantized.
+    for name, fmt in resolved.items():
+        linear = modules[name]
+        if not isinstance(linear, nn.Linear):
+            raise BitplanError(f"{name} is a {type(linear).__name__}, not a Linear layer")
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else target
+        setattr(parent, child, FakeQuantLinear.from_linear(linear, fmt))
+    if hasattr(target, "config") and getattr(target.config, "tie_word_embeddings", False):
+        # The head is now its own module; keep transformers from re-tying it on save/load.
+        head = target.get_output_embeddings() if hasattr(target, "get_output_embeddings") else None
+        if isinstance(head, FakeQuantLinear):
+            target.config.tie_word_embeddings = False
+    return target
+
+
+def apply_plan(model: nn.Module, plan, inplace: bool = False) -> nn.Module:
+    """Fake-quantize ``model`` with a ``Plan`` (its layer -> format mapping)."""
+    return apply_formats(model, plan.layer_formats, inplace=inplace)

@@ -1,0 +1,82 @@
+"""Layer sensitivity scores: for every layer and option, the predicted loss increase.
+
+``score(model, options, tokens)`` runs one of the estimators (``fisher``, the default, or the
+reference's ``delta-loss``) and caches the result on disk, keyed by the model's weights, the
+calibration tokens, the options and the estimator's settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from bitplan.errors import BitplanError
+from bitplan.formats import Format, parse_format
+from bitplan.model.fingerprint import model_fingerprint
+from bitplan.model.loading import LoadedModel, cache_dir
+from bitplan.score.delta_loss import delta_loss_scores
+from bitplan.score.fisher import fisher_scores
+from bitplan.score.scores import Scores
+
+SCORERS = ("fisher", "delta-loss")
+
+__all__ = ["SCORERS", "Scores", "delta_loss_scores", "fisher_scores", "score", "tokens_id"]
+
+
+def tokens_id(tokens: torch.Tensor) -> str:
+    """Identity of a calibration token tensor."""
+    digest = hashlib.blake2b(tokens.cpu().numpy().tobytes(), digest_size=12)
+    return f"{tuple(tokens.shape)}:{digest.hexdigest()}"
+
+
+def score(
+    model: LoadedModel,
+    options: Sequence[Format | str],
+    tokens: torch.Tensor,
+    scorer: str = "fisher",
+    include_head: bool = False,
+    batch_size: int = 4,
+    cache: bool | Path = True,
+    progress: bool = True,
+) -> Scores:
+    """Score every budgeted layer of ``model`` for every option on calibration ``tokens``."""
+    if scorer not in SCORERS:
+        raise BitplanError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+    formats = [fmt if isinstance(fmt, Format) else parse_format(fmt) for fmt in options]
+    layers = model.layers.selected(include_head)
+    model_id = f"{model.name}@{model_fingerprint(model.module)}"
+    data_id = tokens_id(tokens)
+    names = ",".join(fmt.name for fmt in formats)
+    key = f"v1|{scorer}|{model_id}|{data_id}|{names}|head={include_head}|bs={batch_size}"
+    path = None
+    if cache:
+        folder = cache / "scores" if isinstance(cache, Path) else cache_dir() / "scores"
+        path = folder / (hashlib.blake2b(key.encode(), digest_size=16).hexdigest() + ".json")
+        if path.is_file():
+            cached = Scores.load(path)
+            cached.extra["cache_hit"] = True
+            return cached
+    start = time.perf_counter()
+    if scorer == "fisher":
+        values = fisher_scores(model.module, layers, formats, tokens, batch_size, progress=progress)
+    else:
+        values = delta_loss_scores(
+            model.module, layers, formats, tokens, batch_size, progress=progress
+        )
+    result = Scores(
+        scorer=scorer,
+        options=[fmt.name for fmt in formats],
+        layer_scores=values,
+        model_id=model_id,
+        data_id=data_id,
+        n_tokens=int(tokens.numel()),
+        seconds=time.perf_counter() - start,
+        extra={"include_head": include_head, "batch_size": batch_size, "key": key},
+    )
+    if path is not None:
+        result.save(path)
+    return result

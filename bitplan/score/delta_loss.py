@@ -1,0 +1,98 @@
+"""The reference's scorer (auto-round AutoScheme), for comparison: ``--scorer delta-loss``.
+
+For each option in turn, the whole model is fake-quantized with that option and run forward and
+backward on the calibration data; a layer's score is Σ |∂L/∂Ŵ ⊙ (W − Ŵ)| + Σ |∂L/∂X̂ ⊙ (X − X̂)|
+(Ŵ, X̂ the quantized weight and input), summed over micro-batches, with L the mean next-token
+loss. One full pass per option: its cost grows linearly with the number of options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bitplan.formats import Format
+from bitplan.model.layers import LayerInfo
+from bitplan.quantize import apply_formats
+
+
+def _score_one_option(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    fmt: Format,
+    batches: list[torch.Tensor],
+    bar,
+) -> dict[str, float]:
+    originals = {
+        name: m.weight.detach() for name, m in model.named_modules() if hasattr(m, "weight")
+    }
+    quantized = apply_formats(model, {layer.name: fmt for layer in layers})
+    modules = dict(quantized.named_modules())
+    totals = {layer.name: 0.0 for layer in layers}
+    for p in quantized.parameters():
+        p.requires_grad_(False)
+
+    def make_hook(name: str):
+        module = modules[name]
+        w_error = (originals[name].float() - module.weight.float()).detach()
+
+        def hook(_module, inputs, output):
+            x = inputs[0].detach().float()
+            xq = fmt.quantize_activation(x) if fmt.quantizes_activations else x
+
+            def on_grad(grad: torch.Tensor) -> None:
+                with torch.no_grad():
+                    g = grad.reshape(-1, grad.shape[-1]).float()
+                    x2, xq2 = x.reshape(-1, x.shape[-1]), xq.reshape(-1, xq.shape[-1])
+                    grad_w = g.t() @ xq2  # ∂L/∂Ŵ
+                    score = (grad_w * w_error).abs().sum()
+                    if fmt.quantizes_activations:
+                        grad_x = g @ module.weight.float()  # ∂L/∂X̂
+                        score = score + (grad_x * (x2 - xq2)).abs().sum()
+                    totals[name] += float(score)
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    # Gradients must flow from the loss back through every layer: start them at the embedding.
+    embed = quantized.get_input_embeddings()
+    handles = [embed.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))]
+    handles += [
+        modules[layer.name].register_forward_hook(make_hook(layer.name)) for layer in layers
+    ]
+    try:
+        for batch in batches:
+            out = quantized(input_ids=batch, labels=batch, use_cache=False)
+            out.loss.backward()
+            bar.update()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return totals
+
+
+def delta_loss_scores(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    options: Sequence[Format],
+    tokens: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Layer name -> option name -> the reference's |gradient x quantization error| score."""
+    batches = list(torch.split(tokens, batch_size))
+    bar = tqdm(total=len(batches) * len(options), desc="scoring (delta-loss)", disable=not progress)
+    per_option = {}
+    try:
+        for fmt in options:
+            per_option[fmt.name] = _score_one_option(model, layers, fmt, batches, bar)
+    finally:
+        bar.close()
+    return {
+        layer.name: {fmt.name: per_option[fmt.name][layer.name] for fmt in options}
+        for layer in layers
+    }

@@ -1,0 +1,151 @@
+"""The default scorer: a second-order (diagonal Fisher) estimate on each layer's output.
+
+For a Linear layer with input X, weight W and gradient G of the summed next-token loss at its
+output Y = X Wᵀ, quantizing it with option o changes the output by
+
+    ΔY = Q_act(X) · Q_w(W)ᵀ − X · Wᵀ          (weight error and activation error together)
+
+and the loss by about ½ Σ_tokens,outputs G² ΔY² (the diagonal of the empirical Fisher on the
+outputs). One forward and one backward pass of the *unquantized* model give X and G for every
+layer; each extra option only costs one more matmul per layer, so adding options is cheap.
+
+The backward pass goes block by block from recorded block inputs (``replay``): only one block's
+activations, plus the hidden states at block boundaries, are in memory at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bitplan.formats import Format
+from bitplan.model.layers import LayerInfo, find_blocks
+from bitplan.score.replay import next_token_loss, record_block_inputs, run_block
+
+
+class _OutputErrorMeter:
+    """Hooks on a set of Linear layers that accumulate ½ Σ G² ΔY² for every option."""
+
+    def __init__(self, modules: dict[str, nn.Linear], options: Sequence[Format], form: str):
+        self.options = list(options)
+        self.form = form
+        self.totals = {name: [0.0] * len(self.options) for name in modules}
+        # Quantize each weight once per option, for the whole block's lifetime.
+        with torch.no_grad():
+            self.qweights = {
+                name: [fmt.quantize_weight(m.weight).float() for fmt in self.options]
+                for name, m in modules.items()
+            }
+        self.handles = [
+            module.register_forward_hook(self._make_hook(name)) for name, module in modules.items()
+        ]
+
+    def _make_hook(self, name: str) -> Callable:
+        def hook(module: nn.Linear, inputs, output):
+            x = inputs[0].detach()
+            y = output.detach()
+
+            def on_grad(grad: torch.Tensor) -> None:
+                self._accumulate(name, module, x, y, grad.detach())
+
+            if output.requires_grad:
+                output.register_hook(on_grad)
+
+        return hook
+
+    @torch.no_grad()
+    def _accumulate(self, name, module, x, y, grad) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        y = y.reshape(-1, y.shape[-1]).float()
+        grad = grad.reshape(-1, grad.shape[-1]).float()
+        bias = None if module.bias is None else module.bias.float()
+        grad_sq = grad.square() if self.form == "diag" else None
+        for k, fmt in enumerate(self.options):
+            xq = fmt.quantize_activation(x) if fmt.quantizes_activations else x
+            delta = nn.functional.linear(xq, self.qweights[name][k], bias) - y
+            if self.form == "diag":
+                value = 0.5 * (grad_sq * delta.square()).sum()
+            else:  # "token": ½ Σ_t (G_t · ΔY_t)², the Fisher of each token's output as a whole
+                value = 0.5 * (grad * delta).sum(dim=-1).square().sum()
+            self.totals[name][k] += float(value)
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def fisher_scores(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    options: Sequence[Format],
+    tokens: torch.Tensor,
+    batch_size: int = 4,
+    form: str = "diag",
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Layer name -> option name -> predicted increase of the mean per-token loss.
+
+    ``tokens`` is a (n_samples, seq_len) LongTensor of calibration text; ``layers`` the layers to
+    score (decoder Linear layers, plus lm_head if it is to be quantized).
+    """
+    if form not in ("diag", "token"):
+        raise ValueError(f"form must be 'diag' or 'token', not {form!r}")
+    modules = dict(model.named_modules())
+    wanted = {layer.name for layer in layers}
+    blocks_path, blocks = find_blocks(model)
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in modules.items() if m is head), None)
+    totals: dict[str, list[float]] = {}
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved_flags:
+        p.requires_grad_(False)  # gradients flow through activations only
+    batches = list(torch.split(tokens, batch_size))
+    bar = tqdm(
+        total=len(batches) * (len(blocks) + 2), desc="scoring (fisher)", disable=not progress
+    )
+    try:
+        records = []
+        for batch in batches:
+            records.append(record_block_inputs(model, batch))
+            bar.update()
+        # Gradient at the last block's output (and lm_head's scores if it is being scored).
+        grads = []
+        meter = None
+        if head_name in wanted:
+            meter = _OutputErrorMeter({head_name: head}, options, form)
+        for record in records:
+            hidden = record.final_hidden.clone().requires_grad_(True)
+            loss = next_token_loss(model, hidden, record.input_ids)
+            (grad,) = torch.autograd.grad(loss, hidden)
+            grads.append(grad)
+            record.final_hidden = None
+            bar.update()
+        if meter is not None:
+            meter.close()
+            totals.update(meter.totals)
+        # Blocks from the last to the first, each run forward and backward on its recorded input.
+        for index in reversed(range(len(blocks))):
+            prefix = f"{blocks_path}.{index}."
+            block_modules = {n: modules[n] for n in wanted if n.startswith(prefix)}
+            meter = _OutputErrorMeter(block_modules, options, form)
+            for k, record in enumerate(records):
+                hidden = record.hidden[index].clone().requires_grad_(True)
+                out = run_block(blocks[index], hidden, record.kwargs[index])
+                out.backward(grads[k])
+                grads[k] = hidden.grad
+                record.hidden[index] = None  # free what is no longer needed
+                bar.update()
+            meter.close()
+            totals.update(meter.totals)
+    finally:
+        bar.close()
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
+    n_predicted = tokens.shape[0] * (tokens.shape[1] - 1)
+    return {
+        name: {fmt.name: values[k] / n_predicted for k, fmt in enumerate(options)}
+        for name, values in totals.items()
+    }

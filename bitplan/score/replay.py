@@ -1,0 +1,91 @@
+"""Block-by-block replay of a decoder: the machinery both scorers share.
+
+A normal forward pass (no gradients) records, for every decoder block, the hidden states that
+enter it and the keyword arguments the model passes it (rotary embeddings, attention mask ...).
+A block can then be run again alone, with gradients, from what was recorded: so a backward pass
+can go block by block, holding one block's activations at a time plus the hidden states at the
+block boundaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bitplan.errors import BitplanError
+from bitplan.model.layers import find_blocks
+
+
+@dataclass
+class BlockInputs:
+    """What entered each block, for one micro-batch of token sequences."""
+
+    input_ids: torch.Tensor  # (batch, seq)
+    hidden: list[torch.Tensor] = field(default_factory=list)  # hidden[i] enters block i
+    kwargs: list[dict] = field(default_factory=list)  # kwargs[i] passed to block i
+    final_hidden: torch.Tensor | None = None  # what leaves the last block
+
+
+def block_output(output) -> torch.Tensor:
+    """A decoder block returns a tensor or a tuple whose first item is the hidden states."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The normalisation between the last block and lm_head."""
+    base = getattr(model, "model", None) or getattr(model, "transformer", None)
+    for name in ("norm", "final_layernorm", "ln_f"):
+        module = getattr(base, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise BitplanError(
+        f"unsupported model {type(model).__name__}: cannot find the final norm before lm_head"
+    )
+
+
+@torch.no_grad()
+def record_block_inputs(model: nn.Module, input_ids: torch.Tensor) -> BlockInputs:
+    """Run ``model`` once on ``input_ids`` and record every block's input and keyword arguments."""
+    _, blocks = find_blocks(model)
+    record = BlockInputs(input_ids=input_ids)
+
+    def before_block(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        record.hidden.append(hidden.detach())
+        record.kwargs.append(rest)
+
+    def after_last(_module, _args, output):
+        record.final_hidden = block_output(output).detach()
+
+    handles = [block.register_forward_pre_hook(before_block, with_kwargs=True) for block in blocks]
+    handles.append(blocks[-1].register_forward_hook(after_last))
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(record.hidden) != len(blocks) or record.final_hidden is None:
+        raise BitplanError("unsupported model: its blocks were not all called exactly once")
+    return record
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Run one decoder block alone on recorded inputs."""
+    if "hidden_states" in block.forward.__code__.co_varnames:
+        return block_output(block(hidden_states=hidden, **kwargs))
+    return block_output(block(hidden, **kwargs))
+
+
+def next_token_loss(
+    model: nn.Module, final_hidden: torch.Tensor, input_ids: torch.Tensor
+) -> torch.Tensor:
+    """Summed next-token cross-entropy from the last block's output (final norm, lm_head)."""
+    logits = model.get_output_embeddings()(final_norm(model)(final_hidden))
+    return nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        input_ids[:, 1:].reshape(-1),
+        reduction="sum",
+    )

@@ -1,0 +1,63 @@
+"""The Scores value: for every layer and option, a predicted increase of the model's loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bitplan.model.layers import LayerTable
+
+SCORES_VERSION = 1
+
+
+@dataclass
+class Scores:
+    """Predicted loss increase (nats per token) if one layer alone takes one option."""
+
+    scorer: str  # "fisher" or "delta-loss"
+    options: list[str]  # format names, in the order given
+    layer_scores: dict[str, dict[str, float]]  # layer name -> option -> score
+    model_id: str = ""
+    data_id: str = ""
+    n_tokens: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+    version: int = SCORES_VERSION
+
+    def group_scores(self, table: LayerTable, include_head: bool = False) -> dict[str, dict]:
+        """Fusion group -> option -> summed score of its layers."""
+        out: dict[str, dict[str, float]] = {}
+        for group, layers in table.groups(include_head).items():
+            out[group] = {
+                opt: sum(self.layer_scores[layer.name][opt] for layer in layers)
+                for opt in self.options
+            }
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Scores:
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write as JSON, atomically (a temporary file renamed into place)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Scores:
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
