@@ -82,6 +82,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from bitplan.data.calibration import calibration_samples
+    from bitplan.distributed import is_main
     from bitplan.formats import parse_format_list
     from bitplan.model import load_model
     from bitplan.model.fingerprint import model_fingerprint
@@ -147,6 +148,8 @@ def cmd_search(args: argparse.Namespace) -> None:
             table, formats, scores, budgets, model_id, include_head, include_scales, pins
         )
 
+    if not is_main():  # under torchrun, rank 0 alone writes the results
+        return
     out.mkdir(parents=True, exist_ok=True)
     print(
         f"{'plan':<28} {'budget':>7} {'achieved':>9} {'w/o scales':>10} {'pred. loss':>11}  formats"
@@ -273,8 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bitplan.distributed import init_from_env
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    init_from_env()  # no-op unless started by torchrun
     try:
         args.func(args)
     except BitplanError as err:

@@ -7,6 +7,7 @@ plan chooses one format per group.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -126,17 +127,47 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
-def _role_and_group(name: str, block_prefix: str | None) -> tuple[str, str]:
+# ".../experts.<e>.<leaf>": one projection of one expert of a mixture-of-experts block.
+_EXPERT = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>\d+)\.(?P<leaf>[^.]+)$")
+
+#: How experts of one MoE block are grouped: all together (engines want one scheme for a block's
+#: experts) or by projection kind (gate/up apart from down).
+EXPERT_GROUPINGS = ("block", "kind")
+
+
+def expert_index(name: str) -> int | None:
+    """The expert number of an MoE expert projection, None for any other layer."""
+    match = _EXPERT.match(name)
+    return int(match["index"]) if match else None
+
+
+def _role_and_group(
+    name: str, block_prefix: str | None, expert_grouping: str = "block"
+) -> tuple[str, str]:
     parent, _, leaf = name.rpartition(".")
     role = _ROLE_BY_SUFFIX.get(leaf, "other")
+    expert = _EXPERT.match(name)
+    if expert and block_prefix is not None:
+        if expert_grouping == "block":
+            return role, expert["experts"]
+        kind = "down" if role == "down" else "gate_up"
+        return role, f"{expert['experts']}.{kind}"
     fused = _FUSED_ROLES.get(role)
     if fused is None or block_prefix is None:
         return role, name
     return role, f"{parent}.{fused}"
 
 
-def build_layer_table(model: nn.Module) -> LayerTable:
-    """List every quantizable Linear of a causal LM, with block, role, shape and fusion group."""
+def build_layer_table(model: nn.Module, expert_grouping: str = "block") -> LayerTable:
+    """List every quantizable Linear of a causal LM, with block, role, shape and fusion group.
+
+    Mixture-of-experts blocks must have their experts as Linear layers (``moe.unfuse_experts``);
+    ``expert_grouping`` says whether a block's experts form one group ("block") or one per
+    projection kind ("kind": gate/up, down)."""
+    if expert_grouping not in EXPERT_GROUPINGS:
+        raise BitplanError(
+            f"expert grouping must be one of {', '.join(EXPERT_GROUPINGS)}, not {expert_grouping!r}"
+        )
     blocks_path, blocks = find_blocks(model)
     head_module = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embed_module = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -148,7 +179,7 @@ def build_layer_table(model: nn.Module) -> LayerTable:
         for sub_name, module in block.named_modules():
             if isinstance(module, nn.Linear):
                 name = f"{prefix}.{sub_name}"
-                role, group = _role_and_group(name, prefix)
+                role, group = _role_and_group(name, prefix, expert_grouping)
                 shape = (module.out_features, module.in_features)
                 layers.append(LayerInfo(name, index, role, shape, group))
     if not layers:

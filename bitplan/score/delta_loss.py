@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bitplan.distributed import all_reduce_sum
 from bitplan.formats import Format
 from bitplan.model.layers import LayerInfo
 from bitplan.quantize import apply_formats
@@ -92,7 +93,13 @@ def delta_loss_scores(
             per_option[fmt.name] = _score_one_option(model, layers, fmt, batches, bar)
     finally:
         bar.close()
+    # Under torchrun each rank scored its share of the samples: the scores are sums, so add them.
+    table = torch.tensor(
+        [[per_option[fmt.name][layer.name] for fmt in options] for layer in layers],
+        dtype=torch.float64,
+    )
+    table = all_reduce_sum(table)
     return {
-        layer.name: {fmt.name: per_option[fmt.name][layer.name] for fmt in options}
-        for layer in layers
+        layer.name: {fmt.name: float(table[i, k]) for k, fmt in enumerate(options)}
+        for i, layer in enumerate(layers)
     }

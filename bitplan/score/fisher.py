@@ -21,9 +21,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bitplan.distributed import all_reduce_sum
 from bitplan.formats import Format
 from bitplan.model.layers import LayerInfo, find_blocks
 from bitplan.score.replay import next_token_loss, record_block_inputs, run_block
+from bitplan.score.scores import fill_unrouted_experts
 
 
 class _OutputErrorMeter:
@@ -33,6 +35,7 @@ class _OutputErrorMeter:
         self.options = list(options)
         self.form = form
         self.totals = {name: [0.0] * len(self.options) for name in modules}
+        self.calls = dict.fromkeys(modules, 0)  # an MoE expert may see no token at all
         # Quantize each weight once per option, for the whole block's lifetime.
         with torch.no_grad():
             self.qweights = {
@@ -61,6 +64,7 @@ class _OutputErrorMeter:
         x = x.reshape(-1, x.shape[-1]).float()
         y = y.reshape(-1, y.shape[-1]).float()
         grad = grad.reshape(-1, grad.shape[-1]).float()
+        self.calls[name] += 1
         bias = None if module.bias is None else module.bias.float()
         grad_sq = grad.square() if self.form == "diag" else None
         for k, fmt in enumerate(self.options):
@@ -88,8 +92,9 @@ def fisher_scores(
 ) -> dict[str, dict[str, float]]:
     """Layer name -> option name -> predicted increase of the mean per-token loss.
 
-    ``tokens`` is a (n_samples, seq_len) LongTensor of calibration text; ``layers`` the layers to
-    score (decoder Linear layers, plus lm_head if it is to be quantized).
+    ``tokens`` is a (n_samples, seq_len) LongTensor of calibration text (this rank's share when
+    run under torchrun); ``layers`` the layers to score (decoder Linear layers, plus lm_head if
+    it is to be quantized).
     """
     if form not in ("diag", "token"):
         raise ValueError(f"form must be 'diag' or 'token', not {form!r}")
@@ -99,6 +104,7 @@ def fisher_scores(
     head = model.get_output_embeddings()
     head_name = next((n for n, m in modules.items() if m is head), None)
     totals: dict[str, list[float]] = {}
+    calls: dict[str, int] = {}
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in saved_flags:
         p.requires_grad_(False)  # gradients flow through activations only
@@ -126,6 +132,7 @@ def fisher_scores(
         if meter is not None:
             meter.close()
             totals.update(meter.totals)
+            calls.update(meter.calls)
         # Blocks from the last to the first, each run forward and backward on its recorded input.
         for index in reversed(range(len(blocks))):
             prefix = f"{blocks_path}.{index}."
@@ -140,12 +147,32 @@ def fisher_scores(
                 bar.update()
             meter.close()
             totals.update(meter.totals)
+            calls.update(meter.calls)
     finally:
         bar.close()
         for p, flag in saved_flags:
             p.requires_grad_(flag)
-    n_predicted = tokens.shape[0] * (tokens.shape[1] - 1)
-    return {
-        name: {fmt.name: values[k] / n_predicted for k, fmt in enumerate(options)}
-        for name, values in totals.items()
+    return normalised_totals(totals, calls, options, tokens)
+
+
+def normalised_totals(
+    totals: dict[str, list[float]],
+    calls: dict[str, int],
+    options: Sequence[Format],
+    tokens: torch.Tensor,
+) -> dict[str, dict[str, float]]:
+    """Sum the per-layer totals over ranks (when distributed), divide by the number of predicted
+    tokens of the whole calibration set (so each score is per token), and give MoE experts that
+    no calibration token reached their block's mean."""
+    names = sorted(totals)
+    summed = all_reduce_sum(torch.tensor([totals[n] for n in names], dtype=torch.float64))
+    seen = all_reduce_sum(torch.tensor([calls[n] for n in names], dtype=torch.float64))
+    n_predicted = all_reduce_sum(
+        torch.tensor([tokens.shape[0] * (tokens.shape[1] - 1)], dtype=torch.float64)
+    )
+    values = {
+        name: {fmt.name: float(summed[i, k] / n_predicted[0]) for k, fmt in enumerate(options)}
+        for i, name in enumerate(names)
     }
+    unseen = {name for i, name in enumerate(names) if seen[i] == 0}
+    return fill_unrouted_experts(values, unseen)
