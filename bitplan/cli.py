@@ -85,7 +85,6 @@ def cmd_search(args: argparse.Namespace) -> None:
     from bitplan.distributed import is_main
     from bitplan.formats import parse_format_list
     from bitplan.model import load_model
-    from bitplan.model.fingerprint import model_fingerprint
     from bitplan.planning import baseline_plan, build_units, resolve_pins, solve_plans
     from bitplan.plots import plot_bits_per_layer
     from bitplan.score import score
@@ -95,12 +94,18 @@ def cmd_search(args: argparse.Namespace) -> None:
     if len(formats) < 2 and args.recipe is None:
         raise BitplanError("give at least two --options to choose between, e.g. mxfp4,mxfp8")
     out = Path(args.out)
-    model = load_model(args.model)
+    loader = None
+    if args.stream:
+        from bitplan.model.streaming import load_streaming
+
+        model, loader = load_streaming(args.model)
+    else:
+        model = load_model(args.model)
     table = model.layers
     pins, pins_head = resolve_pins(args.pin, table, formats)
     include_head = args.quantize_head or pins_head
     include_scales = not args.ignore_scale_bits
-    model_id = f"{model.name}@{model_fingerprint(model.module)}"
+    model_id = model.identity
 
     # Check the budgets before the (long) scoring pass.
     units = build_units(table, formats, None, include_head, include_scales)
@@ -138,6 +143,8 @@ def cmd_search(args: argparse.Namespace) -> None:
             include_head=include_head,
             batch_size=args.batch_size,
             cache=not args.no_cache,
+            loader=loader,
+            device=args.device,
         )
         hit = " (from cache)" if scores.extra.get("cache_hit") else ""
         print(
@@ -271,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (256)")
     search.add_argument("--batch-size", type=int, default=4, help="sequences per pass (4)")
     search.add_argument("--no-cache", action="store_true", help="recompute scores even if cached")
+    search.add_argument(
+        "--stream",
+        action="store_true",
+        help="keep only one decoder block's weights in memory at a time while scoring (for "
+        "models larger than memory; needs a folder of safetensors)",
+    )
+    search.add_argument(
+        "--device", default="cpu", help="where blocks are computed: cpu (default), cuda, cuda:N"
+    )
     search.set_defaults(func=cmd_search)
     return parser
 

@@ -18,7 +18,8 @@ from bitplan.plan import Plan  # noqa: E402
 def plot_bits_per_layer(plans: Sequence[Plan], table: LayerTable, path: str | os.PathLike) -> None:
     """Bits per weight of every planned layer across depth, one panel per plan."""
     fig, axes = plt.subplots(len(plans), 1, figsize=(11, 2.4 * len(plans)), squeeze=False)
-    roles = sorted({layer.role for layer in table})
+    planned = {name for plan in plans for name in plan.layer_formats}
+    roles = sorted({layer.role for layer in table if layer.name in planned})
     colors = {role: plt.cm.tab10(i % 10) for i, role in enumerate(roles)}
     for ax, plan in zip(axes[:, 0], plans, strict=True):
         layers = [layer for layer in table if layer.name in plan.layer_formats]

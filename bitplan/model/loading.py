@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils.quantization_config import GgufConfig
 
 from bitplan.errors import BitplanError
+from bitplan.model.fingerprint import model_fingerprint
 from bitplan.model.layers import LayerTable, build_layer_table
 from bitplan.model.moe import unfuse_experts
 
@@ -40,13 +42,24 @@ class LoadedModel:
     source: str  # where it was loaded from (folder or file path)
     note: str = ""  # provenance worth printing next to results
     expert_grouping: str = "block"  # how MoE experts are grouped (see layers.EXPERT_GROUPINGS)
+    # Reads a tensor by name, for weights still on the meta device (a streamed model's blocks).
+    weight_reader: Callable[[str], torch.Tensor] | None = None
     layers: LayerTable = field(init=False)
+    _identity: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Fused 3-D expert weights become one Linear per expert projection, so that they can be
         # scored and quantized like any other layer.
         unfuse_experts(self.module)
         self.layers = build_layer_table(self.module, self.expert_grouping)
+
+    @property
+    def identity(self) -> str:
+        """``name@fingerprint`` of the weights (computed once), for plans and score caches."""
+        if self._identity is None:
+            fingerprint = model_fingerprint(self.module, self.weight_reader)
+            self._identity = f"{self.name}@{fingerprint}"
+        return self._identity
 
 
 def cache_dir() -> Path:
@@ -140,6 +153,12 @@ def load_model(
     else:
         if not (path / "config.json").is_file():
             raise BitplanError(f"{path} has no config.json; it is not a Hugging Face model folder")
+        # --- bitplan's own exports (packed / fake) re-apply their formats: bitplan/export/load.py
+        from bitplan.export.load import export_kind, load_exported
+
+        if export_kind(path) is not None:
+            return load_exported(path, dtype=dtype)
+        # ---
         try:
             module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(path)

@@ -17,8 +17,8 @@ import torch
 from bitplan.distributed import is_main, shard
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
-from bitplan.model.fingerprint import model_fingerprint
 from bitplan.model.loading import LoadedModel, cache_dir
+from bitplan.model.streaming import BlockLoader
 from bitplan.score.delta_loss import delta_loss_scores
 from bitplan.score.fisher import fisher_scores
 from bitplan.score.scores import Scores
@@ -43,13 +43,20 @@ def score(
     batch_size: int = 4,
     cache: bool | Path = True,
     progress: bool = True,
+    loader: BlockLoader | None = None,
+    device: str = "cpu",
 ) -> Scores:
-    """Score every budgeted layer of ``model`` for every option on calibration ``tokens``."""
+    """Score every budgeted layer of ``model`` for every option on calibration ``tokens``.
+
+    ``loader`` (from ``load_streaming``) makes the fisher scorer read one block's weights at a
+    time; ``device`` is where blocks are computed (``cuda``, ``cuda:1`` ...)."""
     if scorer not in SCORERS:
         raise BitplanError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
     formats = [fmt if isinstance(fmt, Format) else parse_format(fmt) for fmt in options]
     layers = model.layers.selected(include_head)
-    model_id = f"{model.name}@{model_fingerprint(model.module)}"
+    if loader is not None and scorer != "fisher":
+        raise BitplanError("streaming works with the fisher scorer only; drop --stream")
+    model_id = model.identity
     data_id = tokens_id(tokens)
     names = ",".join(fmt.name for fmt in formats)
     key = f"v1|{scorer}|{model_id}|{data_id}|{names}|head={include_head}|bs={batch_size}"
@@ -65,8 +72,19 @@ def score(
     local = shard(tokens)  # this rank's samples under torchrun; all of them otherwise
     progress = progress and is_main()
     if scorer == "fisher":
-        values = fisher_scores(model.module, layers, formats, local, batch_size, progress=progress)
+        values = fisher_scores(
+            model.module,
+            layers,
+            formats,
+            local,
+            batch_size,
+            progress=progress,
+            loader=loader,
+            device=device,
+        )
     else:
+        if device != "cpu":
+            raise BitplanError("the delta-loss scorer runs on the CPU only; drop --device")
         values = delta_loss_scores(
             model.module, layers, formats, local, batch_size, progress=progress
         )

@@ -24,7 +24,15 @@ from tqdm.auto import tqdm
 from bitplan.distributed import all_reduce_sum
 from bitplan.formats import Format
 from bitplan.model.layers import LayerInfo, find_blocks
-from bitplan.score.replay import next_token_loss, record_block_inputs, run_block
+from bitplan.model.streaming import BlockLoader
+from bitplan.score.replay import (
+    final_norm,
+    next_token_loss,
+    record_block_inputs,
+    record_block_inputs_streaming,
+    run_block,
+    to_device,
+)
 from bitplan.score.scores import fill_unrouted_experts
 
 
@@ -89,15 +97,20 @@ def fisher_scores(
     batch_size: int = 4,
     form: str = "diag",
     progress: bool = True,
+    loader: BlockLoader | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, dict[str, float]]:
     """Layer name -> option name -> predicted increase of the mean per-token loss.
 
     ``tokens`` is a (n_samples, seq_len) LongTensor of calibration text (this rank's share when
     run under torchrun); ``layers`` the layers to score (decoder Linear layers, plus lm_head if
-    it is to be quantized).
+    it is to be quantized). With a ``loader`` (streaming), each block's weights are read when it
+    is worked on and dropped after; ``device`` is where each block is computed (recorded
+    activations stay on the CPU).
     """
     if form not in ("diag", "token"):
         raise ValueError(f"form must be 'diag' or 'token', not {form!r}")
+    device = torch.device(device)
     modules = dict(model.named_modules())
     wanted = {layer.name for layer in layers}
     blocks_path, blocks = find_blocks(model)
@@ -109,45 +122,57 @@ def fisher_scores(
     for p, _ in saved_flags:
         p.requires_grad_(False)  # gradients flow through activations only
     batches = list(torch.split(tokens, batch_size))
-    bar = tqdm(
-        total=len(batches) * (len(blocks) + 2), desc="scoring (fisher)", disable=not progress
-    )
+    steps = len(batches) * (2 * len(blocks) + 1) if loader else len(batches) * (len(blocks) + 2)
+    bar = tqdm(total=steps, desc="scoring (fisher)", disable=not progress)
     try:
-        records = []
-        for batch in batches:
-            records.append(record_block_inputs(model, batch))
-            bar.update()
+        if loader is None:
+            records = []
+            for batch in batches:
+                records.append(record_block_inputs(model, batch))
+                bar.update()
+        else:
+            records = record_block_inputs_streaming(model, batches, loader, device, bar)
         # Gradient at the last block's output (and lm_head's scores if it is being scored).
+        tail = [final_norm(model), head]
+        for module in tail:
+            module.to(device)
         grads = []
         meter = None
         if head_name in wanted:
             meter = _OutputErrorMeter({head_name: head}, options, form)
         for record in records:
-            hidden = record.final_hidden.clone().requires_grad_(True)
-            loss = next_token_loss(model, hidden, record.input_ids)
+            hidden = record.final_hidden.to(device).requires_grad_(True)
+            loss = next_token_loss(model, hidden, record.input_ids.to(device))
             (grad,) = torch.autograd.grad(loss, hidden)
-            grads.append(grad)
+            grads.append(grad.cpu())
             record.final_hidden = None
             bar.update()
+        for module in tail:
+            module.to("cpu")
         if meter is not None:
             meter.close()
             totals.update(meter.totals)
             calls.update(meter.calls)
         # Blocks from the last to the first, each run forward and backward on its recorded input.
         for index in reversed(range(len(blocks))):
+            block = loader.load(index, device) if loader else blocks[index].to(device)
             prefix = f"{blocks_path}.{index}."
             block_modules = {n: modules[n] for n in wanted if n.startswith(prefix)}
             meter = _OutputErrorMeter(block_modules, options, form)
             for k, record in enumerate(records):
-                hidden = record.hidden[index].clone().requires_grad_(True)
-                out = run_block(blocks[index], hidden, record.kwargs[index])
-                out.backward(grads[k])
-                grads[k] = hidden.grad
+                hidden = record.hidden[index].to(device).requires_grad_(True)
+                out = run_block(block, hidden, to_device(record.kwargs[index], device))
+                out.backward(grads[k].to(device))
+                grads[k] = hidden.grad.cpu()
                 record.hidden[index] = None  # free what is no longer needed
                 bar.update()
             meter.close()
             totals.update(meter.totals)
             calls.update(meter.calls)
+            if loader:
+                loader.unload(index)
+            else:
+                block.to("cpu")
     finally:
         bar.close()
         for p, flag in saved_flags:

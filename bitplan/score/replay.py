@@ -89,3 +89,70 @@ def next_token_loss(
         input_ids[:, 1:].reshape(-1),
         reduction="sum",
     )
+
+
+def to_device(value, device: torch.device):
+    """Move the tensors inside recorded keyword arguments (tuples, dicts) to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the first block's inputs are known."""
+
+
+@torch.no_grad()
+def first_block_inputs(model: nn.Module, input_ids: torch.Tensor) -> BlockInputs:
+    """Run the model up to its first block only (embeddings, masks, rotary tables) and record
+    what enters that block; the blocks themselves may still be on the meta device."""
+    _, blocks = find_blocks(model)
+    record = BlockInputs(input_ids=input_ids)
+
+    def catch(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        record.hidden.append(hidden.detach())
+        record.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return record
+
+
+@torch.no_grad()
+def record_block_inputs_streaming(model: nn.Module, batches, loader, device, bar=None):
+    """Like ``record_block_inputs`` for every batch, loading one block at a time.
+
+    Every block gets the keyword arguments of the first one, which holds for models whose
+    blocks all use the same attention (checked: mixed layer types are refused)."""
+    layer_types = getattr(model.config, "layer_types", None)
+    if layer_types and len(set(layer_types)) > 1:
+        raise BitplanError(
+            "streaming does not support models whose blocks use different attention types "
+            f"({sorted(set(layer_types))}) yet; drop --stream"
+        )
+    records = [first_block_inputs(model, batch) for batch in batches]
+    for index in range(len(loader.blocks)):
+        block = loader.load(index, device)
+        for record in records:
+            kwargs = to_device(record.kwargs[0], device)
+            out = run_block(block, record.hidden[index].to(device), kwargs).cpu()
+            record.hidden.append(out)
+            record.kwargs.append(record.kwargs[0])
+            if bar is not None:
+                bar.update()
+        loader.unload(index)
+    for record in records:
+        record.final_hidden = record.hidden.pop()
+        record.kwargs.pop()
+    return records

@@ -1,0 +1,113 @@
+"""Plan quality on the embedded default: KL divergence of the fake-quantized model per recipe.
+
+For MXFP4+MXFP8 at 4.5, 5 and 6 bits and W2G128+W4G128 at 3 bits (scale bits ignored, as the
+reference's tables), measures KL(base || quantized) on held-out text for: our plan (fisher
+scorer), the delta-loss plan (the reference's estimator, same solver), uniform, head and tail.
+
+    .venv/bin/python benchmarks/plan_quality.py [--n-samples 16 --seq-len 256] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from bitplan.data.calibration import calibration_samples
+from bitplan.data.heldout import heldout_samples
+from bitplan.evaluate.divergence import BaseLogits
+from bitplan.formats import parse_format_list
+from bitplan.model import load_model
+from bitplan.planning import baseline_plan, solve_plans
+from bitplan.quantize import apply_plan
+from bitplan.score import score
+
+SETTINGS = {"mxfp4,mxfp8": [4.5, 5.0, 6.0], "w2g128,w4g128": [3.0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-samples", type=int, default=16, help="calibration sequences")
+    parser.add_argument("--seq-len", type=int, default=256, help="calibration sequence length")
+    parser.add_argument("--heldout-samples", type=int, default=8)
+    parser.add_argument("--heldout-len", type=int, default=512)
+    parser.add_argument("--json", help="also write the numbers here")
+    args = parser.parse_args()
+
+    model = load_model()
+    tokens = calibration_samples(model.tokenizer, args.n_samples, args.seq_len)
+    base = BaseLogits.compute(
+        model.module, heldout_samples(model.tokenizer, args.heldout_samples, args.heldout_len)
+    )
+    print(f"model {model.identity} ({model.note}); base ppl {base.base_ppl:.2f}")
+    print(f"calibration {tuple(tokens.shape)}; held-out {base.num_predictions} predicted tokens")
+    rows = []
+    for options, budgets in SETTINGS.items():
+        formats = parse_format_list(options)
+        plans = {}
+        for scorer in ("fisher", "delta-loss"):
+            start = time.perf_counter()
+            scores = score(model, formats, tokens, scorer=scorer)
+            seconds = time.perf_counter() - start
+            print(
+                f"{options}: {scorer} scores in {seconds:.0f} s (cached: {'cache_hit' in scores.extra})"
+            )
+            label = "bitplan" if scorer == "fisher" else "delta-loss"
+            for plan in solve_plans(
+                model.layers, formats, scores, budgets, model.identity, include_scales=False
+            ):
+                plans[(label, plan.budget_avg_bits)] = plan
+        for budget in budgets:
+            for recipe in ("head", "tail"):
+                plans[(recipe, budget)] = baseline_plan(
+                    recipe, model.layers, formats, budget, model.identity, include_scales=False
+                )
+        uniform = baseline_plan(
+            "uniform", model.layers, formats, None, model.identity, include_scales=False
+        )
+        plans[("uniform", uniform.avg_bits)] = uniform
+        for (recipe, budget), plan in plans.items():
+            quantized = apply_plan(model.module, plan)
+            div = base.compare(quantized)
+            del quantized
+            rows.append(
+                {
+                    "options": options,
+                    "recipe": recipe,
+                    "budget": budget,
+                    "avg_bits": plan.avg_bits,
+                    "kl": div.kl,
+                    "top1": div.top1_agreement,
+                    "ppl": div.ppl,
+                }
+            )
+            print(
+                f"{options:<14} {recipe:<11} budget {budget:<5g} bits {plan.avg_bits:6.3f} "
+                f"KL {div.kl:.4f} top1 {div.top1_agreement:.3f} ppl {div.ppl:.2f}",
+                flush=True,
+            )
+    print("\n| options | budget | bitplan | delta-loss | head | tail | uniform |")
+    print("|---|---|---|---|---|---|---|")
+    for options, budgets in SETTINGS.items():
+        uniform_kl = next(
+            r["kl"] for r in rows if r["options"] == options and r["recipe"] == "uniform"
+        )
+        for budget in budgets:
+            kl = {
+                r["recipe"]: r["kl"]
+                for r in rows
+                if r["options"] == options and r["budget"] == budget
+            }
+            best = min(kl, key=kl.get)
+            cells = [
+                f"**{kl[r]:.4f}**" if r == best else f"{kl[r]:.4f}"
+                for r in ("bitplan", "delta-loss", "head", "tail")
+            ]
+            print(f"| {options} | {budget:g} | {' | '.join(cells)} | {uniform_kl:.4f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

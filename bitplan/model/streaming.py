@@ -1,0 +1,119 @@
+"""Streaming: a model whose decoder blocks stay on the ``meta`` device until they are worked on.
+
+``load_streaming`` builds the model with empty (meta) parameters and loads only what lies
+outside the decoder blocks (embeddings, final norm, lm_head). ``BlockLoader.load(i)`` reads
+block ``i``'s weights from the safetensors files onto a device and ``unload(i)`` drops them
+again, so peak memory is about one block's weights plus its activations, not the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from bitplan.errors import BitplanError
+from bitplan.model.layers import find_blocks
+from bitplan.model.loading import (
+    DEFAULT_MODEL_NAME,
+    DEFAULT_MODEL_NOTE,
+    LoadedModel,
+    default_model_folder,
+)
+
+
+class SafetensorsStore:
+    """Reads single tensors by name from a Hugging Face folder's safetensors file(s)."""
+
+    def __init__(self, folder: Path):
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.file_of = {name: folder / file for name, file in weight_map.items()}
+        elif (folder / "model.safetensors").is_file():
+            with safe_open(folder / "model.safetensors", framework="pt") as f:
+                self.file_of = dict.fromkeys(f.keys(), folder / "model.safetensors")
+        else:
+            raise BitplanError(f"{folder} has no safetensors weights; streaming needs them")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file_of
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(self.file_of[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+
+class BlockLoader:
+    """Puts one decoder block's weights in memory (on ``device``) and takes them away again."""
+
+    def __init__(self, model: nn.Module, store: SafetensorsStore, dtype: torch.dtype):
+        self.model, self.store, self.dtype = model, store, dtype
+        self.blocks_path, self.blocks = find_blocks(model)
+
+    def load(self, index: int, device: torch.device | str = "cpu") -> nn.Module:
+        block = self.blocks[index]
+        prefix = f"{self.blocks_path}.{index}."
+        for name, _ in list(block.named_parameters()):
+            value = self.store.get(prefix + name).to(self.dtype)
+            set_module_tensor_to_device(block, name, device, value=value)
+        return block
+
+    def unload(self, index: int) -> None:
+        self.blocks[index].to("meta")
+
+
+def _materialize_outside_blocks(
+    model: nn.Module, store: SafetensorsStore, dtype: torch.dtype, blocks_path: str
+) -> None:
+    for name, param in list(model.named_parameters()):
+        if name.startswith(blocks_path + ".") or not param.is_meta:
+            continue
+        if name in store:
+            set_module_tensor_to_device(model, name, "cpu", value=store.get(name).to(dtype))
+    model.tie_weights()  # a tied lm_head is not in the file: it shares the embedding's tensor
+    missing = [
+        n for n, p in model.named_parameters() if p.is_meta and not n.startswith(blocks_path + ".")
+    ]
+    if missing:
+        raise BitplanError(f"the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+
+
+def load_streaming(
+    source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[LoadedModel, BlockLoader]:
+    """Load a model for block-at-a-time work: everything outside the decoder blocks in memory,
+    the blocks on the meta device until ``BlockLoader.load``. Needs a folder of safetensors
+    (the embedded default is one once converted); a .gguf file must be converted first."""
+    if source is None:
+        folder, name, note = default_model_folder(), DEFAULT_MODEL_NAME, DEFAULT_MODEL_NOTE
+    else:
+        folder, name, note = Path(source).expanduser(), Path(source).name, ""
+        if not (folder / "config.json").is_file():
+            raise BitplanError(
+                f"streaming needs a Hugging Face folder with config.json and safetensors; {folder} "
+                "is not one (a .gguf file must be converted first)"
+            )
+    store = SafetensorsStore(folder)
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):  # buffers (rotary tables) stay real
+        module = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    module.eval()
+    blocks_path, _ = find_blocks(module)
+    if any(getattr(m, "gate_up_proj", None) is not None for m in module.modules()):
+        raise BitplanError(
+            "streaming does not support mixture-of-experts models yet; drop --stream"
+        )
+    _materialize_outside_blocks(module, store, dtype, blocks_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    loaded = LoadedModel(
+        module=module, tokenizer=tokenizer, name=name, source=str(folder), note=note
+    )
+    return loaded, BlockLoader(module, store, dtype)
