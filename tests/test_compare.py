@@ -1,0 +1,81 @@
+"""`bitplan compare` end to end on the tiny model: structure, resumption, numbers from computation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bitplan.cli import main
+from bitplan.data.heldout import heldout_samples
+from bitplan.evaluate.divergence import BaseLogits
+from bitplan.model import load_model
+from bitplan.plan import Plan
+from bitplan.quantize import apply_plan
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    tiny_model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_compare_end_to_end(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "report"
+    argv = [
+        "compare", str(tiny_folder),
+        "--setting", "mxfp4,mxfp8:5:uniform,head,tail",
+        "--setting", "w2g32,w4g32:3:head,tail",
+        "--tasks", "piqa,winogrande", "--limit", "2",
+        "--n-samples", "4", "--seq-len", "32",
+        "--heldout-samples", "2", "--heldout-len", "32",
+        "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    variants = results["variants"]
+    # BF16; plan + uniform + head + tail; plan + head + tail
+    assert len(variants) == 1 + 4 + 3
+    assert variants["bf16"]["divergence"]["kl"] == pytest.approx(0.0, abs=1e-5)
+    for key, v in variants.items():
+        assert math.isfinite(v["divergence"]["kl"]) and v["divergence"]["kl"] >= -1e-6, key
+        assert set(v["tasks"]["tasks"]) == {"piqa", "winogrande"}, key
+        for task in v["tasks"]["tasks"].values():
+            assert 0.0 <= task["acc"] <= 1.0 and task["n"] == 2
+        if key != "bf16":
+            assert v["plan"]["avg_bits"] <= (v["budget"] or 99) + 1e-9
+            assert v["divergence"]["kl"] > 0, key
+
+    # A number in the report comes from a computation: redo one variant's KL independently.
+    ours = variants["mxfp4,mxfp8|bitplan|5"]
+    model = load_model(tiny_folder)
+    base = BaseLogits.compute(model.module, heldout_samples(model.tokenizer, 2, 32))
+    again = base.compare(apply_plan(model.module, Plan.from_dict(ours["plan"])))
+    assert again.kl == pytest.approx(ours["divergence"]["kl"], rel=1e-4)
+
+    report = (out / "report.md").read_text()
+    for v in variants.values():
+        assert f"{v['divergence']['kl']:.4f}" in report
+        assert v["label"] in report
+    assert "## Table 1: mxfp4,mxfp8 mixed" in report and "## Table 2: w2g32,w4g32 mixed" in report
+    assert "at an average of 5 bits" in report and "Does our plan beat head and tail?" in report
+    for placeholder in ("nan", "None", "TODO", "XXX"):
+        assert placeholder not in report
+    for png in (
+        "accuracy_vs_bits.png",
+        "bits_per_layer_mxfp4+mxfp8.png",
+        "bits_per_layer_w2g32+w4g32.png",
+    ):
+        assert (out / png).stat().st_size > 10_000
+
+    # Running again resumes: nothing is measured twice.
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "resuming: 8 variant(s)" in capsys.readouterr().out
+    again_results = json.loads((out / "results.json").read_text())
+    for key, v in variants.items():
+        assert again_results["variants"][key]["seconds"] == v["seconds"]
