@@ -1,1 +1,86 @@
-"""bitplan: budgeted mixed-precision quantization plans for LLMs."""
+"""bitplan: budgeted mixed-precision quantization plans for LLMs.
+
+    import bitplan
+
+    model = bitplan.load()                                   # embedded default, a folder or a .gguf
+    scores = bitplan.score_layers(model, ["mxfp4", "mxfp8"])  # one calibration pass, cached
+    plans = bitplan.plan_budgets(model, scores, [4.5, 5, 6])  # {4.5: Plan, 5: Plan, 6: Plan}
+    quantized = bitplan.apply(model, plans[5])               # fake-quantized torch model
+
+The modules behind these calls are imported on first use, so ``import bitplan`` stays cheap.
+(The functions are not named ``score`` and ``solve``: those are sub-packages, and importing a
+sub-package rebinds the package attribute of the same name.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from bitplan.model import LoadedModel
+    from bitplan.plan import Plan
+    from bitplan.score import Scores
+
+__all__ = ["apply", "load", "plan_budgets", "score_layers"]
+
+
+def load(source: str | None = None) -> LoadedModel:
+    """A model from a Hugging Face folder, a .gguf file, or the embedded default (None)."""
+    from bitplan.model import load_model
+
+    return load_model(source)
+
+
+def score_layers(
+    model: LoadedModel,
+    options: Sequence[str],
+    tokens: torch.Tensor | None = None,
+    scorer: str = "fisher",
+    n_samples: int = 16,
+    seq_len: int = 256,
+    **kwargs: Any,
+) -> Scores:
+    """Predicted loss increase of every layer under every option. Without ``tokens``, uses
+    ``n_samples`` x ``seq_len`` tokens of the shipped calibration text."""
+    from bitplan.data.calibration import calibration_samples
+    from bitplan.score import score as _score
+
+    if tokens is None:
+        tokens = calibration_samples(model.tokenizer, n_samples, seq_len)
+    return _score(model, options, tokens, scorer=scorer, **kwargs)
+
+
+def plan_budgets(
+    model: LoadedModel,
+    scores: Scores,
+    avg_bits: float | Sequence[float],
+    include_scales: bool = True,
+    include_head: bool = False,
+    pins: dict[str, str] | None = None,
+) -> dict[float, Plan]:
+    """The proven-optimal plan for each budget, keyed by budget."""
+    from bitplan.formats import parse_format_list
+    from bitplan.planning import solve_plans
+
+    budgets = [avg_bits] if isinstance(avg_bits, (int, float)) else list(avg_bits)
+    plans = solve_plans(
+        model.layers,
+        parse_format_list(scores.options),
+        scores,
+        budgets,
+        model.identity,
+        include_head=include_head,
+        include_scales=include_scales,
+        pins=pins,
+    )
+    return dict(zip(budgets, plans, strict=True))
+
+
+def apply(model: LoadedModel, plan: Plan) -> torch.nn.Module:
+    """A fake-quantized copy of the model's torch module (the original is left as it is)."""
+    from bitplan.quantize import apply_plan
+
+    return apply_plan(model.module, plan)
