@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bitplan.cli import main
 from bitplan.formats import parse_format
 from bitplan.model import load_model
 from bitplan.model.streaming import load_streaming
+from bitplan.plan import Plan
 from bitplan.score.fisher import fisher_scores
 
 OPTIONS = [parse_format("mxfp4"), parse_format("w4g32")]
@@ -52,3 +54,15 @@ def test_streaming_scores_equal_in_memory_scores(tiny_folder):
     for name in expected:
         for option in ("mxfp4", "w4g32"):
             assert got[name][option] == pytest.approx(expected[name][option], rel=1e-4), name
+
+
+def test_search_with_stream_gives_the_same_plan(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))
+    args = ["search", str(tiny_folder), "--options", "mxfp4,mxfp8", "--avg-bits", "5",
+            "--n-samples", "4", "--seq-len", "32", "--no-cache"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--stream"]) == 0
+    a = Plan.load(tmp_path / "a" / "plan_bitplan_5.json")
+    b = Plan.load(tmp_path / "b" / "plan_bitplan_5.json")
+    assert a.model == b.model  # the same weight fingerprint, streamed or not
+    assert a.layer_formats == b.layer_formats

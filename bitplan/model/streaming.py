@@ -114,6 +114,11 @@ def load_streaming(
     _materialize_outside_blocks(module, store, dtype, blocks_path)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     loaded = LoadedModel(
-        module=module, tokenizer=tokenizer, name=name, source=str(folder), note=note
+        module=module,
+        tokenizer=tokenizer,
+        name=name,
+        source=str(folder),
+        note=note,
+        weight_reader=store.get,
     )
     return loaded, BlockLoader(module, store, dtype)
