@@ -1,0 +1,16 @@
+"""Measuring a model: task accuracy through lm-eval, and divergence from the base model."""
+
+from bitplan.evaluate.command import add_eval_arguments, run_eval_command
+from bitplan.evaluate.divergence import BaseLogits, Divergence
+from bitplan.evaluate.harness import TaskResults, TaskScore, evaluate_tasks, format_results_table
+
+__all__ = [
+    "BaseLogits",
+    "Divergence",
+    "TaskResults",
+    "TaskScore",
+    "add_eval_arguments",
+    "evaluate_tasks",
+    "format_results_table",
+    "run_eval_command",
+]

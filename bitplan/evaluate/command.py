@@ -1,0 +1,79 @@
+"""The ``bitplan eval`` sub-command's arguments and body (the CLI wires these to a loaded model)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from bitplan.data.offline_tasks import DEFAULT_TASKS
+from bitplan.errors import BitplanError
+from bitplan.evaluate.harness import (
+    DEFAULT_BATCH_SIZE,
+    TaskResults,
+    evaluate_tasks,
+    format_results_table,
+)
+
+
+def parse_limit(text: str) -> int | float:
+    """lm-eval's limit: a document count per task, or a fraction of each task if below 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--limit must be a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("--limit must be positive")
+    return value if value < 1 else int(value)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the evaluation options (everything but the model) to ``parser``."""
+    parser.add_argument(
+        "--tasks",
+        default=",".join(DEFAULT_TASKS),
+        help=f"comma-separated tasks, run offline from shipped data (default: {','.join(DEFAULT_TASKS)})",
+    )
+    parser.add_argument(
+        "--limit",
+        type=parse_limit,
+        default=None,
+        help="evaluate only the first N documents of each task (each MMLU subject), "
+        "or a fraction of each if below 1; default: all",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"lm-eval batch size (default {DEFAULT_BATCH_SIZE}, the fastest on a small CPU)",
+    )
+    parser.add_argument(
+        "--add-bos-token",
+        action="store_true",
+        help="prepend the BOS token to every request (the reference report did so for Llama)",
+    )
+    parser.add_argument("--output", metavar="JSON", help="also write the results to this JSON file")
+    parser.add_argument("--verbose", action="store_true", help="show lm-eval's own log messages")
+
+
+def run_eval_command(
+    args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any
+) -> TaskResults:
+    """Evaluate ``model`` as ``args`` say, print the table, write JSON if asked."""
+    if args.batch_size < 1:
+        raise BitplanError(f"--batch-size must be at least 1, got {args.batch_size}")
+    results = evaluate_tasks(
+        model,
+        tokenizer,
+        tasks=args.tasks,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        add_bos_token=True if args.add_bos_token else None,
+        output_json=args.output,
+        quiet=not args.verbose,
+    )
+    print(format_results_table(results))
+    if args.output:
+        print(f"results written to {args.output}")
+    return results

