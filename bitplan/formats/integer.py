@@ -87,6 +87,41 @@ def fake_quantize_int(
     return from_blocks(q.mul_(scale), length)
 
 
+def quantize_int_codes(
+    x: torch.Tensor, bits: int, group_size: int | None, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The integer codes and float16 scales (and zero points) that :func:`fake_quantize_int`
+    dequantizes, for a packed checkpoint: the same computation, stopped before ``q * scale``.
+
+    Returns ``(codes, scale, zero_point)``: ``codes`` shaped like ``x`` (int16; signed in
+    ``[-2**(b-1), 2**(b-1) - 1]`` if symmetric, else unsigned in ``[0, 2**b - 1]``), ``scale``
+    float32 of shape ``(..., groups)`` holding float16 values, ``zero_point`` int16 of the same
+    shape (``None`` if symmetric). ``(codes - zero_point) * scale`` group-wise, in float32, equals
+    ``fake_quantize_int(x, bits, group_size, symmetric)`` exactly (the tests check it).
+    """
+    length = x.shape[-1]
+    groups = to_blocks(x, group_size or length)
+    levels = 2**bits - 1
+    if symmetric:
+        scale = 2 * groups.abs().amax(dim=-1, keepdim=True) / levels
+    else:
+        group_min = groups.amin(dim=-1, keepdim=True).clamp(max=0)
+        group_max = groups.amax(dim=-1, keepdim=True).clamp(min=0)
+        scale = (group_max - group_min) / levels
+    scale = _round_scale_to_float16(scale)
+    divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.div(groups, divisor).round_()
+    zero_point = None
+    if symmetric:
+        q.clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    else:
+        zero_point = torch.round(-group_min / divisor).clamp_(0, levels)
+        q.add_(zero_point).clamp_(0, levels)
+        zero_point = zero_point.squeeze(-1).to(torch.int16)
+    codes = from_blocks(q, length).to(torch.int16)
+    return codes, scale.squeeze(-1), zero_point
+
+
 @dataclass(frozen=True)
 class IntFormat(Format):
     """Integer weight-only format; activations stay in high precision.

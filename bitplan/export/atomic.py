@@ -1,0 +1,65 @@
+"""Writing an output folder atomically: everything goes into a hidden temporary folder next to
+the destination, which is renamed into place only once complete. A failure or an interrupt
+(KeyboardInterrupt included) removes the temporary folder, so no half-written model is left.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from bitplan.errors import BitplanError
+
+
+def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
+    """Refuse an existing ``out`` unless ``force``; call it before long work so that the user
+    learns at once. Returns ``out`` as a Path."""
+    out = Path(out).expanduser()
+    if out.is_symlink() or out.is_file():
+        raise BitplanError(f"{out} exists and is not a folder; choose another output path")
+    if out.exists() and not force:
+        raise BitplanError(f"{out} exists; pass --force to replace it")
+    return out
+
+
+@contextmanager
+def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder to write into; on success it becomes ``out``.
+
+    With ``force`` an existing ``out`` is moved aside, the new folder renamed in, and the old
+    one deleted, so that ``out`` is only ever missing for the instant between two renames.
+    """
+    out = check_output_dir(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        # mkdtemp (and some writers) make things private; an export is an ordinary folder.
+        for path in tmp.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        tmp.chmod(0o755)
+        _move_into_place(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
+    if not out.exists():
+        tmp.rename(out)
+        return
+    if not force:  # appeared while we were writing
+        raise BitplanError(f"{out} exists; pass --force to replace it")
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    old.rmdir()
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)  # put the previous export back
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,70 @@
+"""The ``fake`` export: an ordinary Hugging Face folder whose planned weights are already
+quantize-dequantized.
+
+Plain ``AutoModelForCausalLM.from_pretrained`` loads it (and then runs activations unquantized);
+bitplan's loader reads the ``"bitplan"`` entry of config.json and re-applies the activation
+quantization of the formats that have one (MX, NVFP4, FP8, INT8 W8A8).
+
+Fake-quantized values are not all exact in bfloat16 (an integer code times a float16 scale can
+need 19 significant bits), so each tensor is stored in bfloat16 only when that is lossless and
+in float32 otherwise; config.json then says float32 so that ``from_pretrained``'s default dtype
+keeps every value. Reloaded weights equal the in-memory fake model's exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from bitplan.export.common import (
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    dense_tensors,
+    head_name,
+    layer_weight,
+    model_dtype_name,
+    planned_formats,
+    storage_tensor,
+    write_config,
+    write_side_files,
+)
+from bitplan.model.loading import LoadedModel
+from bitplan.plan import Plan
+
+#: Key of bitplan's record in a fake export's config.json.
+CONFIG_KEY = "bitplan"
+
+
+def write_fake(model: LoadedModel, plan: Plan, folder: Path) -> tuple[dict[str, str], list[str]]:
+    """Write the fake export into ``folder``; returns each planned weight's kind, and notes."""
+    formats = planned_formats(model, plan)
+    keys = {name: f"{name}.weight" for name in formats}
+    tensors = dense_tensors(model, skip=set(keys.values()))
+    for name, fmt in formats.items():
+        # What FakeQuantLinear.from_linear holds: quantized in the model's dtype.
+        tensors[keys[name]] = storage_tensor(fmt.quantize_weight(layer_weight(model, name)))
+    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    record = {
+        "export_format": "fake",
+        "format_version": FORMAT_VERSION,
+        "layer_formats": {name: fmt.name for name, fmt in formats.items()},
+        "activation_formats": {
+            name: fmt.name for name, fmt in formats.items() if fmt.quantizes_activations
+        },
+    }
+    write_config(
+        folder,
+        model,
+        dtype=model_dtype_name(tensors),
+        untie=head_name(model) in formats,
+        extra={CONFIG_KEY: record},
+    )
+    write_side_files(folder, model, plan)
+    kind_of = {key: "fake-quantized weights" for key in keys.values()}
+    notes = [
+        "fake export: weights are stored dequantized (bfloat16 where exact, else float32), so "
+        "its size says nothing about the plan's bits; plain transformers loads it but runs "
+        "activations unquantized"
+    ]
+    return kind_of, notes

@@ -1,0 +1,147 @@
+"""Loading bitplan's own exports (``packed`` and ``fake``) back into a fake-quantized model.
+
+The result is what ``bitplan.quantize.apply_plan`` makes from the original model: every planned
+layer a ``FakeQuantLinear`` holding the dequantized weight (never quantized a second time:
+fake quantization is not idempotent) and quantizing its input when its format says so. Logits
+equal the in-memory fake model's exactly when loaded in the same dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from bitplan.errors import BitplanError
+from bitplan.export.codes import decode_weight, part_bits
+from bitplan.export.common import FORMAT_VERSION, PLAN_FILE, WEIGHTS_FILE
+from bitplan.export.fake import CONFIG_KEY
+from bitplan.export.packed import QUANT_METHOD
+from bitplan.formats import Format, parse_format
+from bitplan.model.loading import LoadedModel
+from bitplan.quantize import FakeQuantLinear
+
+
+def export_kind(path: str | os.PathLike) -> str | None:
+    """``"packed"`` or ``"fake"`` for a folder bitplan exported, else None (any other folder)."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    quantization = config.get("quantization_config")
+    if isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD:
+        return "packed"
+    record = config.get(CONFIG_KEY)
+    if isinstance(record, dict) and record.get("export_format") == "fake":
+        return "fake"
+    return None
+
+
+def _check_version(record: dict, path: Path) -> None:
+    version = record.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BitplanError(
+            f"{path} is a bitplan export of format version {version}; this bitplan reads "
+            f"version {FORMAT_VERSION}"
+        )
+
+
+def fake_quant_linear(linear: nn.Linear, fmt: Format) -> FakeQuantLinear:
+    """Wrap a Linear whose weight is *already* quantize-dequantized (unlike
+    ``FakeQuantLinear.from_linear``, which quantizes it)."""
+    new = FakeQuantLinear.__new__(FakeQuantLinear)
+    nn.Module.__init__(new)
+    new.in_features, new.out_features = linear.in_features, linear.out_features
+    new.weight = nn.Parameter(linear.weight.data, requires_grad=False)
+    new.bias = linear.bias
+    new.fmt = fmt
+    return new
+
+
+def _wrap_layers(module: nn.Module, formats: dict[str, Format]) -> None:
+    modules = dict(module.named_modules())
+    for name, fmt in formats.items():
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            raise BitplanError(f"the export names layer {name}, which its model does not have")
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else module
+        setattr(parent, child, fake_quant_linear(linear, fmt))
+
+
+def _load_packed(path: Path, dtype: torch.dtype) -> nn.Module:
+    config = AutoConfig.from_pretrained(path)
+    record = config.quantization_config
+    _check_version(record, path)
+    del config.quantization_config  # ours, not a transformers quantizer's
+    formats = {name: parse_format(fmt) for name, fmt in record["layers"].items()}
+    with init_empty_weights():  # parameters on the meta device, buffers real
+        module = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    modules = dict(module.named_modules())
+
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
+        keys = set(f.keys())
+        for name, fmt in formats.items():
+            linear = modules.get(name)
+            if not isinstance(linear, nn.Linear):
+                raise BitplanError(f"{path} names layer {name}, which its model does not have")
+            shape = (linear.out_features, linear.in_features)
+            parts = {part: f.get_tensor(f"{name}.{part}") for part in part_bits(fmt, shape)}
+            keys -= {f"{name}.{part}" for part in parts}
+            state[f"{name}.weight"] = decode_weight(parts, fmt, shape).to(dtype)
+        for key in keys:
+            tensor = f.get_tensor(key)
+            state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    result = module.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise BitplanError(
+            f"{path} holds tensors its model has no place for, e.g. {result.unexpected_keys[0]}"
+        )
+    if getattr(config, "tie_word_embeddings", False):
+        module.tie_weights()
+    missing = [name for name, p in module.named_parameters() if p.is_meta]
+    if missing:
+        raise BitplanError(f"{path} lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    _wrap_layers(module, formats)
+    return module
+
+
+def _load_fake(path: Path, dtype: torch.dtype) -> nn.Module:
+    module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    record = getattr(module.config, CONFIG_KEY)
+    _check_version(record, path)
+    formats = {name: parse_format(fmt) for name, fmt in record["layer_formats"].items()}
+    _wrap_layers(module, formats)
+    return module
+
+
+def load_exported(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a ``packed`` or ``fake`` export as a fake-quantized model, in eval mode on the CPU."""
+    path = Path(path).expanduser()
+    kind = export_kind(path)
+    if kind is None:
+        raise BitplanError(f"{path} is not a bitplan packed or fake export")
+    try:
+        module = (_load_packed if kind == "packed" else _load_fake)(path, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as err:
+        raise BitplanError(f"cannot load the bitplan {kind} export {path}: {err}") from err
+    module.eval()
+    note = f"bitplan {kind} export"
+    plan_path = path / PLAN_FILE
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+        note += f" of {plan.get('model')} ({plan.get('recipe')}, {plan.get('avg_bits'):.4f} bits)"
+    return LoadedModel(
+        module=module, tokenizer=tokenizer, name=path.name, source=str(path), note=note
+    )

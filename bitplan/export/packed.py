@@ -1,0 +1,69 @@
+"""The ``packed`` export: bitplan's own layout of real low-bit weights (docs/EXPORT.md).
+
+Each planned layer ``<name>`` is stored as the parts of :mod:`bitplan.export.codes`
+(``<name>.qweight``, ``<name>.scales``, ``<name>.zeros``, ...) instead of ``<name>.weight``;
+everything else is stored as in a Hugging Face folder. config.json gets a
+``quantization_config`` with ``"quant_method": "bitplan"`` naming every layer's format, which
+:func:`bitplan.export.load.load_exported` reads to rebuild the fake-quantized model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from bitplan.errors import BitplanError
+from bitplan.export.codes import PART_KINDS, encode_weight, part_bits
+from bitplan.export.common import (
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    dense_tensors,
+    head_name,
+    layer_weight,
+    model_dtype_name,
+    planned_formats,
+    write_config,
+    write_side_files,
+)
+from bitplan.model.loading import LoadedModel
+from bitplan.plan import Plan
+
+QUANT_METHOD = "bitplan"
+
+
+def write_packed(model: LoadedModel, plan: Plan, folder: Path) -> tuple[dict[str, str], list[str]]:
+    """Write the packed export into ``folder``; returns each quantized tensor's kind, and notes."""
+    formats = planned_formats(model, plan)
+    for name, fmt in formats.items():  # refuse an unpackable format before the long part
+        try:
+            part_bits(fmt, (1, 1))
+        except BitplanError as err:
+            raise BitplanError(f"cannot pack {name}: {err}") from None
+    tensors = dense_tensors(model, skip={f"{name}.weight" for name in formats})
+    kind_of: dict[str, str] = {}
+    for name, fmt in formats.items():
+        for part, tensor in encode_weight(layer_weight(model, name), fmt).items():
+            key = f"{name}.{part}"
+            tensors[key] = tensor.contiguous()
+            kind_of[key] = PART_KINDS[part]
+    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt", "bitplan": "packed"})
+
+    head = head_name(model)
+    quantization_config = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "layers": {name: fmt.name for name, fmt in formats.items()},
+        "include_scales": plan.include_scales,
+        "avg_bits": plan.avg_bits,
+        "plan_model": plan.model,
+    }
+    write_config(
+        folder,
+        model,
+        dtype=model_dtype_name({k: v for k, v in tensors.items() if k not in kind_of}),
+        untie=head in formats,
+        extra={"quantization_config": quantization_config},
+    )
+    write_side_files(folder, model, plan)
+    return kind_of, []

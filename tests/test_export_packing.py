@@ -1,0 +1,152 @@
+"""Bit packing, minifloat codes, and per-format encode/decode of a weight (bitplan.export)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bitplan.errors import BitplanError
+from bitplan.export.codes import decode_weight, encode_weight, part_bits
+from bitplan.export.packing import (
+    codes_to_minifloat,
+    minifloat_to_codes,
+    pack_bits,
+    packed_nbytes,
+    unpack_bits,
+)
+from bitplan.formats import E2M1, E2M3, E4M3, parse_format
+from bitplan.formats.integer import fake_quantize_int, quantize_int_codes
+
+ALL_FORMATS = [
+    "w2g128",
+    "w3g128",
+    "w4g128",
+    "w8g128",
+    "w2g64_asym",
+    "w3g128_asym",
+    "w4g32_asym",
+    "w8g128_asym",
+    "w4",
+    "w3_asym",
+    "int8",
+    "mxfp4",
+    "mxfp6",
+    "mxfp8",
+    "nvfp4",
+    "fp8",
+    "bf16",
+]
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("count", [0, 1, 9, 1000])
+def test_pack_unpack_round_trips_exactly(bits, count):
+    gen = torch.Generator().manual_seed(bits * 1000 + count)
+    codes = torch.randint(0, 2**bits, (count,), generator=gen)
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == math.ceil(count * bits / 8) == packed_nbytes(count, bits)
+    assert torch.equal(unpack_bits(packed, bits, count), codes)
+
+
+def test_pack_layout_is_little_endian_bit_stream():
+    # 3-bit codes 1, 2, 3: bits 001 010 011 -> stream LSB first: 1 | 2 << 3 | 3 << 6 = 0xD1, 0
+    assert pack_bits(torch.tensor([1, 2, 3]), 3).tolist() == [0xD1, 0x00]
+    # 4-bit codes: low nibble first
+    assert pack_bits(torch.tensor([0xA, 0x5]), 4).tolist() == [0x5A]
+
+
+def test_pack_refuses_out_of_range_codes_and_wrong_sizes():
+    with pytest.raises(BitplanError, match="out of range"):
+        pack_bits(torch.tensor([4]), 2)
+    with pytest.raises(BitplanError, match="out of range"):
+        pack_bits(torch.tensor([-1]), 4)
+    with pytest.raises(BitplanError, match="1 to 8"):
+        pack_bits(torch.tensor([1]), 9)
+    with pytest.raises(BitplanError, match="do not hold"):
+        unpack_bits(torch.zeros(3, dtype=torch.uint8), 4, 7)
+
+
+@pytest.mark.parametrize("spec", [E2M1, E2M3, E4M3], ids=lambda s: s.name)
+def test_minifloat_codes_round_trip_every_value(spec):
+    grid = spec.grid().float()
+    values = torch.cat([grid, -grid])
+    codes = minifloat_to_codes(values, spec)
+    assert int(codes.max()) < 2**spec.bits
+    assert len(set(codes.tolist())) == values.numel()  # +0 and -0 differ by the sign bit
+    decoded = codes_to_minifloat(codes, spec)
+    assert torch.equal(decoded, values)
+    assert torch.equal(torch.signbit(decoded), torch.signbit(values))
+    # sign-magnitude with the sign on top, magnitudes in grid order
+    assert codes[: grid.numel()].tolist() == list(range(grid.numel()))
+
+
+def test_e4m3_codes_are_float8_bit_patterns():
+    x = torch.randn(4096) * 50
+    values = x.clamp(-448, 448).to(torch.float8_e4m3fn)
+    codes = minifloat_to_codes(values.float(), E4M3)
+    assert torch.equal(codes.to(torch.uint8), values.view(torch.uint8))
+
+
+def test_off_grid_values_are_refused():
+    with pytest.raises(BitplanError, match="not on the e2m1 grid"):
+        minifloat_to_codes(torch.tensor([0.75]), E2M1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [32, 128, None])
+def test_int_codes_dequantize_to_fake_quantize_exactly(bits, symmetric, group_size):
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(12, 160, generator=gen) * 0.02  # 160 = 128 + 32: a ragged group at 128
+    x[0] = 0  # all-zero row
+    x[1, :40] += 0.5  # a positive-only group
+    codes, scale, zero_point = quantize_int_codes(x, bits, group_size, symmetric)
+    assert codes.shape == x.shape
+    assert scale.shape == (12, math.ceil(160 / (group_size or 160)))
+    assert torch.equal(scale.half().float(), scale)  # float16 values
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    assert low <= int(codes.min()) and int(codes.max()) <= high
+    group = group_size or 160
+    q = codes.float()
+    if zero_point is not None:
+        q = q - zero_point.float().repeat_interleave(group, dim=1)[:, :160]
+    dequantized = q * scale.repeat_interleave(group, dim=1)[:, :160]
+    assert torch.equal(dequantized, fake_quantize_int(x, bits, group_size, symmetric))
+
+
+@pytest.mark.parametrize("name", ALL_FORMATS)
+@pytest.mark.parametrize("shape", [(24, 160), (8, 100)], ids=["160-in", "100-in-ragged"])
+def test_encode_decode_equals_fake_quantization(name, shape):
+    fmt = parse_format(name)
+    gen = torch.Generator().manual_seed(len(name))
+    w = torch.randn(*shape, generator=gen) * 0.03
+    w[0] = 0
+    w[1, 3] = 2.0  # an outlier
+    parts = encode_weight(w, fmt)
+    assert torch.equal(decode_weight(parts, fmt, shape), fmt.quantize_weight(w))
+    # Each stored part is its exact bit count rounded up to whole bytes; they add up to the
+    # format's bit accounting.
+    bits = part_bits(fmt, shape)
+    assert set(parts) == set(bits)
+    assert sum(bits.values()) == fmt.weight_bits(shape)
+    for part, tensor in parts.items():
+        assert tensor.numel() * tensor.element_size() == math.ceil(bits[part] / 8), part
+
+
+def test_decode_names_a_missing_part():
+    fmt = parse_format("w4g128_asym")
+    parts = encode_weight(torch.randn(4, 128), fmt)
+    del parts["zeros"]
+    with pytest.raises(BitplanError, match="zeros"):
+        decode_weight(parts, fmt, (4, 128))
+
+
+def test_bfloat16_weights_encode_like_their_fake_quantization():
+    w = (torch.randn(16, 96) * 0.05).to(torch.bfloat16)
+    for name in ("w4g64", "mxfp4", "fp8"):
+        fmt = parse_format(name)
+        decoded = decode_weight(encode_weight(w, fmt), fmt, (16, 96))
+        assert torch.equal(decoded.to(torch.bfloat16), fmt.quantize_weight(w))
