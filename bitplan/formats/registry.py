@@ -23,6 +23,7 @@ from bitplan.errors import BitplanError
 from bitplan.formats.base import Format
 from bitplan.formats.bf16 import BF16Format
 from bitplan.formats.fp8 import FP8Format
+from bitplan.formats.gguf import parse_gguf_name
 from bitplan.formats.integer import SUPPORTED_INT_BITS, Int8W8A8Format, IntFormat
 from bitplan.formats.mx import MXFormat
 from bitplan.formats.nvfp4 import NVFP4Format
@@ -55,6 +56,7 @@ GRAMMAR = (
     f"w{{{_INT_BITS}}}g{{group}}[_asym] (integer weight-only, e.g. w4g128), "
     f"w{{{_INT_BITS}}}[_asym] (per-channel), w{{{_INT_BITS}}}a16 (= w{{b}}g128)"
 )
+GRAMMAR += ", GGUF types q2_k..q6_k, q4_0, q4_1, q5_0, q5_1, q8_0, f16, f32, gguf:mxfp4, gguf:bf16"
 
 
 def known_format_names() -> list[str]:
@@ -90,6 +92,10 @@ def parse_format(name: str) -> Format:
             return IntFormat(int(bits), group_size, symmetric=asym is None)
     except BitplanError as error:
         raise BitplanError(f"invalid format {name.strip()!r}: {error}") from None
+    # --- GGUF (llama.cpp) tensor types: q4_k, Q8_0, gguf:q4_k_s, gguf:mxfp4 (formats/gguf.py).
+    if (gguf_format := parse_gguf_name(key)) is not None:
+        return gguf_format
+    # --- end GGUF
     raise _unknown_format_error(name.strip())
 
 

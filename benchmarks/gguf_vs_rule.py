@@ -1,0 +1,202 @@
+"""bitplan's GGUF plans against llama.cpp's own mixes at the same file size, measured in llama.cpp.
+
+On the embedded default (SmolLM2-135M-Instruct), for each llama.cpp mix (Q4_K_M; Q3_K_M):
+
+* the mix itself, as llama.cpp's rules choose it (``bitplan/export/gguf_recipes.py``; checked
+  here byte for byte against ``llama_model_quantize`` run on an F32 file of the same model);
+* bitplan's plan over the same GGUF types, solved per tensor from Fisher scores on the default
+  calibration text, at the mix's own average bits (so the file is no larger);
+* uniform files of the lowest and the highest type.
+
+Every file is written by ``export_gguf`` and run by llama.cpp (llama-cpp-python): KL divergence
+and perplexity on held-out text are computed from llama.cpp's logits, against llama.cpp running
+the unquantized model (an F32 file). As a check of the export, the bitplan plan's file is also
+compared with bitplan's own fake-quantized model of the same plan.
+
+    .venv/bin/python benchmarks/gguf_vs_rule.py [--out-dir /tmp/bitplan-gguf] [--imatrix]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from bitplan.data.calibration import calibration_samples
+from bitplan.data.heldout import heldout_samples
+from bitplan.evaluate.divergence import BaseLogits
+from bitplan.export.gguf import (
+    LlamaCppModel,
+    collect_importance,
+    export_gguf,
+    fake_quantize_gguf,
+)
+from bitplan.export.gguf_recipes import (
+    llama_cpp_mix_plan,
+    mix_tensor_types,
+    solve_gguf_plans,
+    uniform_gguf_plan,
+)
+from bitplan.model import load_model
+from bitplan.model.fingerprint import model_fingerprint
+from bitplan.score import score
+
+#: llama.cpp mix -> the GGUF types bitplan chooses among (the mix's own types).
+COMPARISONS = {"Q4_K_M": ["q4_k", "q6_k"], "Q3_K_M": ["q3_k", "q4_k", "q5_k"]}
+
+
+def llama_cpp_quantize(source: Path, target: Path, mix: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}")
+    params.nthread = 2
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
+        raise RuntimeError(f"llama_model_quantize failed for {mix}")
+
+
+def same_tensors(a: Path, b: Path) -> tuple[int, int]:
+    """(tensors with equal type and bytes, tensors) of two GGUF files."""
+    ta = {t.name: t for t in gguf.GGUFReader(a).tensors}
+    tb = {t.name: t for t in gguf.GGUFReader(b).tensors}
+    equal = sum(
+        1
+        for name, t in ta.items()
+        if name in tb
+        and t.tensor_type == tb[name].tensor_type
+        and np.array_equal(np.array(t.data), np.array(tb[name].data))
+    )
+    return equal, len(ta)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=Path("/tmp/bitplan-gguf"))
+    parser.add_argument("--mixes", default=",".join(COMPARISONS))
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--calib-len", type=int, default=512)
+    parser.add_argument("--heldout-samples", type=int, default=8)
+    parser.add_argument("--heldout-len", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--imatrix", action="store_true", help="also with importance matrices")
+    args = parser.parse_args()
+    out = args.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    model = load_model()
+    model_id = f"{model.name}@{model_fingerprint(model.module)}"
+    calib = calibration_samples(model.tokenizer, args.calib_samples, args.calib_len)
+    heldout = heldout_samples(model.tokenizer, args.heldout_samples, args.heldout_len)
+    n_ctx = args.heldout_len
+    mixes = args.mixes.split(",")
+    options = sorted({o for mix in mixes for o in COMPARISONS[mix]})
+    scores = score(model, options, calib, scorer="fisher")
+    print(f"scores: {len(scores.layer_scores)} layers x {options} in {scores.seconds:.0f} s")
+    importance = collect_importance(model, calib, include_head=False) if args.imatrix else None
+
+    # The unquantized model as llama.cpp runs it: the base of every KL below.
+    f32_plan = uniform_gguf_plan(model, "f32", model_id)
+    f32_path = out / "f32.gguf"
+    export_gguf(model, f32_plan, f32_path, "f32", "f32", force=True)
+
+    files: list[tuple[str, str, Path, object]] = []  # (mix, label, path, report)
+    checks: dict[str, str] = {}
+    for mix in mixes:
+        embedding_type, output_type = mix_tensor_types(mix)
+        rule = llama_cpp_mix_plan(model, mix, model_id)
+        low, high = COMPARISONS[mix][0], COMPARISONS[mix][-1]
+        ours = solve_gguf_plans(model, COMPARISONS[mix], scores, [rule.avg_bits], model_id)[0]
+        plans = [
+            (f"uniform {low}", uniform_gguf_plan(model, low, model_id)),
+            (f"llama.cpp {mix} (rule)", rule),
+            (f"bitplan {'+'.join(COMPARISONS[mix])}", ours),
+            (f"uniform {high}", uniform_gguf_plan(model, high, model_id)),
+        ]
+        variants = [("", None)] + ([(" + imatrix", importance)] if importance else [])
+        for suffix, imp in variants:
+            for label, plan in plans:
+                if imp is not None and label.startswith("uniform"):
+                    continue
+                name = label.split()[0] + "-" + label.split()[1].replace("+", "_")
+                path = out / f"{mix}-{name}{'-imatrix' if imp else ''}.gguf"
+                report = export_gguf(
+                    model, plan, path, embedding_type, output_type, importance=imp, force=True
+                )
+                files.append((mix, label + suffix, path, report))
+                print(report.summary())
+        theirs = out / f"{mix}-llama-quantize.gguf"
+        llama_cpp_quantize(f32_path, theirs, mix)
+        rule_path = next(p for m, lab, p, _ in files if m == mix and lab[-6:] == "(rule)")
+        equal, total = same_tensors(rule_path, theirs)
+        checks[mix] = f"{equal}/{total} tensors byte-identical to llama_model_quantize {mix}"
+        print(checks[mix])
+        # The export check: llama.cpp running our file vs our own fake-quantized model.
+        if mix == mixes[0]:
+            fake = fake_quantize_gguf(model, ours, embedding_type, output_type)
+            fake_base = BaseLogits.compute(fake, heldout)
+            del fake
+            gc.collect()
+            path = next(p for m, lab, p, _ in files if m == mix and lab.startswith("bitplan"))
+            runner = LlamaCppModel(path, n_ctx=n_ctx, n_threads=args.threads)
+            export_check = fake_base.compare(runner, batch_size=1)
+            runner.close()
+            del fake_base
+            gc.collect()
+            checks["fake vs llama.cpp"] = (
+                f"KL(bitplan fake-quant || llama.cpp), same plan: {export_check.kl:.2e} "
+                f"(top-1 agreement {export_check.top1_agreement:.4f})"
+            )
+            print(checks["fake vs llama.cpp"])
+
+    runner = LlamaCppModel(f32_path, n_ctx=n_ctx, n_threads=args.threads)
+    base = BaseLogits.compute(runner, heldout, batch_size=1)
+    runner.close()
+    torch_check = base.compare(model.module)
+    checks["torch vs llama.cpp F32"] = (
+        f"KL(llama.cpp F32 || bitplan's torch model): {torch_check.kl:.2e}; ppl llama.cpp F32 "
+        f"{base.base_ppl:.4f}, torch {torch_check.ppl:.4f}"
+    )
+    print(checks["torch vs llama.cpp F32"])
+    rows = []
+    for mix, label, path, report in files:
+        runner = LlamaCppModel(path, n_ctx=n_ctx, n_threads=args.threads)
+        result = base.compare(runner, batch_size=1)
+        runner.close()
+        rows.append(
+            {
+                "mix": mix,
+                "recipe": label,
+                "file_bytes": report.file_bytes,
+                "tensor_bytes": report.tensor_bytes,
+                "bpw_file": report.bits_per_weight,
+                "bpw_layers": report.planned_bits_per_weight,
+                "kl": result.kl,
+                "top1": result.top1_agreement,
+                "ppl": result.ppl,
+                "types": report.type_counts,
+            }
+        )
+        print(json.dumps(rows[-1]))
+    print()
+    print(f"base (llama.cpp, F32): perplexity {base.base_ppl:.4f} on {base.num_predictions} tokens")
+    print("| mix | recipe | file MiB | bpw (file) | bpw (layers) | KL (nats/token) | top-1 | ppl |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['mix']} | {r['recipe']} | {r['file_bytes'] / 2**20:.2f} | {r['bpw_file']:.4f} "
+            f"| {r['bpw_layers']:.4f} | {r['kl']:.5f} | {r['top1']:.4f} | {r['ppl']:.3f} |"
+        )
+    for key, line in checks.items():
+        print(f"- {key}: {line}")
+    (out / "results.json").write_text(json.dumps({"rows": rows, "checks": checks}, indent=1))
+    print(f"done in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

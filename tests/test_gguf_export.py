@@ -1,0 +1,367 @@
+"""Writing plans as GGUF files, llama.cpp's mixes as plans, and checks against llama.cpp itself.
+
+A tiny llama (hidden 256, so that the k-quants apply) with the conftest BPE tokenizer written as
+GGUF tokenizer metadata. The llama.cpp tests need ``llama-cpp-python`` (the set-up builds it)
+and are skipped without it:
+
+* its C quantizer (``ggml_quantize_chunk``, called through ctypes) writes the same bytes as
+  bitplan for every type, with and without an importance matrix;
+* ``llama_model_quantize`` (what ``llama-quantize`` runs) turns an F32 file into a Q4_K_M file
+  identical, tensor for tensor, to bitplan's export of its Q4_K_M recipe;
+* llama.cpp loads bitplan's file and its logits match bitplan's fake-quantized model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from bitplan.errors import BitplanError
+from bitplan.export.gguf import (
+    LlamaCppModel,
+    collect_importance,
+    export_gguf,
+    fake_quantize_gguf,
+    gguf_layout,
+    gguf_size,
+)
+from bitplan.export.gguf_recipes import (
+    llama_cpp_mix_plan,
+    mix_layer_type,
+    plan_from_formats,
+    ungrouped,
+    uniform_gguf_plan,
+)
+from bitplan.formats.gguf import GGML_TYPES, quantize_rows
+from bitplan.model.loading import LoadedModel
+
+HIDDEN, HEADS, KV_HEADS = 256, 4, 2
+
+
+def write_tokenizer_gguf(path: Path, tokenizer) -> Path:
+    """A GGUF holding only tokenizer metadata (gpt2-style BPE) for the conftest tokenizer."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name("bitplan tiny test model")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    return path
+
+
+def build_gguf_llama(vocab_size: int, tied: bool = True, seed: int = 0) -> LoadedModel:
+    """Two blocks, hidden 256 (k-quants fit), weights scaled up so that logits are peaked."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=HIDDEN,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HIDDEN // HEADS,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    module = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.dim() == 2:
+                param.mul_(10.0 if "embed" in name or "lm_head" in name else 3.0)
+            else:
+                param.add_(0.1 * torch.randn_like(param))
+    return LoadedModel(module=module, tokenizer=None, name="tiny-gguf", source="/nonexistent")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_gguf(tmp_path_factory, tiny_tokenizer) -> Path:
+    return write_tokenizer_gguf(tmp_path_factory.mktemp("gguf") / "tokenizer.gguf", tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def gguf_model(tiny_tokenizer) -> LoadedModel:
+    return build_gguf_llama(len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="module")
+def mixed_plan(gguf_model):
+    """Every type family in one plan (k-quants, legacy, MXFP4, BF16)."""
+    kinds = ["q4_k", "q6_k", "q2_k", "q3_k", "q5_k", "q8_0", "q4_0", "q5_1", "gguf:mxfp4"]
+    layers = gguf_model.layers.decoder_layers()
+    formats = {layer.name: kinds[i % len(kinds)] for i, layer in enumerate(layers)}
+    formats[layers[-1].name] = "gguf:bf16"
+    return plan_from_formats(gguf_model, formats, "test mix", model_id="tiny")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, gguf_model, mixed_plan, tokenizer_gguf):
+    path = tmp_path_factory.mktemp("out") / "tiny.gguf"
+    report = export_gguf(gguf_model, mixed_plan, path, metadata_from=tokenizer_gguf)
+    return path, report
+
+
+# ---------------------------------------------------------------- the file
+
+
+def test_file_holds_the_plans_types_and_values(exported, gguf_model, mixed_plan):
+    path, report = exported
+    reader = gguf.GGUFReader(path)
+    layout = {t.name: t for t in gguf_layout(gguf_model, mixed_plan)}
+    fake = dict(fake_quantize_gguf(gguf_model, mixed_plan).named_parameters())
+    assert {t.name for t in reader.tensors} == set(layout)
+    for tensor in reader.tensors:
+        planned = layout[tensor.name]
+        assert tensor.tensor_type.name == planned.type_name
+        values = gguf.quants.dequantize(np.array(tensor.data), tensor.tensor_type)
+        expected = fake[planned.source].detach()
+        if planned.heads is not None:  # llama.cpp's rotary row order
+            rows = expected.shape[0]
+            expected = expected.reshape(planned.heads, 2, rows // planned.heads // 2, -1)
+            expected = expected.swapaxes(1, 2).reshape(rows, -1)
+        np.testing.assert_array_equal(values.reshape(expected.shape), expected.numpy())
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert reader.fields["llama.block_count"].contents() == 2
+    assert "general.file_type" not in reader.fields
+    assert json.loads(reader.fields["bitplan.plan"].contents())["recipe"] == "test mix"
+
+
+def test_sizes_match_the_plans_accounting(exported, gguf_model, mixed_plan):
+    path, report = exported
+    reader = gguf.GGUFReader(path)
+    assert report.tensor_bytes == sum(int(t.n_bytes) for t in reader.tensors)
+    # The file is the header and metadata, then the tensors, each padded to the alignment.
+    alignment = 32
+    padded = sum(math.ceil(int(t.n_bytes) / alignment) * alignment for t in reader.tensors)
+    assert report.file_bytes == path.stat().st_size == reader.data_offset + padded
+    # The planned layers cost exactly what the plan says.
+    assert report.planned_bits == mixed_plan.avg_bits * report.planned_params
+    assert report.planned_bits_per_weight == pytest.approx(mixed_plan.avg_bits)
+    assert gguf_size(gguf_model, mixed_plan).tensor_bytes == report.tensor_bytes
+    assert report.bits_per_weight == report.tensor_bytes * 8 / report.params
+    assert "bits per weight" in report.summary()
+
+
+def test_transformers_reads_the_file_back_to_the_same_model(exported, gguf_model, mixed_plan):
+    """transformers' GGUF loader undoes llama.cpp's q/k row order: its logits must be ours."""
+    from transformers import AutoModelForCausalLM
+
+    path, _ = exported
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    fake = fake_quantize_gguf(gguf_model, mixed_plan)
+    tokens = torch.randint(0, gguf_model.module.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, fake(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_untied_head_and_embedding_defaults(tiny_tokenizer, tokenizer_gguf, tmp_path):
+    model = build_gguf_llama(len(tiny_tokenizer), tied=False)
+    plan = uniform_gguf_plan(model, "q4_k", model_id="tiny")
+    layout = {t.name: t.type_name for t in gguf_layout(model, plan)}
+    assert layout["token_embd.weight"] == "Q4_K" and layout["output.weight"] == "Q6_K"
+    layout = {t.name: t.type_name for t in gguf_layout(model, plan, "q8_0", "q5_k")}
+    assert layout["token_embd.weight"] == "Q8_0" and layout["output.weight"] == "Q5_K"
+    report = export_gguf(model, plan, tmp_path / "untied.gguf", metadata_from=tokenizer_gguf)
+    assert report.output_type == "Q6_K"
+
+
+def test_refusals_leave_nothing_behind(gguf_model, mixed_plan, tokenizer_gguf, tmp_path):
+    with pytest.raises(BitplanError, match="Hugging Face folder"):
+        export_gguf(gguf_model, mixed_plan, tmp_path / "a.gguf")
+    with pytest.raises(BitplanError, match="ending in .gguf"):
+        export_gguf(gguf_model, mixed_plan, tmp_path / "a.bin", metadata_from=tokenizer_gguf)
+    wrong = plan_from_formats(
+        gguf_model, dict.fromkeys(mixed_plan.layer_formats, "w4g128"), "x", model_id="tiny"
+    )
+    with pytest.raises(BitplanError, match="cannot hold"):
+        export_gguf(gguf_model, wrong, tmp_path / "b.gguf", metadata_from=tokenizer_gguf)
+    existing = tmp_path / "c.gguf"
+    existing.write_text("keep me")
+    with pytest.raises(BitplanError, match="exists"):
+        export_gguf(gguf_model, mixed_plan, existing, metadata_from=tokenizer_gguf)
+    assert existing.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.gguf"]
+
+
+# ---------------------------------------------------------------- llama.cpp's mixes
+
+
+def test_q4_k_m_rule_on_smollm2_shapes():
+    """SmolLM2-135M: 30 blocks, 9 / 3 heads. attn_v and ffn_down are promoted in 14 blocks."""
+    promoted = [i for i in range(30) if mix_layer_type("Q4_K_M", "v", i, 30, 3) == "q6_k"]
+    assert promoted == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    assert mix_layer_type("Q4_K_M", "down", 5, 30, 3) == "q6_k"
+    assert mix_layer_type("Q4_K_M", "down", 6, 30, 3) == "q4_k"
+    assert mix_layer_type("Q4_K_M", "q", 0, 30, 3) == "q4_k"
+    assert mix_layer_type("Q3_K_M", "v", 1, 30, 3) == "q5_k"
+    assert mix_layer_type("Q3_K_M", "down", 0, 30, 3) == "q5_k"  # i < 30 // 16
+    assert mix_layer_type("Q3_K_M", "down", 1, 30, 3) == "q4_k"
+    assert mix_layer_type("Q3_K_M", "o", 9, 30, 3) == "q4_k"
+    assert mix_layer_type("Q2_K", "v", 9, 30, 3) == "q3_k"
+    assert mix_layer_type("Q2_K", "v", 9, 32, 4) == "q4_k"
+
+
+def test_mix_plan_and_ungrouped_table(gguf_model):
+    plan = llama_cpp_mix_plan(gguf_model, "Q4_K_M", model_id="tiny")
+    assert plan.recipe == "llama.cpp Q4_K_M"
+    v = [plan.layer_formats[f"model.layers.{i}.self_attn.v_proj"] for i in range(2)]
+    assert v == ["q4_k", "q6_k"]  # n = 2 blocks: 7n/8 = 1, so block 1 is promoted
+    table = ungrouped(gguf_model.layers)
+    assert len(table.groups()) == len(gguf_model.layers.decoder_layers())
+    with pytest.raises(BitplanError, match="unknown llama.cpp mix"):
+        llama_cpp_mix_plan(gguf_model, "Q4_K_X")
+
+
+def test_collect_importance(gguf_model):
+    tokens = torch.randint(0, gguf_model.module.config.vocab_size, (2, 16))
+    importance = collect_importance(gguf_model, tokens)
+    q = "model.layers.0.self_attn.q_proj"
+    assert importance[q].shape == (HIDDEN,) and (importance[q] > 0).all()
+    np.testing.assert_allclose(importance[q], importance["model.layers.0.self_attn.k_proj"])
+
+
+# ---------------------------------------------------------------- llama.cpp itself
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp")
+
+
+@pytest.fixture(scope="module")
+def ggml_quantize_chunk(llama_cpp):
+    """ggml's own quantizer, through ctypes: (type, float32 rows, imatrix) -> bytes."""
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    candidates = sorted(lib_dir.glob("libggml-base.*")) + sorted(lib_dir.glob("libggml.*"))
+    lib = ctypes.CDLL(str(candidates[0]))
+    fn = lib.ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    fn.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+
+    def quantize(type_name: str, rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+        rows = np.ascontiguousarray(rows, np.float32)
+        ggml_type = GGML_TYPES[type_name]
+        row_bytes = rows.shape[1] // ggml_type.block_size * ggml_type.type_size
+        out = np.zeros((rows.shape[0], row_bytes), np.uint8)
+        imatrix_ptr = None
+        if imatrix is not None:
+            imatrix = np.ascontiguousarray(imatrix, np.float32)
+            imatrix_ptr = imatrix.ctypes.data
+        written = fn(
+            int(ggml_type.ggml),
+            rows.ctypes.data,
+            out.ctypes.data,
+            0,
+            rows.shape[0],
+            rows.shape[1],
+            imatrix_ptr,
+        )
+        assert written == out.nbytes
+        return out
+
+    return quantize
+
+
+QUANTIZED_TYPES = [name for name in GGML_TYPES if name not in ("F16", "F32")]
+
+
+@pytest.mark.parametrize("type_name", QUANTIZED_TYPES)
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
+def test_codes_equal_llama_cpps_quantizer(ggml_quantize_chunk, type_name, with_imatrix):
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((40, 512)) * 0.02).astype(np.float32)
+    x[0, :40] = 0
+    x[1] *= 1e-6
+    x[2, 100:300] = np.abs(x[2, 100:300])
+    x[3, ::17] *= 25
+    x[4, :64] = np.float32(0.01) * rng.integers(-8, 8, 64)
+    x[5] = rng.standard_t(2, 512).astype(np.float32) * 0.01  # heavy tails
+    imatrix = (rng.lognormal(0, 1.5, 512) ** 2).astype(np.float32) if with_imatrix else None
+    ours = quantize_rows(x, type_name, imatrix)
+    np.testing.assert_array_equal(ours, ggml_quantize_chunk(type_name, x, imatrix))
+
+
+def test_llama_quantize_q4_k_m_equals_our_recipe(llama_cpp, gguf_model, tokenizer_gguf, tmp_path):
+    """llama.cpp's own Q4_K_M, from an F32 file, is bitplan's Q4_K_M recipe byte for byte."""
+    f32 = uniform_gguf_plan(gguf_model, "f32", model_id="tiny")
+    source = tmp_path / "f32.gguf"
+    export_gguf(
+        gguf_model,
+        f32,
+        source,
+        embedding_type="f32",
+        output_type="f32",
+        metadata_from=tokenizer_gguf,
+    )
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = 1
+    theirs = tmp_path / "theirs.gguf"
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(theirs).encode(), params) == 0
+    plan = llama_cpp_mix_plan(gguf_model, "Q4_K_M", model_id="tiny")
+    ours = tmp_path / "ours.gguf"
+    export_gguf(gguf_model, plan, ours, metadata_from=tokenizer_gguf)
+    their_tensors = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    our_tensors = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    assert set(their_tensors) == set(our_tensors)
+    for name, tensor in our_tensors.items():
+        assert tensor.tensor_type == their_tensors[name].tensor_type, name
+        np.testing.assert_array_equal(np.array(tensor.data), np.array(their_tensors[name].data))
+
+
+#: Mean KL(bitplan's fake-quantized model || llama.cpp) per token that still counts as "the
+#: same model" on this deliberately peaked tiny model (entropy ~2 nats). The weights are
+#: bit-identical (tests above); what remains is llama.cpp's CPU matmuls rounding activations to
+#: 8 bits (Q8_0 / Q8_K blocks) for quantized weights. It must also stay far below the KL that
+#: quantizing the weights causes.
+KL_TOLERANCE = 5e-3
+KL_RATIO = 20
+
+
+def kl_per_token(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
+    return (p_log.exp() * (p_log - q_log)).sum(-1).mean().item()
+
+
+def test_llama_cpp_runs_the_file_and_matches_our_model(llama_cpp, exported, gguf_model, mixed_plan):
+    path, _ = exported
+    fake = fake_quantize_gguf(gguf_model, mixed_plan)
+    emulated = fake_quantize_gguf(gguf_model, mixed_plan, llama_cpp_activations=True)
+    runner = LlamaCppModel(path, n_ctx=64, n_threads=2)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, gguf_model.module.config.vocab_size, (3, 48), generator=generator)
+    with torch.no_grad():
+        ours = torch.log_softmax(fake(tokens).logits, -1)
+        ours_emulated = torch.log_softmax(emulated(tokens).logits, -1)
+        theirs = torch.log_softmax(runner(input_ids=tokens).logits, -1)
+        base = torch.log_softmax(gguf_model.module(tokens).logits, -1)
+    runner.close()
+    kl_llama = kl_per_token(ours, theirs)
+    kl_quant = kl_per_token(base, ours)
+    assert kl_llama < KL_TOLERANCE
+    assert kl_llama < kl_quant / KL_RATIO
+    assert kl_per_token(ours_emulated, theirs) < kl_llama  # the gap is activation rounding
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.95
