@@ -32,6 +32,14 @@ def main() -> None:
     parser.add_argument("--heldout-samples", type=int, default=8)
     parser.add_argument("--heldout-len", type=int, default=512)
     parser.add_argument("--json", help="also write the numbers here")
+    parser.add_argument(
+        "--scorers", default="fisher,delta-loss", help="which scorers' plans to measure"
+    )
+    parser.add_argument(
+        "--settings",
+        default=",".join(SETTINGS.keys()).replace(",w2", ";w2"),
+        help="option sets to run, separated by ';' (default: both)",
+    )
     args = parser.parse_args()
 
     model = load_model()
@@ -42,10 +50,12 @@ def main() -> None:
     print(f"model {model.identity} ({model.note}); base ppl {base.base_ppl:.2f}")
     print(f"calibration {tuple(tokens.shape)}; held-out {base.num_predictions} predicted tokens")
     rows = []
-    for options, budgets in SETTINGS.items():
+    wanted = {",".join(f.name for f in parse_format_list(o)) for o in args.settings.split(";")}
+    settings = {o: b for o, b in SETTINGS.items() if o in wanted}
+    for options, budgets in settings.items():
         formats = parse_format_list(options)
         plans = {}
-        for scorer in ("fisher", "delta-loss"):
+        for scorer in args.scorers.split(","):
             start = time.perf_counter()
             scores = score(model, formats, tokens, scorer=scorer)
             seconds = time.perf_counter() - start
@@ -86,9 +96,11 @@ def main() -> None:
                 f"KL {div.kl:.4f} top1 {div.top1_agreement:.3f} ppl {div.ppl:.2f}",
                 flush=True,
             )
-    print("\n| options | budget | bitplan | delta-loss | head | tail | uniform |")
-    print("|---|---|---|---|---|---|---|")
-    for options, budgets in SETTINGS.items():
+    recipes = [r for r in ("bitplan", "delta-loss") if r in {row["recipe"] for row in rows}]
+    recipes += ["head", "tail"]
+    print(f"\n| options | budget | {' | '.join(recipes)} | uniform |")
+    print("|---|---|" + "---|" * (len(recipes) + 1))
+    for options, budgets in settings.items():
         uniform_kl = next(
             r["kl"] for r in rows if r["options"] == options and r["recipe"] == "uniform"
         )
@@ -99,10 +111,7 @@ def main() -> None:
                 if r["options"] == options and r["budget"] == budget
             }
             best = min(kl, key=kl.get)
-            cells = [
-                f"**{kl[r]:.4f}**" if r == best else f"{kl[r]:.4f}"
-                for r in ("bitplan", "delta-loss", "head", "tail")
-            ]
+            cells = [f"**{kl[r]:.4f}**" if r == best else f"{kl[r]:.4f}" for r in recipes]
             print(f"| {options} | {budget:g} | {' | '.join(cells)} | {uniform_kl:.4f} |")
     if args.json:
         with open(args.json, "w") as f:

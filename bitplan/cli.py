@@ -192,6 +192,30 @@ def cmd_search(args: argparse.Namespace) -> None:
     print(f"wrote {len(plans)} plan(s), bits_per_layer.png to {out}/")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from bitplan.model import load_model
+    from bitplan.plan import Plan
+
+    plan = Plan.load(args.plan)
+    model = load_model(args.model)
+    if args.format == "gguf":
+        from bitplan.export.gguf import export_gguf
+
+        result = export_gguf(
+            model,
+            plan,
+            args.out,
+            embedding_type=args.embedding_type,
+            output_type=args.output_type,
+            force=args.force,
+        )
+    else:
+        from bitplan.export import export_model
+
+        result = export_model(model, plan, args.out, args.format, force=args.force)
+    print(result.summary())
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from bitplan.evaluate import run_eval_command
     from bitplan.model import load_model
@@ -331,6 +355,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="cpu", help="where blocks are computed: cpu (default), cuda, cuda:N"
     )
     search.set_defaults(func=cmd_search)
+
+    quantize = sub.add_parser(
+        "quantize",
+        help="apply a plan and write the quantized model (fake, packed, compressed-tensors, gguf)",
+        description=(
+            "Quantize MODEL with the formats of a plan file and write it: fake (a Hugging Face "
+            "folder of quantize-dequantized weights), packed (real low-bit codes and scales, "
+            "loaded back by bitplan), compressed-tensors (the checkpoint vLLM reads) or gguf (one "
+            "file llama.cpp runs). Writes atomically; an existing --out needs --force."
+        ),
+    )
+    quantize.add_argument("model", nargs="?", default=None, help=_MODEL_HELP)
+    quantize.add_argument("--plan", required=True, help="a plan JSON from bitplan search")
+    quantize.add_argument(
+        "--format", required=True, choices=["fake", "packed", "compressed-tensors", "gguf"]
+    )
+    quantize.add_argument("--out", required=True, help="output folder (or .gguf file)")
+    quantize.add_argument("--force", action="store_true", help="replace an existing --out")
+    quantize.add_argument("--embedding-type", help="gguf only: type of the token embedding")
+    quantize.add_argument("--output-type", help="gguf only: type of the output tensor")
+    quantize.set_defaults(func=cmd_quantize)
 
     evaluate = sub.add_parser(
         "eval",

@@ -153,6 +153,10 @@ def load_model(
     else:
         if not (path / "config.json").is_file():
             raise BitplanError(f"{path} has no config.json; it is not a Hugging Face model folder")
+        from bitplan.export.load import export_kind, load_exported  # (imports this module)
+
+        if export_kind(path) is not None:  # a bitplan packed/fake export: re-apply its formats
+            return load_exported(path, dtype=dtype)
         # --- bitplan's own exports (packed / fake) re-apply their formats: bitplan/export/load.py
         from bitplan.export.load import export_kind, load_exported
 

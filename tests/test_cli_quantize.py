@@ -1,0 +1,31 @@
+"""`bitplan quantize` writes an export that `load_model` (and so `bitplan eval`) reads back."""
+
+from __future__ import annotations
+
+import torch
+
+from bitplan.cli import main
+from bitplan.model import load_model
+from bitplan.plan import Plan
+from bitplan.quantize import apply_plan
+
+
+def test_quantize_packed_then_load_matches_fake(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    tiny_model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    plans = tmp_path / "plans"
+    assert main(["search", str(folder), "--options", "w2g32,w4g32", "--avg-bits", "3",
+                 "--n-samples", "4", "--seq-len", "32", "--out", str(plans)]) == 0  # fmt: skip
+    plan_path = plans / "plan_bitplan_3.json"
+    out = tmp_path / "packed"
+    argv = ["quantize", str(folder), "--plan", str(plan_path), "--format", "packed"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert main([*argv, "--out", str(out)]) == 2  # exists: needs --force
+    assert main([*argv, "--out", str(out), "--force"]) == 0
+    reloaded = load_model(out)
+    fake = apply_plan(load_model(folder).module, Plan.load(plan_path))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded.module(ids).logits, fake(ids).logits, atol=1e-5)
