@@ -10,10 +10,11 @@ On the embedded default (SmolLM2-135M-Instruct), for each llama.cpp mix (Q4_K_M;
 
 Every file is written by ``export_gguf`` and run by llama.cpp (llama-cpp-python): KL divergence
 and perplexity on held-out text are computed from llama.cpp's logits, against llama.cpp running
-the unquantized model (an F32 file). As a check of the export, the bitplan plan's file is also
-compared with bitplan's own fake-quantized model of the same plan.
+the unquantized model (an F32 file). As a check of the export, the files of bitplan's plan and of
+the uniform high type are also compared with bitplan's own fake-quantized model of the same
+plan, with and without llama.cpp's activation rounding emulated.
 
-    .venv/bin/python benchmarks/gguf_vs_rule.py [--out-dir /tmp/bitplan-gguf] [--imatrix]
+    .venv/bin/python benchmarks/gguf_vs_rule.py [--mixes Q4_K_M,Q3_K_M] [--imatrix]
 """
 
 from __future__ import annotations
@@ -74,12 +75,32 @@ def same_tensors(a: Path, b: Path) -> tuple[int, int]:
     return equal, len(ta)
 
 
+def export_check(model, plan, path: Path, heldout, embedding_type, output_type, threads) -> dict:
+    """How llama.cpp running ``path`` compares with bitplan's fake-quantized model of ``plan``:
+    pointwise, and against the unquantized torch model with and without llama.cpp's activation
+    rounding emulated."""
+    base = BaseLogits.compute(model.module, heldout)
+    runner = LlamaCppModel(path, n_ctx=heldout.shape[1], n_threads=threads)
+    result = {"llama.cpp": base.compare(runner, batch_size=1)}
+    for label, emulate in (("weights only", False), ("weights + activation rounding", True)):
+        fake = fake_quantize_gguf(model, plan, embedding_type, output_type, None, emulate)
+        result[label] = base.compare(fake)
+        if not emulate:
+            fake_logits = BaseLogits.compute(fake, heldout)
+            result["fake vs llama.cpp"] = fake_logits.compare(runner, batch_size=1)
+            del fake_logits
+        del fake
+        gc.collect()
+    runner.close()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/bitplan-gguf"))
-    parser.add_argument("--mixes", default=",".join(COMPARISONS))
-    parser.add_argument("--calib-samples", type=int, default=32)
-    parser.add_argument("--calib-len", type=int, default=512)
+    parser.add_argument("--mixes", default="Q4_K_M")
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--heldout-samples", type=int, default=8)
     parser.add_argument("--heldout-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
@@ -95,9 +116,6 @@ def main() -> None:
     heldout = heldout_samples(model.tokenizer, args.heldout_samples, args.heldout_len)
     n_ctx = args.heldout_len
     mixes = args.mixes.split(",")
-    options = sorted({o for mix in mixes for o in COMPARISONS[mix]})
-    scores = score(model, options, calib, scorer="fisher")
-    print(f"scores: {len(scores.layer_scores)} layers x {options} in {scores.seconds:.0f} s")
     importance = collect_importance(model, calib, include_head=False) if args.imatrix else None
 
     # The unquantized model as llama.cpp runs it: the base of every KL below.
@@ -107,15 +125,19 @@ def main() -> None:
 
     files: list[tuple[str, str, Path, object]] = []  # (mix, label, path, report)
     checks: dict[str, str] = {}
+    emulation: dict[str, dict] = {}
     for mix in mixes:
+        options = COMPARISONS[mix]
+        scores = score(model, options, calib, scorer="fisher")
+        print(f"scores: {len(scores.layer_scores)} layers x {options} in {scores.seconds:.0f} s")
         embedding_type, output_type = mix_tensor_types(mix)
         rule = llama_cpp_mix_plan(model, mix, model_id)
-        low, high = COMPARISONS[mix][0], COMPARISONS[mix][-1]
-        ours = solve_gguf_plans(model, COMPARISONS[mix], scores, [rule.avg_bits], model_id)[0]
+        low, high = options[0], options[-1]
+        ours = solve_gguf_plans(model, options, scores, [rule.avg_bits], model_id)[0]
         plans = [
             (f"uniform {low}", uniform_gguf_plan(model, low, model_id)),
             (f"llama.cpp {mix} (rule)", rule),
-            (f"bitplan {'+'.join(COMPARISONS[mix])}", ours),
+            (f"bitplan {','.join(options)}", ours),
             (f"uniform {high}", uniform_gguf_plan(model, high, model_id)),
         ]
         variants = [("", None)] + ([(" + imatrix", importance)] if importance else [])
@@ -123,36 +145,23 @@ def main() -> None:
             for label, plan in plans:
                 if imp is not None and label.startswith("uniform"):
                     continue
-                name = label.split()[0] + "-" + label.split()[1].replace("+", "_")
+                name = label.split()[0] + "-" + label.split()[1].replace(",", "_")
                 path = out / f"{mix}-{name}{'-imatrix' if imp else ''}.gguf"
                 report = export_gguf(
                     model, plan, path, embedding_type, output_type, importance=imp, force=True
                 )
                 files.append((mix, label + suffix, path, report))
                 print(report.summary())
+                if imp is None and label.startswith(("bitplan", f"uniform {high}")):
+                    emulation[f"{mix} {label}"] = export_check(
+                        model, plan, path, heldout, embedding_type, output_type, args.threads
+                    )
         theirs = out / f"{mix}-llama-quantize.gguf"
         llama_cpp_quantize(f32_path, theirs, mix)
-        rule_path = next(p for m, lab, p, _ in files if m == mix and lab[-6:] == "(rule)")
+        rule_path = next(p for m, lab, p, _ in files if m == mix and lab.endswith("(rule)"))
         equal, total = same_tensors(rule_path, theirs)
         checks[mix] = f"{equal}/{total} tensors byte-identical to llama_model_quantize {mix}"
         print(checks[mix])
-        # The export check: llama.cpp running our file vs our own fake-quantized model.
-        if mix == mixes[0]:
-            fake = fake_quantize_gguf(model, ours, embedding_type, output_type)
-            fake_base = BaseLogits.compute(fake, heldout)
-            del fake
-            gc.collect()
-            path = next(p for m, lab, p, _ in files if m == mix and lab.startswith("bitplan"))
-            runner = LlamaCppModel(path, n_ctx=n_ctx, n_threads=args.threads)
-            export_check = fake_base.compare(runner, batch_size=1)
-            runner.close()
-            del fake_base
-            gc.collect()
-            checks["fake vs llama.cpp"] = (
-                f"KL(bitplan fake-quant || llama.cpp), same plan: {export_check.kl:.2e} "
-                f"(top-1 agreement {export_check.top1_agreement:.4f})"
-            )
-            print(checks["fake vs llama.cpp"])
 
     runner = LlamaCppModel(f32_path, n_ctx=n_ctx, n_threads=args.threads)
     base = BaseLogits.compute(runner, heldout, batch_size=1)
@@ -162,7 +171,6 @@ def main() -> None:
         f"KL(llama.cpp F32 || bitplan's torch model): {torch_check.kl:.2e}; ppl llama.cpp F32 "
         f"{base.base_ppl:.4f}, torch {torch_check.ppl:.4f}"
     )
-    print(checks["torch vs llama.cpp F32"])
     rows = []
     for mix, label, path, report in files:
         runner = LlamaCppModel(path, n_ctx=n_ctx, n_threads=args.threads)
@@ -192,9 +200,27 @@ def main() -> None:
             f"| {r['mix']} | {r['recipe']} | {r['file_bytes'] / 2**20:.2f} | {r['bpw_file']:.4f} "
             f"| {r['bpw_layers']:.4f} | {r['kl']:.5f} | {r['top1']:.4f} | {r['ppl']:.3f} |"
         )
+    print()
+    print(
+        "| plan | weights only (torch) | + activation rounding (torch) | llama.cpp | fake vs llama.cpp |"
+    )
+    print("|---|---|---|---|---|")
+    for label, result in emulation.items():
+        cells = [
+            f"KL {result[key].kl:.5f}, ppl {result[key].ppl:.3f}"
+            for key in ("weights only", "weights + activation rounding", "llama.cpp")
+        ]
+        pointwise = result["fake vs llama.cpp"]
+        cells.append(f"KL {pointwise.kl:.2e}, top-1 {pointwise.top1_agreement:.4f}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
     for key, line in checks.items():
         print(f"- {key}: {line}")
-    (out / "results.json").write_text(json.dumps({"rows": rows, "checks": checks}, indent=1))
+    summary = {
+        "rows": rows,
+        "checks": checks,
+        "emulation": {k: {n: d.to_dict() for n, d in v.items()} for k, v in emulation.items()},
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
     print(f"done in {time.perf_counter() - started:.0f} s")
 
 

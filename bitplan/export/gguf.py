@@ -76,7 +76,7 @@ class GGUFTensor:
     type_name: str  # llama.cpp type stored, after fallback: "Q4_K", "Q5_0", "F32" ...
     fmt: Format  # the format it is quantized with (a GGUFFormat)
     heads: int | None  # q / k projections: heads to permute rows for; None otherwise
-    layer: str | None  # Linear module name when it is a planned layer
+    layer: str | None  # the planned Linear layer it stores, if any
 
     @property
     def params(self) -> int:
@@ -194,21 +194,20 @@ def gguf_layout(
             raise BitplanError(f"no llama.cpp tensor name for {source}; cannot write it to GGUF")
         layer = source.rpartition(".")[0]
         shape = tuple(param.shape)
-        heads = None
+        # q / k rows (and biases) go in llama.cpp's rotary order.
+        heads = {"q_proj": q_heads, "k_proj": k_heads}.get(layer.rpartition(".")[2])
         if param.dim() == 1:
-            fmt = GGUFFormat("F32")
+            fmt, layer = GGUFFormat("F32"), None
         elif param is embed.weight:
-            fmt, layer = emb_fmt, None
+            # A tied embedding is also the output: it takes a planned head's format.
+            fmt, layer = emb_fmt, (head_name if tied and head_name in planned else None)
         elif layer == head_name and layer not in planned:
             fmt, layer = out_fmt, None
         elif layer in planned:
             fmt = planned[layer]
-            suffix = layer.rpartition(".")[2]
-            heads = {"q_proj": q_heads, "k_proj": k_heads}.get(suffix)
         else:
             raise BitplanError(f"the plan does not cover {layer}; plan every decoder layer")
         type_name = fmt.tensor_type(shape) if len(shape) == 2 else fmt.type_name
-        layer = layer if layer in planned else None
         tensors.append(GGUFTensor(name, source, shape, type_name, fmt, heads, layer))
     return tensors
 
@@ -288,19 +287,26 @@ def _check_tokenizer(metadata: list, model: LoadedModel, path: Path) -> None:
 # Quantizing and writing.
 
 
+def _importance_for(tensor: GGUFTensor, importance: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The imatrix a tensor is quantized with: its planned layer's, or (an unplanned head) its
+    own module's; none for norms and an untied embedding."""
+    if len(tensor.shape) != 2:
+        return None
+    return importance.get(tensor.layer or tensor.source.rpartition(".")[0])
+
+
 def _tensor_bytes(
     tensor: GGUFTensor, param: torch.Tensor, importance: Mapping[str, np.ndarray]
 ) -> np.ndarray:
     """The bytes stored for one tensor."""
     weight = param.detach().to("cpu", torch.float32)
-    if weight.dim() == 1:
-        weight = weight.reshape(1, -1)
-    elif tensor.heads is not None:
+    if tensor.heads is not None:
         weight = _permute_rows(weight, tensor.heads)
-    imp = importance.get(tensor.layer) if tensor.layer is not None else None
-    if imp is None and tensor.source.rpartition(".")[0] in importance and weight.dim() == 2:
-        imp = importance[tensor.source.rpartition(".")[0]]  # an unplanned head with an imatrix
-    data = quantize_rows(weight.numpy(), tensor.type_name, imp)
+    data = quantize_rows(
+        weight.reshape(-1, weight.shape[-1]).numpy(),
+        tensor.type_name,
+        _importance_for(tensor, importance),
+    )
     return data.reshape(-1) if param.dim() == 1 else data
 
 
@@ -398,7 +404,7 @@ def _report(path: Path, file_bytes: int, layout: list[GGUFTensor]) -> GGUFExport
     counts: dict[str, int] = {}
     for t in layout:
         counts[t.type_name] = counts.get(t.type_name, 0) + 1
-    planned = [t for t in layout if t.layer is not None]
+    planned = [t for t in layout if t.layer is not None]  # a tied planned head counts once
     embedding = next(t for t in layout if t.name == "token_embd.weight")
     output = next((t for t in layout if t.name == "output.weight"), embedding)
     return GGUFExport(
@@ -451,8 +457,7 @@ def fake_quantize_gguf(
         if len(t.shape) != 2:
             continue  # F32 norms are stored exactly
         param = params[t.source]
-        layer = t.source.rpartition(".")[0]
-        param.data = t.fmt.quantize_weight(param.data, importance.get(layer))
+        param.data = t.fmt.quantize_weight(param.data, _importance_for(t, importance))
         stored_type[id(param)] = t.type_name
     if llama_cpp_activations:
         for linear in module.modules():
