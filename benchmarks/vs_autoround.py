@@ -75,6 +75,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def cpu_s() -> float:
+    """CPU time (user + system, all threads) of this process and its finished children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def budget_label(bits: float) -> str:
     return f"{bits:g}".replace(".", "p")
 
@@ -106,7 +113,7 @@ def child_bitplan(options: str, budgets: list[float], n_samples: int, seq_len: i
     loaded = time.perf_counter()
     rss_loaded = peak_rss_mb()
 
-    t0 = time.perf_counter()
+    c0, t0 = cpu_s(), time.perf_counter()
     formats = parse_format_list(options)
     tokens = calibration_samples(model.tokenizer, n_samples=n_samples, seq_len=seq_len)
     t_tokens = time.perf_counter()
@@ -116,7 +123,7 @@ def child_bitplan(options: str, budgets: list[float], n_samples: int, seq_len: i
     plans = solve_plans(
         model.layers, formats, scores, budgets, model_id, include_head=False, include_scales=False
     )
-    t_solve = time.perf_counter()
+    t_solve, c1 = time.perf_counter(), cpu_s()
     return {
         "tool": "bitplan",
         "options": options,
@@ -124,6 +131,7 @@ def child_bitplan(options: str, budgets: list[float], n_samples: int, seq_len: i
         "import_s": imported - start,
         "load_s": loaded - imported,
         "search_s": t_solve - t0,
+        "search_cpu_s": c1 - c0,
         "tokens_s": t_tokens - t0,
         "score_s": t_score - t_tokens,
         "solve_s": t_solve - t_score,
@@ -219,10 +227,10 @@ def child_autoround(
                 nsamples=n_samples,
                 seqlen=seq_len,
             )
-            t1 = time.perf_counter()
+            c1, t1 = cpu_s(), time.perf_counter()
             rss_loaded = peak_rss_mb()
             ar.post_init()  # resolves the scheme: runs AutoScheme, fills ar.layer_config
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), cpu_s()
             choices, unmatched, unquantized = {}, {}, []
             for name, config in ar.layer_config.items():
                 option = _match_option(config, option_schemes)
@@ -236,6 +244,7 @@ def child_autoround(
             result["per_budget"][f"{bits:g}"] = {
                 "ctor_s": t1 - t0,
                 "search_s": t2 - t1,
+                "search_cpu_s": c2 - c1,
                 "cache_files_before": cached_files,
                 "rss_after_ctor_mb": rss_loaded,
                 "peak_rss_mb": peak_rss_mb(),
@@ -250,6 +259,7 @@ def child_autoround(
         shutil.rmtree(cache_root, ignore_errors=True)
     per = result["per_budget"].values()
     result["search_s"] = sum(p["search_s"] for p in per)
+    result["search_cpu_s"] = sum(p["search_cpu_s"] for p in per)
     result["load_s"] = sum(p["ctor_s"] for p in per)
     result["peak_rss_mb"] = peak_rss_mb()
     return result
@@ -729,9 +739,9 @@ def phase_report(args: argparse.Namespace) -> str:
     lines.append("")
     lines.append(
         "| options | tool | runs | search s, all budgets: best (rounds) | breakdown (best round) "
-        "| model load s | peak RSS MB: best (rounds) | load avg before |"
+        "| CPU s: best (rounds) | model load s | peak RSS MB: best (rounds) | load avg before |"
     )
-    lines.append("|---|---|---:|---:|---|---:|---:|---|")
+    lines.append("|---|---|---:|---:|---|---:|---:|---:|---|")
     ratios = []
     for set_name in args.sets:
         options, budgets = OPTION_SETS[set_name]
@@ -760,13 +770,19 @@ def phase_report(args: argparse.Namespace) -> str:
                     f"{b:g} bits: {fast['per_budget'][f'{b:g}']['search_s']:.1f}" for b in budgets
                 )
                 first = min(r["per_budget"][f"{budgets[0]:g}"]["search_s"] for r in rs)
-            best[tool] = (fast["search_s"], rss, first)
+            cpus = [r["search_cpu_s"] for r in rs if "search_cpu_s" in r]
+            cpu = min(cpus) if cpus else float("nan")
+            best[tool] = (fast["search_s"], rss, first, cpu)
             all_s = ", ".join(f"{r['search_s']:.0f}" for r in rs)
+            all_c = ", ".join(
+                f"{r['search_cpu_s']:.0f}" if "search_cpu_s" in r else "-" for r in rs
+            )
             all_m = ", ".join(f"{r['peak_rss_mb']:.0f}" for r in rs)
             loads = ", ".join(f"{r.get('load_average_before', float('nan')):.1f}" for r in rs)
             lines.append(
                 f"| {options.replace(',', '+')} | {tool} | {rs[0]['runs']} "
-                f"| {fast['search_s']:.0f} ({all_s}) | {per} | {fast['load_s']:.1f} "
+                f"| {fast['search_s']:.0f} ({all_s}) | {per} | {cpu:.0f} ({all_c}) "
+                f"| {fast['load_s']:.1f} "
                 f"| {rss:.0f} ({all_m}) | {loads} |"
             )
         if len(best) == 2:
@@ -776,16 +792,20 @@ def phase_report(args: argparse.Namespace) -> str:
                     best["bitplan"][0] / best["auto-round"][0],
                     best["bitplan"][0] / best["auto-round"][2],
                     best["bitplan"][1] / best["auto-round"][1],
+                    best["bitplan"][3] / best["auto-round"][3],
                 )
             )
     lines.append("")
     lines.append(
         "| options | time: bitplan / auto-round (all budgets) | time: bitplan (all budgets) / "
-        "one cold auto-round budget | peak RSS: bitplan / auto-round |"
+        "one cold auto-round budget | CPU time: bitplan / auto-round | peak RSS: bitplan / "
+        "auto-round |"
     )
-    lines.append("|---|---:|---:|---:|")
-    for options, t_all, t_first, m in ratios:
-        lines.append(f"| {options.replace(',', '+')} | {t_all:.2f} | {t_first:.2f} | {m:.2f} |")
+    lines.append("|---|---:|---:|---:|---:|")
+    for options, t_all, t_first, m, c in ratios:
+        lines.append(
+            f"| {options.replace(',', '+')} | {t_all:.2f} | {t_first:.2f} | {c:.2f} | {m:.2f} |"
+        )
     lines.append("")
     lines.append("### Check: auto-round's plan read back into bitplan")
     lines.append("")

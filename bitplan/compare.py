@@ -10,8 +10,6 @@ where it stopped when started again with the same configuration.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from bitplan.errors import BitplanError
 from bitplan.evaluate.divergence import BaseLogits
 from bitplan.evaluate.harness import evaluate_tasks
 from bitplan.formats import parse_format_list
+from bitplan.jsonio import write_json_atomic
 from bitplan.model.loading import LoadedModel, cache_dir
 from bitplan.plan import Plan
 from bitplan.planning import RECIPES, baseline_plan, solve_plans
@@ -176,18 +175,6 @@ def _base_logits(model: LoadedModel, config: CompareConfig) -> BaseLogits:
     return base
 
 
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run_compare(
     model: LoadedModel, config: CompareConfig, out: Path, progress: bool = True
 ) -> dict:
@@ -254,13 +241,13 @@ def run_compare(
             "tasks": tasks,
             "seconds": time.perf_counter() - t0,
         }
-        _write_json(results_path, results)
+        write_json_atomic(results_path, results)
         bar.update()
     bar.close()
     results["seconds"]["total"] = time.perf_counter() - start
     # Keep the variants in the order of this run (resumed ones first otherwise).
     results["variants"] = {v.key: results["variants"][v.key] for v in variants}
-    _write_json(results_path, results)
+    write_json_atomic(results_path, results)
     for variant in variants:
         if variant.plan is not None and variant.recipe == "bitplan":
             variant.plan.save(

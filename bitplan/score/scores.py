@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
+from bitplan.jsonio import write_json_atomic
 from bitplan.model.layers import LayerTable, expert_index
 
 SCORES_VERSION = 1
@@ -80,16 +79,7 @@ class Scores:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as JSON, atomically (a temporary file renamed into place)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Scores:
