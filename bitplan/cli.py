@@ -94,6 +94,22 @@ def cmd_search(args: argparse.Namespace) -> None:
     if len(formats) < 2 and args.recipe is None:
         raise BitplanError("give at least two --options to choose between, e.g. mxfp4,mxfp8")
     out = Path(args.out)
+    if args.quantize is not None:
+        if args.format is None:
+            raise BitplanError("--quantize needs --format fake|packed|compressed-tensors|gguf")
+        if len(args.avg_bits or []) > 1:
+            raise BitplanError(
+                "--quantize writes one model: give a single --avg-bits budget "
+                "(or run bitplan quantize on each plan file)"
+            )
+        if args.stream:
+            raise BitplanError(
+                "--quantize cannot export a streamed model yet; drop --stream, or run "
+                "bitplan quantize MODEL --plan PLAN on the written plan"
+            )
+        _refuse_existing(args.quantize, args.force)
+    elif args.format is not None:
+        raise BitplanError("--format goes with --quantize DIR")
     loader = None
     if args.stream:
         from bitplan.model.streaming import load_streaming
@@ -190,6 +206,34 @@ def cmd_search(args: argparse.Namespace) -> None:
         )
     plot_bits_per_layer(plans, table, out / "bits_per_layer.png")
     print(f"wrote {len(plans)} plan(s), bits_per_layer.png to {out}/")
+    if args.quantize is not None:
+        print(_export(model, plans[0], args.quantize, args.format, args.force).summary())
+
+
+def _refuse_existing(out: str, force: bool) -> None:
+    """Fail before any long work when the export would hit an existing path."""
+    from pathlib import Path
+
+    if Path(out).exists() and not force:
+        raise BitplanError(f"{out} already exists; pass --force to replace it")
+
+
+def _export(model, plan, out: str, fmt: str, force: bool, embedding_type=None, output_type=None):
+    """Write ``model`` quantized by ``plan`` to ``out`` in export format ``fmt``."""
+    if fmt == "gguf":
+        from bitplan.export.gguf import export_gguf
+
+        return export_gguf(
+            model,
+            plan,
+            out,
+            embedding_type=embedding_type,
+            output_type=output_type,
+            force=force,
+        )
+    from bitplan.export import export_model
+
+    return export_model(model, plan, out, fmt, force=force)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -198,21 +242,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     plan = Plan.load(args.plan)
     model = load_model(args.model)
-    if args.format == "gguf":
-        from bitplan.export.gguf import export_gguf
-
-        result = export_gguf(
-            model,
-            plan,
-            args.out,
-            embedding_type=args.embedding_type,
-            output_type=args.output_type,
-            force=args.force,
-        )
-    else:
-        from bitplan.export import export_model
-
-        result = export_model(model, plan, args.out, args.format, force=args.force)
+    result = _export(
+        model, plan, args.out, args.format, args.force, args.embedding_type, args.output_type
+    )
     print(result.summary())
 
 
@@ -354,6 +386,17 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--device", default="cpu", help="where blocks are computed: cpu (default), cuda, cuda:N"
     )
+    search.add_argument(
+        "--quantize",
+        metavar="DIR",
+        help="also write the model quantized by the plan (one budget only) to DIR",
+    )
+    search.add_argument(
+        "--format",
+        choices=["fake", "packed", "compressed-tensors", "gguf"],
+        help="export format for --quantize",
+    )
+    search.add_argument("--force", action="store_true", help="with --quantize: replace DIR")
     search.set_defaults(func=cmd_search)
 
     quantize = sub.add_parser(

@@ -29,3 +29,24 @@ def test_quantize_packed_then_load_matches_fake(tmp_path, tiny_model, tiny_token
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         assert torch.allclose(reloaded.module(ids).logits, fake(ids).logits, atol=1e-5)
+
+
+def test_search_quantize_chains_search_and_export(tmp_path, tiny_model, tiny_tokenizer, capsys):
+    folder = tmp_path / "tiny"
+    tiny_model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    search = ["search", str(folder), "--options", "w2g32,w4g32", "--n-samples", "4",
+              "--seq-len", "32", "--no-cache", "--out", str(tmp_path / "plans")]  # fmt: skip
+    out = tmp_path / "chained"
+    # Two budgets cannot make one model: refused before any scoring, nothing written.
+    assert main([*search, "--avg-bits", "3", "4", "--quantize", str(out), "--format", "fake"]) == 2
+    assert "single --avg-bits" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "plans").exists()
+    assert main([*search, "--avg-bits", "3", "--quantize", str(out)]) == 2  # no --format
+    assert main([*search, "--avg-bits", "3", "--quantize", str(out), "--format", "packed"]) == 0
+    reloaded = load_model(out)
+    plan = Plan.load(tmp_path / "plans" / "plan_bitplan_3.json")
+    fake = apply_plan(load_model(folder).module, plan)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded.module(ids).logits, fake(ids).logits, atol=1e-5)
