@@ -102,11 +102,8 @@ def cmd_search(args: argparse.Namespace) -> None:
                 "--quantize writes one model: give a single --avg-bits budget "
                 "(or run bitplan quantize on each plan file)"
             )
-        if args.stream:
-            raise BitplanError(
-                "--quantize cannot export a streamed model yet; drop --stream, or run "
-                "bitplan quantize MODEL --plan PLAN on the written plan"
-            )
+        if args.stream and args.format == "gguf":
+            raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
         _refuse_existing(args.quantize, args.force)
     elif args.format is not None:
         raise BitplanError("--format goes with --quantize DIR")
@@ -241,7 +238,14 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from bitplan.plan import Plan
 
     plan = Plan.load(args.plan)
-    model = load_model(args.model)
+    if args.stream:
+        if args.format == "gguf":
+            raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
+        from bitplan.model.streaming import load_streaming
+
+        model, _ = load_streaming(args.model)
+    else:
+        model = load_model(args.model)
     result = _export(
         model, plan, args.out, args.format, args.force, args.embedding_type, args.output_type
     )
@@ -416,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("--out", required=True, help="output folder (or .gguf file)")
     quantize.add_argument("--force", action="store_true", help="replace an existing --out")
+    quantize.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the weights one tensor at a time from the model's safetensors and write "
+        "shards of at most 2 GiB, instead of loading the whole model (for models larger than "
+        "memory; not for gguf)",
+    )
     quantize.add_argument("--embedding-type", help="gguf only: type of the token embedding")
     quantize.add_argument("--output-type", help="gguf only: type of the output tensor")
     quantize.set_defaults(func=cmd_quantize)

@@ -66,3 +66,46 @@ def test_search_with_stream_gives_the_same_plan(tiny_folder, tmp_path, monkeypat
     b = Plan.load(tmp_path / "b" / "plan_bitplan_5.json")
     assert a.model == b.model  # the same weight fingerprint, streamed or not
     assert a.layer_formats == b.layer_formats
+
+
+@pytest.mark.parametrize("export_format", ["packed", "fake", "compressed-tensors"])
+def test_streamed_export_in_shards_equals_in_memory_export(tiny_folder, tmp_path, export_format):
+    from bitplan.export import export_model
+    from bitplan.export.shards import INDEX_FILE, weight_files
+
+    in_memory = load_model(tiny_folder)
+    layers = in_memory.layers.decoder_layers()
+    # w4g32 on every layer but the MLPs, which get mxfp4 (both exportable in all three formats)
+    formats = {layer.name: "mxfp4" if "mlp" in layer.name else "w4g32" for layer in layers}
+    plan = Plan(
+        model=in_memory.identity,
+        options=["w4g32", "mxfp4"],
+        recipe="test",
+        budget_avg_bits=None,
+        avg_bits=4.0,
+        avg_bits_with_scales=4.0,
+        avg_bits_without_scales=4.0,
+        include_scales=True,
+        include_head=False,
+        layer_formats=formats,
+    )
+    whole = export_model(in_memory, plan, tmp_path / "whole", export_format)
+    streamed, _ = load_streaming(tiny_folder)
+    shard_bytes = 20_000  # far below the model's size: many shards
+    sharded = export_model(streamed, plan, tmp_path / "sharded", export_format, False, shard_bytes)
+    files = weight_files(tmp_path / "sharded")
+    assert len(files) > 3 and (tmp_path / "sharded" / INDEX_FILE).is_file()
+    assert not list((tmp_path / "sharded").glob("*.part"))
+    assert sharded.quantized_bytes == whole.quantized_bytes
+    assert sharded.dense_bytes == whole.dense_bytes
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    if export_format == "compressed-tensors":
+        from bitplan.export.compressed import decompress_export
+
+        a, b = decompress_export(tmp_path / "whole"), decompress_export(tmp_path / "sharded")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        return
+    with torch.no_grad():
+        expected = load_model(tmp_path / "whole").module(ids).logits
+        got = load_model(tmp_path / "sharded").module(ids).logits
+    assert torch.equal(got, expected)

@@ -23,6 +23,7 @@ from pathlib import Path
 from bitplan.errors import BitplanError
 from bitplan.export.atomic import atomic_output_dir, check_output_dir
 from bitplan.export.common import ExportReport, build_report, planned_formats
+from bitplan.export.shards import DEFAULT_SHARD_BYTES
 from bitplan.model.loading import LoadedModel
 from bitplan.plan import Plan
 
@@ -64,16 +65,19 @@ def export_model(
     out_dir: str | os.PathLike,
     format: str,
     force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> ExportReport:
     """Quantize ``model`` with ``plan`` and write it to ``out_dir`` in ``format``.
 
     An existing ``out_dir`` is refused unless ``force`` (then replaced only once the new export
-    is complete). ``model`` itself is not modified.
+    is complete). ``model`` itself is not modified. A streamed model (``load_streaming``) is
+    read from disk one tensor at a time and written in shards of at most ``max_shard_bytes``,
+    so memory stays about one shard whatever the model's size.
     """
     writer = _writer(format)
     formats = planned_formats(model, plan)  # fail on a wrong plan before creating anything
     with atomic_output_dir(out_dir, force) as tmp:
-        kind_of, notes = writer(model, plan, tmp)
+        kind_of, notes = writer(model, plan, tmp, max_shard_bytes)
         notes += _identity_notes(model, plan)
         report = build_report(tmp, Path(out_dir), format, formats, model, kind_of, notes)
     return report

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,14 +14,13 @@ import torch
 from torch import nn
 
 from bitplan.errors import BitplanError
+from bitplan.export.shards import weight_files
 from bitplan.formats import Format, parse_format
 from bitplan.model.loading import LoadedModel
 from bitplan.plan import Plan
 
 #: Name of the plan file inside every export.
 PLAN_FILE = "bitplan_plan.json"
-#: The single weight file each writer produces.
-WEIGHTS_FILE = "model.safetensors"
 #: Version of bitplan's own config entries (packed layout and fake-export record).
 FORMAT_VERSION = 1
 
@@ -104,9 +104,10 @@ def read_tensor(model: LoadedModel, key: str, tensor: torch.Tensor) -> torch.Ten
     return tensor.detach()
 
 
-def dense_tensors(model: LoadedModel, skip: set[str]) -> dict[str, torch.Tensor]:
+def dense_tensors(model: LoadedModel, skip: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """The state dict minus the ``skip`` keys, in storage dtypes, with one copy of each shared
-    (tied) parameter: loaders re-tie what the config says is tied."""
+    (tied) parameter (loaders re-tie what the config says is tied); one tensor at a time, so
+    that a streamed model's tensors are read from disk only as they are written."""
     module = model.module
     aliases: dict[int, list[str]] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
@@ -115,11 +116,9 @@ def dense_tensors(model: LoadedModel, skip: set[str]) -> dict[str, torch.Tensor]
     for names in aliases.values():
         kept = [name for name in names if name not in skip][:1]
         dropped.update(name for name in names if name not in kept)
-    out = {}
     for key, tensor in module.state_dict().items():
         if key not in skip and key not in dropped:
-            out[key] = storage_tensor(read_tensor(model, key, tensor))
-    return out
+            yield key, storage_tensor(read_tensor(model, key, tensor))
 
 
 def layer_weight(model: LoadedModel, name: str) -> torch.Tensor:
@@ -128,11 +127,10 @@ def layer_weight(model: LoadedModel, name: str) -> torch.Tensor:
     return read_tensor(model, f"{name}.weight", module.weight)
 
 
-def model_dtype_name(tensors: dict[str, torch.Tensor]) -> str:
-    """The config dtype for a folder whose float tensors are ``tensors``: float32 if any is
-    float32 (so that a plain ``from_pretrained`` keeps them exact), else bfloat16."""
-    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    return "float32" if torch.float32 in dtypes else "bfloat16"
+def model_dtype_name(dtypes: Iterable[torch.dtype]) -> str:
+    """The config dtype for a folder whose unquantized tensors have ``dtypes``: float32 if any
+    is float32 (so that a plain ``from_pretrained`` keeps them exact), else bfloat16."""
+    return "float32" if torch.float32 in set(dtypes) else "bfloat16"
 
 
 def write_config(folder: Path, model: LoadedModel, dtype: str, untie: bool, extra: dict) -> None:
@@ -196,9 +194,14 @@ def build_report(
     kind_of: dict[str, str],
     notes: list[str],
 ) -> ExportReport:
-    """Size report of the weight file in ``folder``; ``kind_of`` maps each quantized tensor's
+    """Size report of the weight file(s) in ``folder``; ``kind_of`` maps each quantized tensor's
     name to its kind (codes, scales, zero points, ...); the other tensors count as dense."""
-    sizes, header = safetensors_layout(folder / WEIGHTS_FILE)
+    files = weight_files(folder)
+    sizes, header = {}, 0
+    for path in files:
+        file_sizes, file_header = safetensors_layout(path)
+        sizes.update(file_sizes)
+        header += file_header
     by_kind: dict[str, int] = {}
     quantized = dense = 0
     for name, nbytes in sizes.items():
@@ -213,7 +216,7 @@ def build_report(
         path=final_path,
         format=export_format,
         layers=len(formats),
-        weight_file_bytes=(folder / WEIGHTS_FILE).stat().st_size,
+        weight_file_bytes=sum(path.stat().st_size for path in files),
         plan_bits=bits,
         plan_bits_without_scales=bits_without,
         quantized_bytes=quantized,

@@ -33,13 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from bitplan.errors import BitplanError
 from bitplan.export.codes import E8M0_BIAS, as_int_format, decode_weight, encode_weight
 from bitplan.export.common import (
-    WEIGHTS_FILE,
     dense_tensors,
     head_name,
     layer_weight,
@@ -48,6 +45,7 @@ from bitplan.export.common import (
     write_config,
     write_side_files,
 )
+from bitplan.export.shards import DEFAULT_SHARD_BYTES, ShardWriter, read_tensors
 from bitplan.formats import BF16Format, Format, FP8Format, MXFormat, NVFP4Format
 from bitplan.formats.minifloat import power_of_two
 from bitplan.formats.mx import MX_BLOCK_SIZE
@@ -225,7 +223,7 @@ def _decompress(local: dict[str, torch.Tensor], scheme, exact_scales: bool) -> t
 
 
 def write_compressed(
-    model: LoadedModel, plan: Plan, folder: Path
+    model: LoadedModel, plan: Plan, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
 ) -> tuple[dict[str, str], list[str]]:
     """Write the compressed-tensors export into ``folder``; returns tensor kinds and notes."""
     import compressed_tensors
@@ -244,10 +242,12 @@ def write_compressed(
         targets.setdefault(layer, []).append(name)
     schemes = {layer: _quantization_scheme(layer, names) for layer, names in targets.items()}
 
-    tensors = dense_tensors(model, skip={f"{name}.weight" for name in formats})
+    shards = ShardWriter(folder, {"format": "pt"}, max_shard_bytes)
+    for key, tensor in dense_tensors(model, skip={f"{name}.weight" for name in formats}):
+        shards.add(key, tensor)
     for name, fmt in formats.items():
         if name not in quantized:  # bf16 layers stay dense, with the fake model's bf16 weight
-            tensors[f"{name}.weight"] = encode_weight(layer_weight(model, name), fmt)["weight"]
+            shards.add(f"{name}.weight", encode_weight(layer_weight(model, name), fmt)["weight"])
     kind_of: dict[str, str] = {}
     for name, layer in layer_schemes.items():
         scheme = schemes[layer]
@@ -260,9 +260,9 @@ def write_compressed(
             )
         for key, tensor in compressed.items():
             full = f"{name}.{key}"
-            tensors[full] = tensor.contiguous()
+            shards.add(full, tensor)
             kind_of[full] = _tensor_kind(key)
-    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    shards.finish()
 
     compressions = {layer.compression for layer in targets}
     linear_names = [layer.name for layer in model.layers]
@@ -275,7 +275,7 @@ def write_compressed(
     write_config(
         folder,
         model,
-        dtype=model_dtype_name({k: v for k, v in tensors.items() if k not in kind_of}),
+        dtype=model_dtype_name(d for k, d in shards.dtypes.items() if k not in kind_of),
         untie=head_name(model) in formats,
         extra={},
     )
@@ -339,16 +339,15 @@ def decompress_export(
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
     quantization = QuantizationConfig.model_validate(config["quantization_config"])
+    stored = read_tensors(path)
     weights = {}
-    with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
-        keys = list(f.keys())
-        for scheme in quantization.config_groups.values():
-            for target in scheme.targets:
-                prefix = f"{target}."
-                local = {
-                    key[len(prefix) :]: f.get_tensor(key)
-                    for key in keys
-                    if key.startswith(prefix) and key[len(prefix) :].startswith("weight")
-                }
-                weights[target] = _decompress(local, scheme, exact_scales)
+    for scheme in quantization.config_groups.values():
+        for target in scheme.targets:
+            prefix = f"{target}."
+            local = {
+                key[len(prefix) :]: tensor
+                for key, tensor in stored.items()
+                if key.startswith(prefix) and key[len(prefix) :].startswith("weight")
+            }
+            weights[target] = _decompress(local, scheme, exact_scales)
     return weights

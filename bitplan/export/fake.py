@@ -15,11 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from bitplan.export.common import (
     FORMAT_VERSION,
-    WEIGHTS_FILE,
     dense_tensors,
     head_name,
     layer_weight,
@@ -29,6 +26,7 @@ from bitplan.export.common import (
     write_config,
     write_side_files,
 )
+from bitplan.export.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from bitplan.model.loading import LoadedModel
 from bitplan.plan import Plan
 
@@ -36,15 +34,19 @@ from bitplan.plan import Plan
 CONFIG_KEY = "bitplan"
 
 
-def write_fake(model: LoadedModel, plan: Plan, folder: Path) -> tuple[dict[str, str], list[str]]:
+def write_fake(
+    model: LoadedModel, plan: Plan, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> tuple[dict[str, str], list[str]]:
     """Write the fake export into ``folder``; returns each planned weight's kind, and notes."""
     formats = planned_formats(model, plan)
     keys = {name: f"{name}.weight" for name in formats}
-    tensors = dense_tensors(model, skip=set(keys.values()))
+    shards = ShardWriter(folder, {"format": "pt"}, max_shard_bytes)
+    for key, tensor in dense_tensors(model, skip=set(keys.values())):
+        shards.add(key, tensor)
     for name, fmt in formats.items():
         # What FakeQuantLinear.from_linear holds: quantized in the model's dtype.
-        tensors[keys[name]] = storage_tensor(fmt.quantize_weight(layer_weight(model, name)))
-    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+        shards.add(keys[name], storage_tensor(fmt.quantize_weight(layer_weight(model, name))))
+    shards.finish()
     record = {
         "export_format": "fake",
         "format_version": FORMAT_VERSION,
@@ -56,7 +58,7 @@ def write_fake(model: LoadedModel, plan: Plan, folder: Path) -> tuple[dict[str, 
     write_config(
         folder,
         model,
-        dtype=model_dtype_name(tensors),
+        dtype=model_dtype_name(shards.dtypes.values()),
         untie=head_name(model) in formats,
         extra={CONFIG_KEY: record},
     )

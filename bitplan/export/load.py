@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from bitplan.errors import BitplanError
 from bitplan.export.codes import decode_weight, part_bits
-from bitplan.export.common import FORMAT_VERSION, PLAN_FILE, WEIGHTS_FILE
+from bitplan.export.common import FORMAT_VERSION, PLAN_FILE
 from bitplan.export.fake import CONFIG_KEY
 from bitplan.export.packed import QUANT_METHOD
+from bitplan.export.shards import read_tensors
 from bitplan.formats import Format, parse_format
 from bitplan.model.loading import LoadedModel
 from bitplan.quantize import FakeQuantLinear
@@ -88,20 +88,17 @@ def _load_packed(path: Path, dtype: torch.dtype) -> nn.Module:
         module = AutoModelForCausalLM.from_config(config, dtype=dtype)
     modules = dict(module.named_modules())
 
+    stored = read_tensors(path)
     state: dict[str, torch.Tensor] = {}
-    with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
-        keys = set(f.keys())
-        for name, fmt in formats.items():
-            linear = modules.get(name)
-            if not isinstance(linear, nn.Linear):
-                raise BitplanError(f"{path} names layer {name}, which its model does not have")
-            shape = (linear.out_features, linear.in_features)
-            parts = {part: f.get_tensor(f"{name}.{part}") for part in part_bits(fmt, shape)}
-            keys -= {f"{name}.{part}" for part in parts}
-            state[f"{name}.weight"] = decode_weight(parts, fmt, shape).to(dtype)
-        for key in keys:
-            tensor = f.get_tensor(key)
-            state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    for name, fmt in formats.items():
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            raise BitplanError(f"{path} names layer {name}, which its model does not have")
+        shape = (linear.out_features, linear.in_features)
+        parts = {part: stored.pop(f"{name}.{part}") for part in part_bits(fmt, shape)}
+        state[f"{name}.weight"] = decode_weight(parts, fmt, shape).to(dtype)
+    for key, tensor in stored.items():
+        state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     result = module.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise BitplanError(

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from bitplan.errors import BitplanError
 from bitplan.export.codes import PART_KINDS, encode_weight, part_bits
 from bitplan.export.common import (
     FORMAT_VERSION,
-    WEIGHTS_FILE,
     dense_tensors,
     head_name,
     layer_weight,
@@ -26,13 +23,16 @@ from bitplan.export.common import (
     write_config,
     write_side_files,
 )
+from bitplan.export.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from bitplan.model.loading import LoadedModel
 from bitplan.plan import Plan
 
 QUANT_METHOD = "bitplan"
 
 
-def write_packed(model: LoadedModel, plan: Plan, folder: Path) -> tuple[dict[str, str], list[str]]:
+def write_packed(
+    model: LoadedModel, plan: Plan, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> tuple[dict[str, str], list[str]]:
     """Write the packed export into ``folder``; returns each quantized tensor's kind, and notes."""
     formats = planned_formats(model, plan)
     for name, fmt in formats.items():  # refuse an unpackable format before the long part
@@ -40,14 +40,16 @@ def write_packed(model: LoadedModel, plan: Plan, folder: Path) -> tuple[dict[str
             part_bits(fmt, (1, 1))
         except BitplanError as err:
             raise BitplanError(f"cannot pack {name}: {err}") from None
-    tensors = dense_tensors(model, skip={f"{name}.weight" for name in formats})
+    shards = ShardWriter(folder, {"format": "pt", "bitplan": "packed"}, max_shard_bytes)
+    for key, tensor in dense_tensors(model, skip={f"{name}.weight" for name in formats}):
+        shards.add(key, tensor)
     kind_of: dict[str, str] = {}
     for name, fmt in formats.items():
         for part, tensor in encode_weight(layer_weight(model, name), fmt).items():
             key = f"{name}.{part}"
-            tensors[key] = tensor.contiguous()
+            shards.add(key, tensor)
             kind_of[key] = PART_KINDS[part]
-    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt", "bitplan": "packed"})
+    shards.finish()
 
     head = head_name(model)
     quantization_config = {
@@ -61,7 +63,7 @@ def write_packed(model: LoadedModel, plan: Plan, folder: Path) -> tuple[dict[str
     write_config(
         folder,
         model,
-        dtype=model_dtype_name({k: v for k, v in tensors.items() if k not in kind_of}),
+        dtype=model_dtype_name(d for k, d in shards.dtypes.items() if k not in kind_of),
         untie=head in formats,
         extra={"quantization_config": quantization_config},
     )

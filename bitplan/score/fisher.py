@@ -27,7 +27,7 @@ from bitplan.model.layers import LayerInfo, find_blocks
 from bitplan.model.streaming import BlockLoader
 from bitplan.score.replay import (
     final_norm,
-    next_token_loss,
+    loss_gradient,
     record_block_inputs,
     record_block_inputs_streaming,
     run_block,
@@ -141,10 +141,8 @@ def fisher_scores(
         if head_name in wanted:
             meter = _OutputErrorMeter({head_name: head}, options, form)
         for record in records:
-            hidden = record.final_hidden.to(device).requires_grad_(True)
-            loss = next_token_loss(model, hidden, record.input_ids.to(device))
-            (grad,) = torch.autograd.grad(loss, hidden)
-            grads.append(grad.cpu())
+            hidden = record.final_hidden.to(device)
+            grads.append(loss_gradient(model, hidden, record.input_ids.to(device)).cpu())
             record.final_hidden = None
             bar.update()
         for module in tail:

@@ -10,6 +10,7 @@ block boundaries.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from inspect import signature
 
 import torch
 from torch import nn
@@ -63,7 +64,12 @@ def record_block_inputs(model: nn.Module, input_ids: torch.Tensor) -> BlockInput
     handles = [block.register_forward_pre_hook(before_block, with_kwargs=True) for block in blocks]
     handles.append(blocks[-1].register_forward_hook(after_last))
     try:
-        model(input_ids=input_ids, use_cache=False)
+        # Only the blocks' inputs are wanted: skip the full-vocabulary logits where the model
+        # allows it (they are the largest tensor of the pass).
+        extra = (
+            {"logits_to_keep": 1} if "logits_to_keep" in signature(model.forward).parameters else {}
+        )
+        model(input_ids=input_ids, use_cache=False, **extra)
     finally:
         for handle in handles:
             handle.remove()
@@ -89,6 +95,22 @@ def next_token_loss(
         input_ids[:, 1:].reshape(-1),
         reduction="sum",
     )
+
+
+def loss_gradient(
+    model: nn.Module, final_hidden: torch.Tensor, input_ids: torch.Tensor
+) -> torch.Tensor:
+    """Gradient of the summed next-token loss with respect to the last block's output.
+
+    Computed one sequence at a time: the logits over the whole vocabulary (and their gradient)
+    are the largest tensors of the whole scoring pass, so this bounds peak memory by one
+    sequence's logits instead of a batch's; the result is the same, the loss being a sum."""
+    grads = []
+    for hidden, ids in zip(final_hidden.split(1), input_ids.split(1), strict=True):
+        hidden = hidden.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(next_token_loss(model, hidden, ids), hidden)
+        grads.append(grad)
+    return torch.cat(grads)
 
 
 def to_device(value, device: torch.device):
