@@ -41,13 +41,13 @@ def _score_one_option(
         w_error = (originals[name].float() - module.weight.float()).detach()
 
         def hook(_module, inputs, output):
-            x = inputs[0].detach().float()
-            xq = fmt.quantize_activation(x) if fmt.quantizes_activations else x
+            x = inputs[0].detach()  # its quantized form is recomputed later, not kept: memory
 
             def on_grad(grad: torch.Tensor) -> None:
                 with torch.no_grad():
                     g = grad.reshape(-1, grad.shape[-1]).float()
-                    x2, xq2 = x.reshape(-1, x.shape[-1]), xq.reshape(-1, xq.shape[-1])
+                    x2 = x.reshape(-1, x.shape[-1]).float()
+                    xq2 = fmt.quantize_activation(x2) if fmt.quantizes_activations else x2
                     grad_w = g.t() @ xq2  # ∂L/∂Ŵ
                     score = (grad_w * w_error).abs().sum()
                     if fmt.quantizes_activations:
