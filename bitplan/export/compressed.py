@@ -243,8 +243,7 @@ def write_compressed(
     schemes = {layer: _quantization_scheme(layer, names) for layer, names in targets.items()}
 
     shards = ShardWriter(folder, {"format": "pt"}, max_shard_bytes)
-    for key, tensor in dense_tensors(model, skip={f"{name}.weight" for name in formats}):
-        shards.add(key, tensor)
+    shards.add_all(dense_tensors(model, skip={f"{name}.weight" for name in formats}))
     for name, fmt in formats.items():
         if name not in quantized:  # bf16 layers stay dense, with the fake model's bf16 weight
             shards.add(f"{name}.weight", encode_weight(layer_weight(model, name), fmt)["weight"])

@@ -41,8 +41,7 @@ def write_fake(
     formats = planned_formats(model, plan)
     keys = {name: f"{name}.weight" for name in formats}
     shards = ShardWriter(folder, {"format": "pt"}, max_shard_bytes)
-    for key, tensor in dense_tensors(model, skip=set(keys.values())):
-        shards.add(key, tensor)
+    shards.add_all(dense_tensors(model, skip=set(keys.values())))
     for name, fmt in formats.items():
         # What FakeQuantLinear.from_linear holds: quantized in the model's dtype.
         shards.add(keys[name], storage_tensor(fmt.quantize_weight(layer_weight(model, name))))

@@ -41,8 +41,7 @@ def write_packed(
         except BitplanError as err:
             raise BitplanError(f"cannot pack {name}: {err}") from None
     shards = ShardWriter(folder, {"format": "pt", "bitplan": "packed"}, max_shard_bytes)
-    for key, tensor in dense_tensors(model, skip={f"{name}.weight" for name in formats}):
-        shards.add(key, tensor)
+    shards.add_all(dense_tensors(model, skip={f"{name}.weight" for name in formats}))
     kind_of: dict[str, str] = {}
     for name, fmt in formats.items():
         for part, tensor in encode_weight(layer_weight(model, name), fmt).items():

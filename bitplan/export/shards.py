@@ -11,6 +11,7 @@ transformers, vLLM and bitplan's own loaders read.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -48,6 +49,11 @@ class ShardWriter:
         self.pending[key] = tensor.contiguous()
         self.pending_bytes += nbytes
         self.dtypes[key] = tensor.dtype
+
+    def add_all(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Add (name, tensor) pairs in order, e.g. a model's unquantized tensors."""
+        for key, tensor in items:
+            self.add(key, tensor)
 
     def _save(self) -> None:
         save_file(self.pending, self._temporary_name(len(self.shards)), metadata=self.metadata)
