@@ -60,6 +60,8 @@ def score(
     data_id = tokens_id(tokens)
     names = ",".join(fmt.name for fmt in formats)
     key = f"v1|{scorer}|{model_id}|{data_id}|{names}|head={include_head}|bs={batch_size}"
+    if scorer == "fisher":
+        key += "|bfloat16"  # fisher computes in bfloat16 (float32 before: those scores differ)
     path = None
     if cache:
         folder = cache / "scores" if isinstance(cache, Path) else cache_dir() / "scores"
