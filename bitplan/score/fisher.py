@@ -7,7 +7,8 @@ output Y = X Wᵀ, quantizing it with option o changes the output by
 
 and the loss by about ½ Σ_tokens,outputs G² ΔY² (the diagonal of the empirical Fisher on the
 outputs). One forward and one backward pass of the *unquantized* model give X and G for every
-layer; each extra option only costs one more matmul per layer, so adding options is cheap.
+layer; each extra option only costs one or two matmuls per layer (weight error, activation
+error), so adding options is cheap. The passes run in bfloat16 by default (autocast).
 
 The backward pass goes block by block from recorded block inputs (``replay``): only one block's
 activations, plus the hidden states at block boundaries, are in memory at a time.
@@ -65,30 +66,30 @@ class _OutputErrorMeter:
         self.handles = [
             module.register_forward_hook(self._make_hook(name)) for name, module in modules.items()
         ]
-        self._last_input: tuple[torch.Tensor, _QuantizedInputs] | None = None
+        self._last_input: tuple[torch.Tensor, _SharedInput] | None = None
 
     def _make_hook(self, name: str) -> Callable:
-        def hook(module: nn.Linear, inputs, output):
-            x = self._quantized_inputs(inputs[0])
+        def hook(_module: nn.Linear, inputs, output):
+            x = self._shared_input(inputs[0])
 
             def on_grad(grad: torch.Tensor) -> None:
-                self._accumulate(name, module, x, grad.detach())
+                self._accumulate(name, x, grad.detach())
 
             if output.requires_grad:
                 output.register_hook(on_grad)
 
         return hook
 
-    def _quantized_inputs(self, x: torch.Tensor) -> _QuantizedInputs:
-        """Layers fed the very same tensor (q/k/v, gate/up) share its quantized copies."""
+    def _shared_input(self, x: torch.Tensor) -> _SharedInput:
+        """Layers fed the very same tensor (q/k/v, gate/up) share its quantization errors."""
         if self._last_input is None or self._last_input[0] is not x:
-            self._last_input = (x, _QuantizedInputs(x.detach(), self.options, self.dtype))
+            self._last_input = (x, _SharedInput(x.detach(), self.options, self.dtype))
         shared = self._last_input[1]
         shared.readers += 1
         return shared
 
     @torch.no_grad()
-    def _accumulate(self, name, module, x: _QuantizedInputs, grad) -> None:
+    def _accumulate(self, name: str, x: _SharedInput, grad: torch.Tensor) -> None:
         grad = grad.reshape(-1, grad.shape[-1]).float()
         self.calls[name] += 1
         grad_sq = grad.square() if self.form == "diag" else None
@@ -113,7 +114,7 @@ class _OutputErrorMeter:
         self._last_input = None
 
 
-class _QuantizedInputs:
+class _SharedInput:
     """A layer input as rows in the compute dtype, and its quantization error Q(X) − X for each
     option that quantizes activations: made on first use (in the backward pass) and dropped
     once every layer reading this input has used them."""
