@@ -104,7 +104,11 @@ def cmd_search(args: argparse.Namespace) -> None:
             )
         if args.stream and args.format == "gguf":
             raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
-        _refuse_existing(args.quantize, args.force)
+        # Fail now, not after scoring, when the export would hit an existing path.
+        from bitplan.export.atomic import check_output_dir, check_output_file
+
+        check = check_output_file if args.format == "gguf" else check_output_dir
+        check(args.quantize, args.force)
     elif args.format is not None:
         raise BitplanError("--format goes with --quantize DIR")
     loader = None
@@ -205,14 +209,6 @@ def cmd_search(args: argparse.Namespace) -> None:
     print(f"wrote {len(plans)} plan(s), bits_per_layer.png to {out}/")
     if args.quantize is not None:
         print(_export(model, plans[0], args.quantize, args.format, args.force).summary())
-
-
-def _refuse_existing(out: str, force: bool) -> None:
-    """Fail before any long work when the export would hit an existing path."""
-    from pathlib import Path
-
-    if Path(out).exists() and not force:
-        raise BitplanError(f"{out} already exists; pass --force to replace it")
 
 
 def _export(model, plan, out: str, fmt: str, force: bool, embedding_type=None, output_type=None):

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import bitplan.export.packed as packed_module
 from bitplan.errors import BitplanError
 from bitplan.export import export_model, load_exported
+from bitplan.export.atomic import check_output_dir, check_output_file
 from bitplan.export.codes import part_bits
 from bitplan.export.common import safetensors_layout
 from bitplan.formats import parse_format
@@ -274,3 +275,20 @@ def test_bad_requests_are_refused_before_writing(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(BitplanError, match="not a bitplan packed or fake export"):
         load_exported(tmp_path)
+
+
+def test_output_checks_refuse_the_wrong_kind_of_path_and_existing_ones(tmp_path):
+    folder, file = tmp_path / "model", tmp_path / "model.gguf"
+    folder.mkdir()
+    file.write_bytes(b"x")
+    with pytest.raises(BitplanError, match="is a folder"):
+        check_output_file(folder, force=True)
+    with pytest.raises(BitplanError, match="not a folder"):
+        check_output_dir(file, force=True)
+    with pytest.raises(BitplanError, match="pass --force"):
+        check_output_file(file)
+    with pytest.raises(BitplanError, match="pass --force"):
+        check_output_dir(folder)
+    assert check_output_file(file, force=True) == file
+    assert check_output_dir(folder, force=True) == folder
+    assert check_output_file(tmp_path / "new.gguf") == tmp_path / "new.gguf"

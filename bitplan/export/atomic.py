@@ -26,6 +26,16 @@ def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
     return out
 
 
+def check_output_file(out: str | os.PathLike, force: bool = False) -> Path:
+    """Like ``check_output_dir`` for an output that is one file (a .gguf)."""
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise BitplanError(f"{out} is a folder; give a file name")
+    if out.exists() and not force:
+        raise BitplanError(f"{out} exists; pass --force to replace it")
+    return out
+
+
 @contextmanager
 def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder to write into; on success it becomes ``out``.

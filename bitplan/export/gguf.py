@@ -45,6 +45,7 @@ from gguf import (
 from torch import nn
 
 from bitplan.errors import BitplanError
+from bitplan.export.atomic import check_output_file
 from bitplan.formats import BF16Format, Format, parse_format
 from bitplan.formats.gguf import GGML_TYPES, GGUFFormat, quantize_rows
 from bitplan.model.loading import (
@@ -313,10 +314,7 @@ def _tensor_bytes(
 @contextmanager
 def _atomic_file(path: Path, force: bool) -> Iterator[Path]:
     """A temporary file next to ``path``, renamed onto it on success and removed otherwise."""
-    if path.exists() and not force:
-        raise BitplanError(f"{path} exists; pass --force to replace it")
-    if path.is_dir():
-        raise BitplanError(f"{path} is a folder; give a .gguf file name")
+    path = check_output_file(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     os.close(fd)
