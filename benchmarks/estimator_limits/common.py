@@ -25,6 +25,12 @@ def setup():
     return model, tokens, heldout
 
 
+def calibration_base(model, tokens) -> BaseLogits:
+    """Base logits on the first 8 calibration sequences: what the measured experiments compare
+    quantized models against (the held-out text stays for judging the plans)."""
+    return BaseLogits.compute(model.module, tokens[:8])
+
+
 def plan_kls(model, heldout, values: dict[str, dict[str, float]], label: str) -> None:
     """Solve for every budget with these layer scores and print each plan's held-out KL."""
     scores = Scores("experiment", [f.name for f in OPTIONS], values, model.identity, "", 0, 0.0, {})

@@ -7,15 +7,14 @@ the default model, about 12 minutes on 2 cores).
 
 from __future__ import annotations
 
-from common import plan_kls, setup
+from common import calibration_base, plan_kls, setup
 
-from bitplan.evaluate.divergence import BaseLogits
 from bitplan.quantize import apply_formats
 
 
 def main() -> None:
     model, tokens, heldout = setup()
-    calib = BaseLogits.compute(model.module, tokens[:8])
+    calib = calibration_base(model, tokens)
     groups = model.layers.groups(False)
     everything_mxfp8 = {layer.name: "mxfp8" for layers in groups.values() for layer in layers}
     reference = calib.compare(apply_formats(model.module, everything_mxfp8)).kl

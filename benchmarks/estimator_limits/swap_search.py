@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from common import OPTIONS, setup
+from common import OPTIONS, calibration_base, setup
 
-from bitplan.evaluate.divergence import BaseLogits
 from bitplan.planning import solve_plans
 from bitplan.quantize import apply_formats
 from bitplan.score import score
@@ -22,9 +21,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     model, tokens, heldout = setup()
-    calib = BaseLogits.compute(model.module, tokens[:8])
+    calib = calibration_base(model, tokens)
     scores = score(model, OPTIONS, tokens)
-    (plan,) = solve_plans(model.layers, OPTIONS, scores, [4.5], model.identity, False, False)
+    (plan,) = solve_plans(
+        model.layers, OPTIONS, scores, [4.5], model.identity, include_scales=False
+    )
     groups = model.layers.groups(False)
     gain = {
         group: sum(
