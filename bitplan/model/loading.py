@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils.quantization_config import GgufConfig
 
+from bitplan.cache import cache_dir
 from bitplan.errors import BitplanError
 from bitplan.model.fingerprint import model_fingerprint
 from bitplan.model.layers import LayerTable, build_layer_table
@@ -60,11 +61,6 @@ class LoadedModel:
             fingerprint = model_fingerprint(self.module, self.weight_reader)
             self._identity = f"{self.name}@{fingerprint}"
         return self._identity
-
-
-def cache_dir() -> Path:
-    """Where bitplan keeps converted models and other reusable results."""
-    return Path(os.environ.get("BITPLAN_CACHE", Path.home() / ".cache" / "bitplan"))
 
 
 def default_gguf_path() -> Path:
