@@ -8,7 +8,7 @@ import torch
 from bitplan.formats import parse_format
 from bitplan.model.layers import build_layer_table
 from bitplan.quantize import FakeQuantLinear, apply_formats
-from bitplan.score import delta_loss_scores, fisher_scores
+from bitplan.score import Scores, delta_loss_scores, fisher_scores
 from bitplan.score.replay import next_token_loss, record_block_inputs, run_block
 
 OPTIONS = [parse_format("mxfp4"), parse_format("mxfp8")]
@@ -101,3 +101,31 @@ def test_apply_formats_quantizes_weights_and_activations(tiny_model, tokens):
     assert torch.equal(layer(x), expected)
     with torch.no_grad():
         assert not torch.equal(quantized(tokens).logits, tiny_model(tokens).logits)
+
+
+@pytest.mark.parametrize("max_logits", [320, 5 * 320, 10**9])
+def test_chunked_loss_gradient_equals_unchunked(tiny_model, tokens, max_logits):
+    """The loss gradient made a few tokens at a time equals one pass over all logits."""
+    from bitplan.score.replay import loss_gradient
+
+    record = record_block_inputs(tiny_model, tokens)
+    hidden = record.final_hidden.detach().requires_grad_(True)
+    (expected,) = torch.autograd.grad(next_token_loss(tiny_model, hidden, tokens), hidden)
+    chunked = loss_gradient(tiny_model, record.final_hidden, tokens, max_logits=max_logits)
+    assert torch.allclose(chunked, expected, atol=1e-6, rtol=1e-5)
+    assert torch.count_nonzero(chunked[:, -1]) == 0  # the last position predicts nothing
+
+
+def test_float32_and_bfloat16_scores_choose_the_same_plan(tiny_model, tokens):
+    """Computing in float32 (CPUs without bfloat16) or bfloat16 picks the same formats."""
+    from bitplan.planning import solve_plans
+
+    table = build_layer_table(tiny_model)
+    layers = table.decoder_layers()
+    plans = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        values = fisher_scores(tiny_model, layers, OPTIONS, tokens, progress=False, dtype=dtype)
+        scores = Scores(scorer="fisher", options=[f.name for f in OPTIONS], layer_scores=values)
+        plans[dtype] = solve_plans(table, OPTIONS, scores, [4.5, 5.0, 6.0], "tiny", False, False)
+    for low, high in zip(plans[torch.bfloat16], plans[torch.float32], strict=True):
+        assert low.layer_formats == high.layer_formats

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from bitplan.compute import ComputeDtype, choose_dtype
 from bitplan.distributed import is_main, shard
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
@@ -45,11 +46,14 @@ def score(
     progress: bool = True,
     loader: BlockLoader | None = None,
     device: str = "cpu",
+    dtype: str | ComputeDtype = "auto",
 ) -> Scores:
     """Score every budgeted layer of ``model`` for every option on calibration ``tokens``.
 
     ``loader`` (from ``load_streaming``) makes the fisher scorer read one block's weights at a
-    time; ``device`` is where blocks are computed (``cuda``, ``cuda:1`` ...)."""
+    time; ``device`` is where blocks are computed (``cuda``, ``cuda:1`` ...); ``dtype`` what the
+    passes compute in: ``auto`` (chosen for the device, ``bitplan.compute``), ``float32``,
+    ``bfloat16`` or ``float16``. Scores computed in different dtypes are cached apart."""
     if scorer not in SCORERS:
         raise BitplanError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
     formats = [fmt if isinstance(fmt, Format) else parse_format(fmt) for fmt in options]
@@ -59,9 +63,9 @@ def score(
     model_id = model.identity
     data_id = tokens_id(tokens)
     names = ",".join(fmt.name for fmt in formats)
+    compute = dtype if isinstance(dtype, ComputeDtype) else choose_dtype(device, dtype)
     key = f"v1|{scorer}|{model_id}|{data_id}|{names}|head={include_head}|bs={batch_size}"
-    if scorer == "fisher":
-        key += "|bfloat16"  # fisher computes in bfloat16 (float32 before: those scores differ)
+    key += f"|{compute.name}"
     path = None
     if cache:
         folder = cache / "scores" if isinstance(cache, Path) else cache_dir() / "scores"
@@ -83,12 +87,13 @@ def score(
             progress=progress,
             loader=loader,
             device=device,
+            dtype=compute.dtype,
         )
     else:
         if device != "cpu":
             raise BitplanError("the delta-loss scorer runs on the CPU only; drop --device")
         values = delta_loss_scores(
-            model.module, layers, formats, local, batch_size, progress=progress
+            model.module, layers, formats, local, batch_size, progress=progress, dtype=compute.dtype
         )
     result = Scores(
         scorer=scorer,
@@ -98,7 +103,13 @@ def score(
         data_id=data_id,
         n_tokens=int(tokens.numel()),
         seconds=time.perf_counter() - start,
-        extra={"include_head": include_head, "batch_size": batch_size, "key": key},
+        extra={
+            "include_head": include_head,
+            "batch_size": batch_size,
+            "key": key,
+            "dtype": compute.name,
+            "dtype_reason": compute.reason,
+        },
     )
     if path is not None and is_main():
         result.save(path)

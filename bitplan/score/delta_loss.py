@@ -14,10 +14,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bitplan.compute import autocast
 from bitplan.distributed import all_reduce_sum
 from bitplan.formats import Format
 from bitplan.model.layers import LayerInfo
+from bitplan.model.logits import final_hidden_states
 from bitplan.quantize import apply_formats
+from bitplan.score.replay import loss_gradient
 
 
 def _score_one_option(
@@ -26,6 +29,7 @@ def _score_one_option(
     fmt: Format,
     batches: list[torch.Tensor],
     bar,
+    dtype: torch.dtype,
 ) -> dict[str, float]:
     originals = {
         name: m.weight.detach() for name, m in model.named_modules() if hasattr(m, "weight")
@@ -67,8 +71,14 @@ def _score_one_option(
     ]
     try:
         for batch in batches:
-            out = quantized(input_ids=batch, labels=batch, use_cache=False)
-            out.loss.backward()
+            # L is the batch's mean next-token loss; its logits are made a chunk at a time.
+            with autocast("cpu", dtype):
+                final = final_hidden_states(quantized, batch)
+                mean = 1.0 / (batch.shape[0] * (batch.shape[1] - 1))
+                grad = loss_gradient(
+                    quantized, final, batch, through_final_norm=False, loss_scale=mean
+                )
+                final.backward(grad.to(final.dtype))
             bar.update()
     finally:
         for handle in handles:
@@ -83,14 +93,17 @@ def delta_loss_scores(
     tokens: torch.Tensor,
     batch_size: int = 4,
     progress: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, dict[str, float]]:
-    """Layer name -> option name -> the reference's |gradient x quantization error| score."""
+    """Layer name -> option name -> the reference's |gradient x quantization error| score.
+
+    ``dtype`` is what the passes compute in (autocast; ``bitplan.compute.choose_dtype``)."""
     batches = list(torch.split(tokens, batch_size))
     bar = tqdm(total=len(batches) * len(options), desc="scoring (delta-loss)", disable=not progress)
     per_option = {}
     try:
         for fmt in options:
-            per_option[fmt.name] = _score_one_option(model, layers, fmt, batches, bar)
+            per_option[fmt.name] = _score_one_option(model, layers, fmt, batches, bar, dtype)
     finally:
         bar.close()
     # Under torchrun each rank scored its share of the samples: the scores are sums, so add them.

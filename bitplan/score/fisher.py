@@ -7,8 +7,9 @@ output Y = X Wᵀ, quantizing it with option o changes the output by
 
 and the loss by about ½ Σ_tokens,outputs G² ΔY² (the diagonal of the empirical Fisher on the
 outputs). One forward and one backward pass of the *unquantized* model give X and G for every
-layer; each extra option only costs one or two matmuls per layer (weight error, activation
-error), so adding options is cheap. The passes run in bfloat16 by default (autocast).
+layer; each extra option only costs one or two matmuls per layer, so adding options is cheap.
+The passes compute in the dtype chosen for the device (``bitplan.compute``): bfloat16 where the
+hardware has it, float32 elsewhere (under autocast; the weights are not converted).
 
 The backward pass goes block by block from recorded block inputs (``replay``): only one block's
 activations, plus the hidden states at block boundaries, are in memory at a time.
@@ -16,18 +17,20 @@ activations, plus the hidden states at block boundaries, are in memory at a time
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bitplan.compute import autocast, choose_dtype
 from bitplan.distributed import all_reduce_sum
 from bitplan.formats import Format
 from bitplan.model.layers import LayerInfo, find_blocks
 from bitplan.model.streaming import BlockLoader
 from bitplan.score.replay import (
     final_norm,
+    linear_weights_in,
     loss_gradient,
     record_block_inputs,
     record_block_inputs_streaming,
@@ -52,28 +55,48 @@ class _OutputErrorMeter:
         self.dtype = dtype
         self.totals = {name: [0.0] * len(self.options) for name in modules}
         self.calls = dict.fromkeys(modules, 0)  # an MoE expert may see no token at all
-        # Quantize each weight once per option, for the whole block's lifetime; keep the
-        # quantized weight and its error, in the dtype the output error is computed in.
-        self.qweights: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # Quantize each weight once per option, for the whole block's lifetime, in the dtype the
+        # output error is computed in: the quantized weight of options that quantize
+        # activations, and the weight errors Q(W) − W of all options that need X·(Q(W) − W)ᵀ,
+        # stacked so that one matmul gives that term for every option at once.
+        self.direct = dtype == torch.float32  # ΔY = Q(X)·Q(W)ᵀ − Y (see _output_error)
+        self.stacked = [
+            k
+            for k, fmt in enumerate(self.options)
+            if not (self.direct and fmt.quantizes_activations)
+        ]
+        self.qweights: dict[str, dict[int, torch.Tensor]] = {}
+        self.weight_errors: dict[str, torch.Tensor | None] = {}
         with torch.no_grad():
             for name, m in modules.items():
                 weight = m.weight.float()
-                pairs = []
-                for fmt in self.options:
-                    qweight = fmt.quantize_weight(m.weight).float()
-                    pairs.append((qweight.to(dtype), (qweight - weight).to(dtype)))
-                self.qweights[name] = pairs
+                quantized = [fmt.quantize_weight(m.weight).float() for fmt in self.options]
+                self.qweights[name] = {
+                    k: q.to(dtype)
+                    for k, q in enumerate(quantized)
+                    if self.options[k].quantizes_activations
+                }
+                self.weight_errors[name] = {
+                    k: (q - weight).to(dtype)
+                    for k, q in enumerate(quantized)
+                    if not (self.direct and self.options[k].quantizes_activations)
+                }
         self.handles = [
             module.register_forward_hook(self._make_hook(name)) for name, module in modules.items()
         ]
         self._last_input: tuple[torch.Tensor, _SharedInput] | None = None
 
     def _make_hook(self, name: str) -> Callable:
-        def hook(_module: nn.Linear, inputs, output):
+        def hook(module: nn.Linear, inputs, output):
             x = self._shared_input(inputs[0])
+            y = None  # the direct form needs Y (without its bias)
+            if self.direct and output.dtype == torch.float32:
+                y = output.detach()
+                if module.bias is not None:
+                    y = y - module.bias
 
             def on_grad(grad: torch.Tensor) -> None:
-                self._accumulate(name, x, grad.detach())
+                self._accumulate(name, x, grad.detach(), y)
 
             if output.requires_grad:
                 output.register_hook(on_grad)
@@ -89,24 +112,39 @@ class _OutputErrorMeter:
         return shared
 
     @torch.no_grad()
-    def _accumulate(self, name: str, x: _SharedInput, grad: torch.Tensor) -> None:
+    def _accumulate(
+        self, name: str, x: _SharedInput, grad: torch.Tensor, y: torch.Tensor | None
+    ) -> None:
         grad = grad.reshape(-1, grad.shape[-1]).float()
         self.calls[name] += 1
-        grad_sq = grad.square() if self.form == "diag" else None
-        for k, (qweight, weight_error) in enumerate(self.qweights[name]):
-            # ΔY = Q(X)·Q(W)ᵀ − X·Wᵀ = X·(Q(W) − W)ᵀ + (Q(X) − X)·Q(W)ᵀ: products of small
-            # differences, which stay accurate in bfloat16 (the bias cancels).
-            delta = nn.functional.linear(x.rows(), weight_error)
-            x_error = x.error(k)
-            if x_error is not None:
-                delta += nn.functional.linear(x_error, qweight)
-            delta = delta.float()
-            if self.form == "diag":
-                value = 0.5 * (grad_sq * delta.square()).sum()
+        for k, delta in self._output_errors(name, x, y):
+            product = grad * delta  # float32
+            if self.form == "diag":  # ½ Σ G² ΔY² = ½ |G ⊙ ΔY|²
+                value = 0.5 * torch.dot(product.view(-1), product.view(-1))
             else:  # "token": ½ Σ_t (G_t · ΔY_t)², the Fisher of each token's output as a whole
-                value = 0.5 * (grad * delta).sum(dim=-1).square().sum()
+                value = 0.5 * product.sum(dim=-1).square().sum()
             self.totals[name][k] += float(value)
         x.done()
+
+    def _output_errors(
+        self, name: str, x: _SharedInput, y: torch.Tensor | None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(option, ΔY = Q(X)·Q(W)ᵀ − X·Wᵀ) for every option, as [tokens, outputs] rows.
+
+        Weight-only options: ΔY = X·(Q(W) − W)ᵀ. Options that quantize activations, in float32:
+        Q(X)·Q(W)ᵀ − Y, one matmul, exact enough at 24 bits. In lower precision the difference
+        of two rounded outputs would not be, so ΔY = X·(Q(W) − W)ᵀ + (Q(X) − X)·Q(W)ᵀ: products
+        of small differences, which stay accurate."""
+        errors, qweights = self.weight_errors[name], self.qweights[name]
+        for k, fmt in enumerate(self.options):
+            if k not in errors:  # the direct form
+                delta = nn.functional.linear(x.quantized(k), qweights[k])
+                yield k, delta.sub_(y.reshape(delta.shape))
+                continue
+            delta = nn.functional.linear(x.rows(), errors[k])
+            if fmt.quantizes_activations:
+                delta += nn.functional.linear(x.error(k), qweights[k])
+            yield k, delta
 
     def close(self) -> None:
         for handle in self.handles:
@@ -115,9 +153,10 @@ class _OutputErrorMeter:
 
 
 class _SharedInput:
-    """A layer input as rows in the compute dtype, and its quantization error Q(X) − X for each
-    option that quantizes activations: made on first use (in the backward pass) and dropped
-    once every layer reading this input has used them."""
+    """A layer input as rows in the compute dtype, and its quantized form Q(X) (float32) or
+    quantization error Q(X) − X (lower precisions) for each option that quantizes activations:
+    made on first use (in the backward pass) and dropped once every layer reading this input
+    has used them."""
 
     def __init__(self, x: torch.Tensor, options: Sequence[Format], dtype: torch.dtype):
         self.x = x
@@ -125,7 +164,8 @@ class _SharedInput:
         self.dtype = dtype
         self.readers = 0
         self._rows: torch.Tensor | None = None
-        self._errors: dict[int, torch.Tensor | None] = {}
+        self._quantized: dict[int, torch.Tensor] = {}
+        self._errors: dict[int, torch.Tensor] = {}
 
     def rows(self) -> torch.Tensor:
         if self._rows is None:
@@ -133,21 +173,27 @@ class _SharedInput:
         return self._rows
 
     @torch.no_grad()
-    def error(self, k: int) -> torch.Tensor | None:
-        """Q(X) − X under option ``k`` (computed in float32); None for weight-only formats."""
+    def quantized(self, k: int) -> torch.Tensor:
+        """Q(X) under option ``k``, in the compute dtype."""
+        if k not in self._quantized:
+            rows = self.x.reshape(-1, self.x.shape[-1]).float()
+            self._quantized[k] = self.options[k].quantize_activation(rows).to(self.dtype)
+        return self._quantized[k]
+
+    @torch.no_grad()
+    def error(self, k: int) -> torch.Tensor:
+        """Q(X) − X under option ``k``, computed in float32, stored in the compute dtype."""
         if k not in self._errors:
-            fmt = self.options[k]
-            error = None
-            if fmt.quantizes_activations:
-                rows = self.x.reshape(-1, self.x.shape[-1]).float()
-                error = (fmt.quantize_activation(rows) - rows).to(self.dtype)
-            self._errors[k] = error
+            rows = self.x.reshape(-1, self.x.shape[-1]).float()
+            error = self.options[k].quantize_activation(rows) - rows
+            self._errors[k] = error.to(self.dtype)
         return self._errors[k]
 
     def done(self) -> None:
         self.readers -= 1
         if self.readers <= 0:
             self._rows = None
+            self._quantized.clear()
             self._errors.clear()
 
 
@@ -161,7 +207,7 @@ def fisher_scores(
     progress: bool = True,
     loader: BlockLoader | None = None,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, dict[str, float]]:
     """Layer name -> option name -> predicted increase of the mean per-token loss.
 
@@ -169,13 +215,14 @@ def fisher_scores(
     run under torchrun); ``layers`` the layers to score (decoder Linear layers, plus lm_head if
     it is to be quantized). With a ``loader`` (streaming), each block's weights are read when it
     is worked on and dropped after; ``device`` is where each block is computed (recorded
-    activations stay on the CPU). ``dtype`` is what the passes compute in: bfloat16 (autocast;
-    the weights are not converted) runs the 135M default model's scoring 1.4x faster than
-    float32 on a CPU with bfloat16 instructions, and chose the same plans (docs/BENCHMARKS.md).
+    activations stay on the CPU). ``dtype`` is what the passes compute in (autocast; the
+    weights are not converted); None chooses for ``device`` (``bitplan.compute.choose_dtype``).
     """
     if form not in ("diag", "token"):
         raise ValueError(f"form must be 'diag' or 'token', not {form!r}")
     device = torch.device(device)
+    if dtype is None:
+        dtype = choose_dtype(device).dtype
     modules = dict(model.named_modules())
     wanted = {layer.name for layer in layers}
     blocks_path, blocks = find_blocks(model)
@@ -189,7 +236,7 @@ def fisher_scores(
     batches = list(torch.split(tokens, batch_size))
     steps = len(batches) * (2 * len(blocks) + 1) if loader else len(batches) * (len(blocks) + 2)
     bar = tqdm(total=steps, desc="scoring (fisher)", disable=not progress)
-    compute = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    compute = autocast(device, dtype)
     try:
         if loader is None:
             records = []
@@ -210,7 +257,7 @@ def fisher_scores(
             meter = _OutputErrorMeter({head_name: head}, options, form, dtype)
         for record in records:
             hidden = record.final_hidden.to(device)
-            with compute:
+            with compute, linear_weights_in(tail, dtype):
                 grad = loss_gradient(model, hidden, record.input_ids.to(device))
             grads.append(grad.cpu())
             record.final_hidden = None
@@ -229,9 +276,9 @@ def fisher_scores(
             meter = _OutputErrorMeter(block_modules, options, form, dtype)
             for k, record in enumerate(records):
                 hidden = record.hidden[index].to(device).requires_grad_(True)
-                with compute:
+                with compute, linear_weights_in([block], dtype):
                     out = run_block(block, hidden, to_device(record.kwargs[index], device))
-                out.backward(grads[k].to(device).to(out.dtype))
+                    out.backward(grads[k].to(device).to(out.dtype))
                 grads[k] = hidden.grad.cpu()
                 record.hidden[index] = None  # free what is no longer needed
                 bar.update()

@@ -9,6 +9,8 @@ block boundaries.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from inspect import signature
 
@@ -17,6 +19,7 @@ from torch import nn
 
 from bitplan.errors import BitplanError
 from bitplan.model.layers import find_blocks
+from bitplan.model.logits import LOGITS_PER_CHUNK, logits_from_hidden, token_chunks
 
 
 @dataclass
@@ -88,8 +91,9 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
 def next_token_loss(
     model: nn.Module, final_hidden: torch.Tensor, input_ids: torch.Tensor
 ) -> torch.Tensor:
-    """Summed next-token cross-entropy from the last block's output (final norm, lm_head)."""
-    logits = model.get_output_embeddings()(final_norm(model)(final_hidden))
+    """Summed next-token cross-entropy from the last block's output, all tokens at once (the
+    reference ``loss_gradient``'s chunks must agree with)."""
+    logits = logits_from_hidden(model, final_norm(model)(final_hidden))
     return nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
         input_ids[:, 1:].reshape(-1),
@@ -98,19 +102,61 @@ def next_token_loss(
 
 
 def loss_gradient(
-    model: nn.Module, final_hidden: torch.Tensor, input_ids: torch.Tensor
+    model: nn.Module,
+    final_hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    max_logits: int = LOGITS_PER_CHUNK,
+    through_final_norm: bool = True,
+    loss_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Gradient of the summed next-token loss with respect to the last block's output.
+    """Gradient of the summed next-token loss with respect to the last block's output (or, with
+    ``through_final_norm=False``, to the final norm's output that the head reads), of the loss times ``loss_scale``.
 
-    Computed one sequence at a time: the logits over the whole vocabulary (and their gradient)
-    are the largest tensors of the whole scoring pass, so this bounds peak memory by one
-    sequence's logits instead of a batch's; the result is the same, the loss being a sum."""
-    grads = []
-    for hidden, ids in zip(final_hidden.split(1), input_ids.split(1), strict=True):
-        hidden = hidden.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(next_token_loss(model, hidden, ids), hidden)
-        grads.append(grad)
-    return torch.cat(grads)
+    The logits over the whole vocabulary (and their gradient) are the largest tensors of the
+    whole scoring pass, so they are made a chunk of tokens at a time (``model.logits``): at most
+    ``max_logits`` of them exist at once, whatever the vocabulary. The result is the same as
+    one pass over everything, the loss being a sum over tokens that each depend on their own
+    hidden state alone (the final norm and the head act per token)."""
+    batch, length, width = final_hidden.shape
+    hidden = final_hidden.detach().reshape(-1, width)
+    # Position t predicts token t + 1; the last position of each sequence predicts nothing.
+    targets = torch.full((batch, length), -100, dtype=torch.long, device=input_ids.device)
+    targets[:, :-1] = input_ids[:, 1:]
+    targets = targets.reshape(-1)
+    norm = final_norm(model) if through_final_norm else nn.Identity()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    grad = torch.zeros_like(hidden)
+    for part in token_chunks(hidden.shape[0], vocab, max_logits):
+        chunk = hidden[part].requires_grad_(True)
+        logits = logits_from_hidden(model, norm(chunk))
+        loss = nn.functional.cross_entropy(
+            logits.float(), targets[part], ignore_index=-100, reduction="sum"
+        )
+        if loss_scale != 1.0:
+            loss = loss * loss_scale
+        (grad[part],) = torch.autograd.grad(loss, chunk)
+    return grad.reshape(batch, length, width)
+
+
+@contextmanager
+def linear_weights_in(modules: Iterable[nn.Module], dtype: torch.dtype) -> Iterator[None]:
+    """Hold the weights of the Linear layers inside ``modules`` in ``dtype`` for a while.
+
+    Autocast casts a float32 weight to bfloat16 at every call; a block replayed on several
+    batches, or the head applied chunk by chunk, would cast the same weights again each time.
+    Casting once gives the same values. The original tensors are put back afterwards."""
+    saved = []
+    if dtype != torch.float32:
+        for module in modules:
+            for linear in module.modules():
+                if isinstance(linear, nn.Linear) and linear.weight.dtype != dtype:
+                    saved.append((linear.weight, linear.weight.data))
+                    linear.weight.data = linear.weight.data.to(dtype)
+    try:
+        yield
+    finally:
+        for weight, data in saved:
+            weight.data = data
 
 
 def to_device(value, device: torch.device):
