@@ -152,6 +152,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         tokens = calibration_samples(
             model.tokenizer, n_samples=args.n_samples, seq_len=args.seq_len, source=args.calib
         )
+        compute = _compute_dtype(args.device, args.dtype)
         scores = score(
             model,
             formats,
@@ -162,6 +163,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             cache=not args.no_cache,
             loader=loader,
             device=args.device,
+            dtype=compute,
         )
         hit = " (from cache)" if scores.extra.get("cache_hit") else ""
         print(
@@ -211,6 +213,17 @@ def cmd_search(args: argparse.Namespace) -> None:
         print(_export(model, plans[0], args.quantize, args.format, args.force).summary())
 
 
+def _compute_dtype(device: str, requested: str):
+    """The dtype the passes compute in, said once on the terminal (bitplan.compute)."""
+    from bitplan.compute import choose_dtype
+    from bitplan.distributed import is_main
+
+    choice = choose_dtype(device, requested)
+    if is_main():
+        print(choice.describe())
+    return choice
+
+
 def _export(model, plan, out: str, fmt: str, force: bool, embedding_type=None, output_type=None):
     """Write ``model`` quantized by ``plan`` to ``out`` in export format ``fmt``."""
     if fmt == "gguf":
@@ -254,7 +267,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     model = load_model(args.model)
     print(f"model: {model.name}  ({model.source})" + (f"; {model.note}" if model.note else ""))
-    run_eval_command(args, model.module, model.tokenizer)
+    run_eval_command(args, model.module, model.tokenizer, _compute_dtype("cpu", args.dtype).dtype)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -274,12 +287,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
         eval_batch_size=args.batch_size,
         include_scales=args.count_scale_bits,
         scorer=args.scorer,
+        dtype=args.dtype,
         n_samples=args.n_samples,
         seq_len=args.seq_len,
         heldout_samples=args.heldout_samples,
         heldout_len=args.heldout_len,
         calib=args.calib,
     )
+    _compute_dtype("cpu", args.dtype)
     model = load_model(args.model)
     out = Path(args.out or f"reports/{model.name}")
     results = run_compare(model, config, out)
@@ -287,6 +302,20 @@ def cmd_compare(args: argparse.Namespace) -> None:
     report = write_report(results, out, model.layers, command)
     print(report.read_text())
     print(f"report: {report}  (plots and results.json beside it)")
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    from bitplan.compute import BFLOAT16_MIN_SPEEDUP, DTYPE_CHOICES
+
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="what the torch passes compute in (autocast; weights are not converted). auto "
+        "(default): on a CPU, bfloat16 if a one-off micro-benchmark, cached per machine, finds "
+        f"it at least {BFLOAT16_MIN_SPEEDUP}x faster than float32 there (CPUs with AVX512-BF16 "
+        "or AMX), else float32; on CUDA, bfloat16 where supported, else float16",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--device", default="cpu", help="where blocks are computed: cpu (default), cuda, cuda:N"
     )
+    add_dtype_argument(search)
     search.add_argument(
         "--quantize",
         metavar="DIR",
@@ -437,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("model", nargs="?", default=None, help=_MODEL_HELP)
     add_eval_arguments(evaluate)
+    add_dtype_argument(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     compare = sub.add_parser(
@@ -480,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seq-len", type=int, default=256, help="calibration length (256)")
     compare.add_argument("--heldout-samples", type=int, default=8, help="KL sequences (8)")
     compare.add_argument("--heldout-len", type=int, default=512, help="KL sequence length (512)")
+    add_dtype_argument(compare)
     compare.set_defaults(func=cmd_compare)
     return parser
 

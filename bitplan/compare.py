@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from bitplan.compute import choose_dtype
 from bitplan.data.calibration import calibration_samples
 from bitplan.data.heldout import heldout_samples
 from bitplan.errors import BitplanError
@@ -76,6 +77,7 @@ class CompareConfig:
     eval_batch_size: int = 8
     include_scales: bool = False  # the reference's tables ignore scale/zero-point bits
     scorer: str = "fisher"
+    dtype: str = "auto"  # what every pass computes in (bitplan.compute)
     n_samples: int = 16
     seq_len: int = 256
     heldout_samples: int = 8
@@ -117,7 +119,9 @@ def build_variants(
         formats = parse_format_list(setting.options)
         high = max(formats, key=lambda f: f.bits_per_weight((4096, 4096), False))
         high_bits = f"{high.bits_per_weight((4096, 4096), False):g}-bit"
-        scores = score(model, formats, calibration, scorer=config.scorer, progress=progress)
+        scores = score(
+            model, formats, calibration, scorer=config.scorer, progress=progress, dtype=config.dtype
+        )
         plans = solve_plans(
             model.layers,
             formats,
@@ -165,12 +169,15 @@ def build_variants(
 
 def _base_logits(model: LoadedModel, config: CompareConfig) -> BaseLogits:
     """The base model's held-out log-probabilities, cached on disk (they take a full pass)."""
-    name = f"{model.identity}-{config.heldout_samples}x{config.heldout_len}.safetensors"
+    compute = choose_dtype("cpu", config.dtype)
+    name = (
+        f"{model.identity}-{config.heldout_samples}x{config.heldout_len}-{compute.name}.safetensors"
+    )
     path = cache_dir() / "base_logits" / name.replace("/", "_")
     if path.is_file():
         return BaseLogits.load(path)
     tokens = heldout_samples(model.tokenizer, config.heldout_samples, config.heldout_len)
-    base = BaseLogits.compute(model.module, tokens)
+    base = BaseLogits.compute(model.module, tokens, compute_dtype=compute.dtype)
     base.save(path)
     return base
 
@@ -211,6 +218,7 @@ def run_compare(
     variants = build_variants(model, config, calibration, progress)
     base = _base_logits(model, config)
     results["seconds"]["plans"] = results["seconds"].get("plans", 0) + time.perf_counter() - start
+    compute = choose_dtype("cpu", config.dtype).dtype
     todo = [v for v in variants if v.key not in results["variants"]]
     bar = tqdm(
         total=len(variants),
@@ -223,11 +231,16 @@ def run_compare(
         bar.set_postfix_str(f"{variant.options or ''} {variant.label}".strip())
         t0 = time.perf_counter()
         measured = model.module if variant.plan is None else apply_plan(model.module, variant.plan)
-        divergence = base.compare(measured)
+        divergence = base.compare(measured, compute_dtype=compute)
         tasks = None
         if config.tasks:
             tasks = evaluate_tasks(
-                measured, model.tokenizer, config.tasks, config.limit, config.eval_batch_size
+                measured,
+                model.tokenizer,
+                config.tasks,
+                config.limit,
+                config.eval_batch_size,
+                dtype=compute,
             ).to_dict()
             tasks.pop("lm_eval", None)  # keep results.json readable: per-task numbers only
         del measured

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from bitplan.cli import main
+from bitplan.compute import choose_dtype
 from bitplan.data.heldout import heldout_samples
 from bitplan.evaluate.divergence import BaseLogits
 from bitplan.model import load_model
@@ -53,8 +54,11 @@ def test_compare_end_to_end(tiny_folder, tmp_path, capsys):
     # A number in the report comes from a computation: redo one variant's KL independently.
     ours = variants["mxfp4,mxfp8|bitplan|5"]
     model = load_model(tiny_folder)
-    base = BaseLogits.compute(model.module, heldout_samples(model.tokenizer, 2, 32))
-    again = base.compare(apply_plan(model.module, Plan.from_dict(ours["plan"])))
+    dtype = choose_dtype("cpu").dtype  # what compare computed in (--dtype auto)
+    tokens = heldout_samples(model.tokenizer, 2, 32)
+    base = BaseLogits.compute(model.module, tokens, compute_dtype=dtype)
+    plan = Plan.from_dict(ours["plan"])
+    again = base.compare(apply_plan(model.module, plan), compute_dtype=dtype)
     assert again.kl == pytest.approx(ours["divergence"]["kl"], rel=1e-4)
 
     report = (out / "report.md").read_text()

@@ -58,9 +58,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval_command(
-    args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    dtype: torch.dtype = torch.float32,
 ) -> TaskResults:
-    """Evaluate ``model`` as ``args`` say, print the table, write JSON if asked."""
+    """Evaluate ``model`` as ``args`` say (computing in ``dtype``), print the table, write JSON
+    if asked."""
     if args.batch_size < 1:
         raise BitplanError(f"--batch-size must be at least 1, got {args.batch_size}")
     results = evaluate_tasks(
@@ -72,6 +76,7 @@ def run_eval_command(
         add_bos_token=True if args.add_bos_token else None,
         output_json=args.output,
         quiet=not args.verbose,
+        dtype=dtype,
     )
     print(format_results_table(results))
     if args.output:

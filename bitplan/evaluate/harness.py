@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from bitplan.compute import autocast
 from bitplan.data.offline_tasks import (
     DEFAULT_TASKS,
     LM_EVAL_TASK_FOLDERS,
@@ -109,6 +110,7 @@ def evaluate_tasks(
     add_bos_token: bool | None = None,
     output_json: str | os.PathLike | None = None,
     quiet: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> TaskResults:
     """Run lm-eval's zero-shot evaluation of ``model`` on the offline tasks.
 
@@ -116,6 +118,7 @@ def evaluate_tasks(
     ``bitplan_`` group names; ``limit`` is lm-eval's: the first N documents of every task (of
     every MMLU subject), or a fraction if below 1. ``add_bos_token=None`` keeps the tokenizer's
     own behaviour, as lm-eval's command line does; the reference report set it to True for Llama.
+    ``dtype`` is what the model runs in (autocast; ``bitplan.compute``).
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -124,7 +127,8 @@ def evaluate_tasks(
     start = time.perf_counter()
     was_training = model.training
     try:
-        with _quiet_lm_eval(quiet):
+        device = next(model.parameters()).device
+        with _quiet_lm_eval(quiet), autocast(device, dtype):
             lm = HFLM(
                 pretrained=model,
                 tokenizer=tokenizer,
