@@ -58,6 +58,9 @@ from pathlib import Path
 OPTION_SETS = {
     "mx": ("MXFP4,MXFP8", (4.5, 5.0, 6.0)),
     "int": ("W2A16,W4A16", (3.0,)),
+    # Four options each: how the cost of each tool grows with the number of options.
+    "mx4": ("MXFP4,MXFP6,MXFP8,NVFP4", (4.5, 5.0, 6.0)),
+    "int4": ("W2A16,W3A16,W4A16,W8A16", (3.0, 4.0, 5.0)),
 }
 PHASES = ("data", "search", "plans", "eval", "report")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
