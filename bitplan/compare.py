@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from bitplan.compute import choose_dtype
+from bitplan.compute import ComputeDtype, choose_dtype
 from bitplan.data.calibration import calibration_samples
 from bitplan.data.heldout import heldout_samples
 from bitplan.errors import BitplanError
@@ -167,9 +167,8 @@ def build_variants(
     return variants
 
 
-def _base_logits(model: LoadedModel, config: CompareConfig) -> BaseLogits:
+def _base_logits(model: LoadedModel, config: CompareConfig, compute: ComputeDtype) -> BaseLogits:
     """The base model's held-out log-probabilities, cached on disk (they take a full pass)."""
-    compute = choose_dtype("cpu", config.dtype)
     name = (
         f"{model.identity}-{config.heldout_samples}x{config.heldout_len}-{compute.name}.safetensors"
     )
@@ -216,9 +215,9 @@ def run_compare(
         model.tokenizer, config.n_samples, config.seq_len, source=config.calib
     )
     variants = build_variants(model, config, calibration, progress)
-    base = _base_logits(model, config)
+    compute = choose_dtype("cpu", config.dtype)
+    base = _base_logits(model, config, compute)
     results["seconds"]["plans"] = results["seconds"].get("plans", 0) + time.perf_counter() - start
-    compute = choose_dtype("cpu", config.dtype).dtype
     todo = [v for v in variants if v.key not in results["variants"]]
     bar = tqdm(
         total=len(variants),
@@ -231,7 +230,7 @@ def run_compare(
         bar.set_postfix_str(f"{variant.options or ''} {variant.label}".strip())
         t0 = time.perf_counter()
         measured = model.module if variant.plan is None else apply_plan(model.module, variant.plan)
-        divergence = base.compare(measured, compute_dtype=compute)
+        divergence = base.compare(measured, compute_dtype=compute.dtype)
         tasks = None
         if config.tasks:
             tasks = evaluate_tasks(
@@ -240,7 +239,7 @@ def run_compare(
                 config.tasks,
                 config.limit,
                 config.eval_batch_size,
-                dtype=compute,
+                dtype=compute.dtype,
             ).to_dict()
             tasks.pop("lm_eval", None)  # keep results.json readable: per-task numbers only
         del measured

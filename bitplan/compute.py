@@ -57,9 +57,6 @@ class ComputeDtype:
     def name(self) -> str:
         return next(name for name, dtype in DTYPES.items() if dtype == self.dtype)
 
-    def autocast(self) -> torch.autocast:
-        return autocast(self.device, self.dtype)
-
     def describe(self) -> str:
         return f"computing in {self.name} on {self.device}: {self.reason}"
 
@@ -119,7 +116,7 @@ def cpu_description() -> dict[str, str]:
     }
 
 
-def cpu_matmul_speeds(refresh: bool = False) -> dict:
+def cpu_matmul_speeds() -> dict:
     """Seconds of the micro-benchmark matmul in float32 and under bfloat16 autocast, on this
     machine: measured once and cached, since it takes about a second."""
     cpu = cpu_description()
@@ -128,13 +125,12 @@ def cpu_matmul_speeds(refresh: bool = False) -> dict:
     )
     digest = hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()
     path = cache_dir() / "machine" / f"cpu-dtype-{digest}.json"
-    if not refresh:
-        try:
-            cached = json.loads(path.read_text())
-            if cached.get("identity") == identity:
-                return cached
-        except (OSError, ValueError):
-            pass  # missing or damaged: measure again
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("identity") == identity:
+            return cached
+    except (OSError, ValueError):
+        pass  # missing or damaged: measure again
     result = {**cpu, **_measure(), "threads": torch.get_num_threads(), "torch": torch.__version__}
     result["identity"] = identity
     result["cache_file"] = str(path)

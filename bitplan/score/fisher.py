@@ -255,13 +255,14 @@ def fisher_scores(
         meter = None
         if head_name in wanted:
             meter = _OutputErrorMeter({head_name: head}, options, form, dtype)
-        for record in records:
-            hidden = record.final_hidden.to(device)
-            with compute, linear_weights_in(tail, dtype):
-                grad = loss_gradient(model, hidden, record.input_ids.to(device))
-            grads.append(grad.cpu())
-            record.final_hidden = None
-            bar.update()
+        with linear_weights_in(tail, dtype):  # cast once for all batches
+            for record in records:
+                hidden = record.final_hidden.to(device)
+                with compute:
+                    grad = loss_gradient(model, hidden, record.input_ids.to(device))
+                grads.append(grad.cpu())
+                record.final_hidden = None
+                bar.update()
         for module in tail:
             module.to("cpu")
         if meter is not None:
@@ -274,14 +275,15 @@ def fisher_scores(
             prefix = f"{blocks_path}.{index}."
             block_modules = {n: modules[n] for n in wanted if n.startswith(prefix)}
             meter = _OutputErrorMeter(block_modules, options, form, dtype)
-            for k, record in enumerate(records):
-                hidden = record.hidden[index].to(device).requires_grad_(True)
-                with compute, linear_weights_in([block], dtype):
-                    out = run_block(block, hidden, to_device(record.kwargs[index], device))
-                    out.backward(grads[k].to(device).to(out.dtype))
-                grads[k] = hidden.grad.cpu()
-                record.hidden[index] = None  # free what is no longer needed
-                bar.update()
+            with linear_weights_in([block], dtype):  # after the meter read the weights
+                for k, record in enumerate(records):
+                    hidden = record.hidden[index].to(device).requires_grad_(True)
+                    with compute:
+                        out = run_block(block, hidden, to_device(record.kwargs[index], device))
+                        out.backward(grads[k].to(device).to(out.dtype))
+                    grads[k] = hidden.grad.cpu()
+                    record.hidden[index] = None  # free what is no longer needed
+                    bar.update()
             meter.close()
             totals.update(meter.totals)
             calls.update(meter.calls)
