@@ -56,31 +56,25 @@ class _OutputErrorMeter:
         self.totals = {name: [0.0] * len(self.options) for name in modules}
         self.calls = dict.fromkeys(modules, 0)  # an MoE expert may see no token at all
         # Quantize each weight once per option, for the whole block's lifetime, in the dtype the
-        # output error is computed in: the quantized weight of options that quantize
-        # activations, and the weight errors Q(W) − W of all options that need X·(Q(W) − W)ᵀ,
-        # stacked so that one matmul gives that term for every option at once.
-        self.direct = dtype == torch.float32  # ΔY = Q(X)·Q(W)ᵀ − Y (see _output_error)
-        self.stacked = [
-            k
-            for k, fmt in enumerate(self.options)
-            if not (self.direct and fmt.quantizes_activations)
-        ]
-        self.qweights: dict[str, dict[int, torch.Tensor]] = {}
-        self.weight_errors: dict[str, torch.Tensor | None] = {}
+        # output error is computed in (see _output_errors for the three forms).
+        self.direct = dtype == torch.float32
+        self.qweights: dict[str, dict[int, torch.Tensor]] = {}  # Q(W), direct form
+        self.weight_errors: dict[str, dict[int, torch.Tensor]] = {}  # Q(W) − W, weight-only
+        self.joint_weights: dict[str, dict[int, torch.Tensor]] = {}  # [Q(W) − W | Q(W)]
         with torch.no_grad():
             for name, m in modules.items():
                 weight = m.weight.float()
-                quantized = [fmt.quantize_weight(m.weight).float() for fmt in self.options]
-                self.qweights[name] = {
-                    k: q.to(dtype)
-                    for k, q in enumerate(quantized)
-                    if self.options[k].quantizes_activations
-                }
-                self.weight_errors[name] = {
-                    k: (q - weight).to(dtype)
-                    for k, q in enumerate(quantized)
-                    if not (self.direct and self.options[k].quantizes_activations)
-                }
+                qweights, errors, joint = {}, {}, {}
+                for k, fmt in enumerate(self.options):
+                    quantized = fmt.quantize_weight(m.weight).float()
+                    if not fmt.quantizes_activations:
+                        errors[k] = (quantized - weight).to(dtype)
+                    elif self.direct:
+                        qweights[k] = quantized.to(dtype)
+                    else:
+                        joint[k] = torch.cat([quantized - weight, quantized], dim=1).to(dtype)
+                self.qweights[name], self.weight_errors[name] = qweights, errors
+                self.joint_weights[name] = joint
         self.handles = [
             module.register_forward_hook(self._make_hook(name)) for name, module in modules.items()
         ]
@@ -134,17 +128,17 @@ class _OutputErrorMeter:
         Weight-only options: ΔY = X·(Q(W) − W)ᵀ. Options that quantize activations, in float32:
         Q(X)·Q(W)ᵀ − Y, one matmul, exact enough at 24 bits. In lower precision the difference
         of two rounded outputs would not be, so ΔY = X·(Q(W) − W)ᵀ + (Q(X) − X)·Q(W)ᵀ: products
-        of small differences, which stay accurate."""
-        errors, qweights = self.weight_errors[name], self.qweights[name]
-        for k, fmt in enumerate(self.options):
-            if k not in errors:  # the direct form
-                delta = nn.functional.linear(x.quantized(k), qweights[k])
+        of small differences, which stay accurate; both in one matmul of the inputs side by side,
+        [X | Q(X) − X]·[Q(W) − W | Q(W)]ᵀ, which accumulates the sum before rounding it once and
+        runs faster than two matmuls of half the width."""
+        for k in range(len(self.options)):
+            if k in self.weight_errors[name]:
+                yield k, nn.functional.linear(x.rows(), self.weight_errors[name][k])
+            elif self.direct:
+                delta = nn.functional.linear(x.quantized(k), self.qweights[name][k])
                 yield k, delta.sub_(y.reshape(delta.shape))
-                continue
-            delta = nn.functional.linear(x.rows(), errors[k])
-            if fmt.quantizes_activations:
-                delta += nn.functional.linear(x.error(k), qweights[k])
-            yield k, delta
+            else:
+                yield k, nn.functional.linear(x.joint(k), self.joint_weights[name][k])
 
     def close(self) -> None:
         for handle in self.handles:
@@ -154,7 +148,7 @@ class _OutputErrorMeter:
 
 class _SharedInput:
     """A layer input as rows in the compute dtype, and its quantized form Q(X) (float32) or
-    quantization error Q(X) − X (lower precisions) for each option that quantizes activations:
+    [X | Q(X) − X] (lower precisions) for each option that quantizes activations:
     made on first use (in the backward pass) and dropped once every layer reading this input
     has used them."""
 
@@ -165,7 +159,7 @@ class _SharedInput:
         self.readers = 0
         self._rows: torch.Tensor | None = None
         self._quantized: dict[int, torch.Tensor] = {}
-        self._errors: dict[int, torch.Tensor] = {}
+        self._joint: dict[int, torch.Tensor] = {}
 
     def rows(self) -> torch.Tensor:
         if self._rows is None:
@@ -181,20 +175,21 @@ class _SharedInput:
         return self._quantized[k]
 
     @torch.no_grad()
-    def error(self, k: int) -> torch.Tensor:
-        """Q(X) − X under option ``k``, computed in float32, stored in the compute dtype."""
-        if k not in self._errors:
+    def joint(self, k: int) -> torch.Tensor:
+        """[X | Q(X) − X] under option ``k``: the error computed in float32, both halves stored
+        side by side in the compute dtype."""
+        if k not in self._joint:
             rows = self.x.reshape(-1, self.x.shape[-1]).float()
             error = self.options[k].quantize_activation(rows) - rows
-            self._errors[k] = error.to(self.dtype)
-        return self._errors[k]
+            self._joint[k] = torch.cat([rows, error], dim=1).to(self.dtype)
+        return self._joint[k]
 
     def done(self) -> None:
         self.readers -= 1
         if self.readers <= 0:
             self._rows = None
             self._quantized.clear()
-            self._errors.clear()
+            self._joint.clear()
 
 
 def fisher_scores(
