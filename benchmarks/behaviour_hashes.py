@@ -89,7 +89,7 @@ def cases(model: str | None, work: Path, gguf: bool, calibration: list[str]) -> 
         "mixed": ["--options", "w4g32_asym,nvfp4,fp8,int8,mxfp6", "--avg-bits", "6"],
     }
     if gguf:
-        searches["gguf"] = ["--options", "q4_k,q6_k", "--avg-bits", "5"]
+        searches["gguf"] = ["--options", "q4_k,q6_k", "--avg-bits", "6"]
     for name, options in searches.items():
         run(["search", *model_args, *options, "--out", str(work / f"plans_{name}"), *common])
     for recipe, budget in (("head", "5"), ("tail", "5"), ("uniform", None)):
@@ -114,7 +114,7 @@ def cases(model: str | None, work: Path, gguf: bool, calibration: list[str]) -> 
         "compressed-tensors": ["plans_int/plan_bitplan_3.json", "plans_mx/plan_bitplan_6.json"],
     }
     if gguf:
-        exports["gguf"] = ["plans_gguf/plan_bitplan_5.json"]
+        exports["gguf"] = ["plans_gguf/plan_bitplan_6.json"]
     for fmt, plans in exports.items():
         for plan in plans:
             label = plan.split("/")[0] + "_" + fmt

@@ -105,7 +105,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         if args.stream and args.format == "gguf":
             raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
         # Fail now, not after scoring, when the export would hit an existing path.
-        from bitplan.export.atomic import check_output_dir, check_output_file
+        from bitplan.atomic import check_output_dir, check_output_file
 
         check = check_output_file if args.format == "gguf" else check_output_dir
         check(args.quantize, args.force)

@@ -11,9 +11,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import bitplan.export.packed as packed_module
+from bitplan.atomic import check_output_dir, check_output_file
 from bitplan.errors import BitplanError
 from bitplan.export import export_model, load_exported
-from bitplan.export.atomic import check_output_dir, check_output_file
 from bitplan.export.codes import part_bits
 from bitplan.export.common import safetensors_layout
 from bitplan.formats import parse_format

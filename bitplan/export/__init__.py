@@ -20,8 +20,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from bitplan.atomic import atomic_folder, check_output_dir
 from bitplan.errors import BitplanError
-from bitplan.export.atomic import atomic_output_dir, check_output_dir
 from bitplan.export.common import ExportReport, build_report, planned_formats
 from bitplan.export.shards import DEFAULT_SHARD_BYTES
 from bitplan.model.loading import LoadedModel
@@ -76,7 +76,7 @@ def export_model(
     """
     writer = _writer(format)
     formats = planned_formats(model, plan)  # fail on a wrong plan before creating anything
-    with atomic_output_dir(out_dir, force) as tmp:
+    with atomic_folder(out_dir, force) as tmp:
         kind_of, notes = writer(model, plan, tmp, max_shard_bytes)
         notes += _identity_notes(model, plan)
         report = build_report(tmp, Path(out_dir), format, formats, model, kind_of, notes)

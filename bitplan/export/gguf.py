@@ -25,9 +25,7 @@ import copy
 import functools
 import json
 import os
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,8 +42,8 @@ from gguf import (
 )
 from torch import nn
 
+from bitplan.atomic import atomic_file
 from bitplan.errors import BitplanError
-from bitplan.export.atomic import check_output_file
 from bitplan.formats import BF16Format, Format, parse_format
 from bitplan.formats.gguf import GGML_TYPES, GGUFFormat, quantize_rows
 from bitplan.model.loading import (
@@ -311,21 +309,6 @@ def _tensor_bytes(
     return data.reshape(-1) if param.dim() == 1 else data
 
 
-@contextmanager
-def _atomic_file(path: Path, force: bool) -> Iterator[Path]:
-    """A temporary file next to ``path``, renamed onto it on success and removed otherwise."""
-    path = check_output_file(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_gguf(
     model: LoadedModel,
     plan: Plan,
@@ -359,7 +342,7 @@ def export_gguf(
     layout = gguf_layout(model, plan, embedding_type, output_type)
     importance = dict(importance or {})
     params = dict(model.module.named_parameters())
-    with _atomic_file(path, force) as tmp:
+    with atomic_file(path, force) as tmp:
         writer = GGUFWriter(tmp, "llama")
         try:
             for key, value, vtype, sub_type in metadata:
