@@ -226,20 +226,11 @@ def _compute_dtype(device: str, requested: str):
 
 def _export(model, plan, out: str, fmt: str, force: bool, embedding_type=None, output_type=None):
     """Write ``model`` quantized by ``plan`` to ``out`` in export format ``fmt``."""
-    if fmt == "gguf":
-        from bitplan.export.gguf import export_gguf
-
-        return export_gguf(
-            model,
-            plan,
-            out,
-            embedding_type=embedding_type,
-            output_type=output_type,
-            force=force,
-        )
     from bitplan.export import export_model
 
-    return export_model(model, plan, out, fmt, force=force)
+    # --embedding-type and --output-type are gguf's options; the other formats ignore them.
+    options = {"embedding_type": embedding_type, "output_type": output_type}
+    return export_model(model, plan, out, fmt, force=force, **(options if fmt == "gguf" else {}))
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
