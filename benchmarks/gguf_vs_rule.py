@@ -8,7 +8,7 @@ On the embedded default (SmolLM2-135M-Instruct), for each llama.cpp mix (Q4_K_M;
   calibration text, at the mix's own average bits (so the file is no larger);
 * uniform files of the lowest and the highest type.
 
-Every file is written by ``export_gguf`` and run by llama.cpp (llama-cpp-python): KL divergence
+Every file is written by ``export_model`` and run by llama.cpp (llama-cpp-python): KL divergence
 and perplexity on held-out text are computed from llama.cpp's logits, against llama.cpp running
 the unquantized model (an F32 file). As a check of the export, the files of bitplan's plan and of
 the uniform high type are also compared with bitplan's own fake-quantized model of the same
@@ -31,12 +31,8 @@ import numpy as np
 from bitplan.data.calibration import calibration_samples
 from bitplan.data.heldout import heldout_samples
 from bitplan.evaluate.divergence import BaseLogits
-from bitplan.export.gguf import (
-    LlamaCppModel,
-    collect_importance,
-    export_gguf,
-    fake_quantize_gguf,
-)
+from bitplan.evaluate.llama_cpp import LlamaCppModel
+from bitplan.export import export_model
 from bitplan.export.gguf_recipes import (
     llama_cpp_mix_plan,
     mix_tensor_types,
@@ -45,7 +41,9 @@ from bitplan.export.gguf_recipes import (
 )
 from bitplan.model import load_model
 from bitplan.model.fingerprint import model_fingerprint
+from bitplan.quantize.gguf import fake_quantize_gguf
 from bitplan.score import score
+from bitplan.score.importance import collect_importance
 
 #: llama.cpp mix -> the GGUF types bitplan chooses among (the mix's own types).
 COMPARISONS = {"Q4_K_M": ["q4_k", "q6_k"], "Q3_K_M": ["q3_k", "q4_k", "q5_k"]}
@@ -121,7 +119,9 @@ def main() -> None:
     # The unquantized model as llama.cpp runs it: the base of every KL below.
     f32_plan = uniform_gguf_plan(model, "f32", model_id)
     f32_path = out / "f32.gguf"
-    export_gguf(model, f32_plan, f32_path, "f32", "f32", force=True)
+    export_model(
+        model, f32_plan, f32_path, "gguf", force=True, embedding_type="f32", output_type="f32"
+    )
 
     files: list[tuple[str, str, Path, object]] = []  # (mix, label, path, report)
     checks: dict[str, str] = {}
@@ -147,8 +147,15 @@ def main() -> None:
                     continue
                 name = label.split()[0] + "-" + label.split()[1].replace(",", "_")
                 path = out / f"{mix}-{name}{'-imatrix' if imp else ''}.gguf"
-                report = export_gguf(
-                    model, plan, path, embedding_type, output_type, importance=imp, force=True
+                report = export_model(
+                    model,
+                    plan,
+                    path,
+                    "gguf",
+                    force=True,
+                    embedding_type=embedding_type,
+                    output_type=output_type,
+                    importance=imp,
                 )
                 files.append((mix, label + suffix, path, report))
                 print(report.summary())

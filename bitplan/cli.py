@@ -105,7 +105,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         if args.stream and args.format == "gguf":
             raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
         # Fail now, not after scoring, when the export would hit an existing path.
-        from bitplan.export.atomic import check_output_dir, check_output_file
+        from bitplan.atomic import check_output_dir, check_output_file
 
         check = check_output_file if args.format == "gguf" else check_output_dir
         check(args.quantize, args.force)
@@ -226,20 +226,11 @@ def _compute_dtype(device: str, requested: str):
 
 def _export(model, plan, out: str, fmt: str, force: bool, embedding_type=None, output_type=None):
     """Write ``model`` quantized by ``plan`` to ``out`` in export format ``fmt``."""
-    if fmt == "gguf":
-        from bitplan.export.gguf import export_gguf
-
-        return export_gguf(
-            model,
-            plan,
-            out,
-            embedding_type=embedding_type,
-            output_type=output_type,
-            force=force,
-        )
     from bitplan.export import export_model
 
-    return export_model(model, plan, out, fmt, force=force)
+    # --embedding-type and --output-type are gguf's options; the other formats ignore them.
+    options = {"embedding_type": embedding_type, "output_type": output_type}
+    return export_model(model, plan, out, fmt, force=force, **(options if fmt == "gguf" else {}))
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:

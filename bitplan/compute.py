@@ -18,15 +18,16 @@ autocast lists with them) use the lower precision.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 import platform
 import time
 from dataclasses import dataclass
 
 import torch
 
+from bitplan.atomic import write_json_atomic
 from bitplan.cache import cache_dir
 from bitplan.errors import BitplanError
 
@@ -134,13 +135,8 @@ def cpu_matmul_speeds() -> dict:
     result = {**cpu, **_measure(), "threads": torch.get_num_threads(), "torch": torch.__version__}
     result["identity"] = identity
     result["cache_file"] = str(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only cache only costs a re-measurement next time
+    with contextlib.suppress(OSError):  # a read-only cache only costs a re-measurement later
+        write_json_atomic(path, result)
     return result
 
 

@@ -11,13 +11,13 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import bitplan.export.packed as packed_module
+from bitplan.atomic import check_output_dir, check_output_file
 from bitplan.errors import BitplanError
-from bitplan.export import export_model, load_exported
-from bitplan.export.atomic import check_output_dir, check_output_file
+from bitplan.export import export_model
 from bitplan.export.codes import part_bits
-from bitplan.export.common import safetensors_layout
+from bitplan.export.report import safetensors_layout
 from bitplan.formats import parse_format
-from bitplan.model import load_model
+from bitplan.model import load_exported, load_model
 from bitplan.model.loading import LoadedModel
 from bitplan.plan import Plan
 from bitplan.quantize import FakeQuantLinear, apply_plan
@@ -97,7 +97,7 @@ def test_packed_file_size_matches_the_plans_bit_accounting(tiny, tmp_path):
             assert sizes[f"{name}.{part}"] == math.ceil(bits / 8), (name, part)
     # Every part of the tiny model's layers is a whole number of bytes, so exactly:
     assert report.quantized_bytes * 8 == report.plan_bits
-    assert report.weight_file_bytes == report.quantized_bytes + report.dense_bytes + header
+    assert report.file_bytes == report.quantized_bytes + report.dense_bytes + header
     assert report.header_bytes == header
     assert sum(report.bytes_by_kind.values()) == report.quantized_bytes
     assert set(report.bytes_by_kind) == {"codes", "scales", "zero points"}
@@ -267,8 +267,12 @@ def test_interrupted_write_leaves_nothing_behind(tiny, tmp_path, monkeypatch, er
 
 def test_bad_requests_are_refused_before_writing(tiny, tmp_path):
     plan = make_plan(tiny, lambda layer: "w4g32")
-    with pytest.raises(BitplanError, match="unknown export format 'gguf'"):
+    with pytest.raises(BitplanError, match="unknown export format 'onnx'"):
+        export_model(tiny, plan, tmp_path / "out", "onnx")
+    with pytest.raises(BitplanError, match="ending in .gguf"):  # gguf is one file
         export_model(tiny, plan, tmp_path / "out", "gguf")
+    with pytest.raises(BitplanError, match="no option embedding_type"):
+        export_model(tiny, plan, tmp_path / "out", "packed", embedding_type="q8_0")
     plan.layer_formats["model.layers.9.mlp.up_proj"] = "w4g32"
     with pytest.raises(BitplanError, match="does not have"):
         export_model(tiny, plan, tmp_path / "out", "packed")

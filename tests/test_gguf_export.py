@@ -25,14 +25,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bitplan.errors import BitplanError
-from bitplan.export.gguf import (
-    LlamaCppModel,
-    collect_importance,
-    export_gguf,
-    fake_quantize_gguf,
-    gguf_layout,
-    gguf_size,
-)
+from bitplan.evaluate.llama_cpp import LlamaCppModel
+from bitplan.export import export_model
+from bitplan.export.gguf import gguf_size
+from bitplan.export.gguf_layout import gguf_layout
 from bitplan.export.gguf_recipes import (
     llama_cpp_mix_plan,
     mix_layer_type,
@@ -42,6 +38,8 @@ from bitplan.export.gguf_recipes import (
 )
 from bitplan.formats.gguf import GGML_TYPES, quantize_rows
 from bitplan.model.loading import LoadedModel
+from bitplan.quantize.gguf import fake_quantize_gguf
+from bitplan.score.importance import collect_importance
 
 HIDDEN, HEADS, KV_HEADS = 256, 4, 2
 
@@ -118,7 +116,7 @@ def mixed_plan(gguf_model):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, gguf_model, mixed_plan, tokenizer_gguf):
     path = tmp_path_factory.mktemp("out") / "tiny.gguf"
-    report = export_gguf(gguf_model, mixed_plan, path, metadata_from=tokenizer_gguf)
+    report = export_model(gguf_model, mixed_plan, path, "gguf", metadata_from=tokenizer_gguf)
     return path, report
 
 
@@ -135,7 +133,7 @@ def test_file_holds_the_plans_types_and_values(exported, gguf_model, mixed_plan)
         planned = layout[tensor.name]
         assert tensor.tensor_type.name == planned.type_name
         values = gguf.quants.dequantize(np.array(tensor.data), tensor.tensor_type)
-        expected = fake[planned.source].detach()
+        expected = fake[planned.parameter].detach()
         if planned.heads is not None:  # llama.cpp's rotary row order
             rows = expected.shape[0]
             expected = expected.reshape(planned.heads, 2, rows // planned.heads // 2, -1)
@@ -156,7 +154,7 @@ def test_sizes_match_the_plans_accounting(exported, gguf_model, mixed_plan):
     padded = sum(math.ceil(int(t.n_bytes) / alignment) * alignment for t in reader.tensors)
     assert report.file_bytes == path.stat().st_size == reader.data_offset + padded
     # The planned layers cost exactly what the plan says.
-    assert report.planned_bits == mixed_plan.avg_bits * report.planned_params
+    assert report.plan_bits == mixed_plan.avg_bits * report.planned_params
     assert report.planned_bits_per_weight == pytest.approx(mixed_plan.avg_bits)
     assert gguf_size(gguf_model, mixed_plan).tensor_bytes == report.tensor_bytes
     assert report.bits_per_weight == report.tensor_bytes * 8 / report.params
@@ -184,24 +182,28 @@ def test_untied_head_and_embedding_defaults(tiny_tokenizer, tokenizer_gguf, tmp_
     assert layout["token_embd.weight"] == "Q4_K" and layout["output.weight"] == "Q6_K"
     layout = {t.name: t.type_name for t in gguf_layout(model, plan, "q8_0", "q5_k")}
     assert layout["token_embd.weight"] == "Q8_0" and layout["output.weight"] == "Q5_K"
-    report = export_gguf(model, plan, tmp_path / "untied.gguf", metadata_from=tokenizer_gguf)
+    report = export_model(
+        model, plan, tmp_path / "untied.gguf", "gguf", metadata_from=tokenizer_gguf
+    )
     assert report.output_type == "Q6_K"
 
 
 def test_refusals_leave_nothing_behind(gguf_model, mixed_plan, tokenizer_gguf, tmp_path):
     with pytest.raises(BitplanError, match="Hugging Face folder"):
-        export_gguf(gguf_model, mixed_plan, tmp_path / "a.gguf")
+        export_model(gguf_model, mixed_plan, tmp_path / "a.gguf", "gguf")
     with pytest.raises(BitplanError, match="ending in .gguf"):
-        export_gguf(gguf_model, mixed_plan, tmp_path / "a.bin", metadata_from=tokenizer_gguf)
+        export_model(
+            gguf_model, mixed_plan, tmp_path / "a.bin", "gguf", metadata_from=tokenizer_gguf
+        )
     wrong = plan_from_formats(
         gguf_model, dict.fromkeys(mixed_plan.layer_formats, "w4g128"), "x", model_id="tiny"
     )
     with pytest.raises(BitplanError, match="cannot hold"):
-        export_gguf(gguf_model, wrong, tmp_path / "b.gguf", metadata_from=tokenizer_gguf)
+        export_model(gguf_model, wrong, tmp_path / "b.gguf", "gguf", metadata_from=tokenizer_gguf)
     existing = tmp_path / "c.gguf"
     existing.write_text("keep me")
     with pytest.raises(BitplanError, match="exists"):
-        export_gguf(gguf_model, mixed_plan, existing, metadata_from=tokenizer_gguf)
+        export_model(gguf_model, mixed_plan, existing, "gguf", metadata_from=tokenizer_gguf)
     assert existing.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.gguf"]
 
@@ -211,7 +213,9 @@ def test_importance_reaches_the_file(gguf_model, tokenizer_gguf, tmp_path):
     tokens = torch.randint(0, gguf_model.module.config.vocab_size, (2, 16))
     importance = collect_importance(gguf_model, tokens)
     path = tmp_path / "imatrix.gguf"
-    export_gguf(gguf_model, plan, path, importance=importance, metadata_from=tokenizer_gguf)
+    export_model(
+        gguf_model, plan, path, "gguf", importance=importance, metadata_from=tokenizer_gguf
+    )
     stored = {t.name: np.array(t.data) for t in gguf.GGUFReader(path).tensors}
     layer = "model.layers.1.mlp.down_proj"
     weight = dict(gguf_model.module.named_modules())[layer].weight.detach().numpy()
@@ -328,10 +332,11 @@ def test_llama_quantize_q4_k_m_equals_our_recipe(llama_cpp, gguf_model, tokenize
     """llama.cpp's own Q4_K_M, from an F32 file, is bitplan's Q4_K_M recipe byte for byte."""
     f32 = uniform_gguf_plan(gguf_model, "f32", model_id="tiny")
     source = tmp_path / "f32.gguf"
-    export_gguf(
+    export_model(
         gguf_model,
         f32,
         source,
+        "gguf",
         embedding_type="f32",
         output_type="f32",
         metadata_from=tokenizer_gguf,
@@ -343,7 +348,7 @@ def test_llama_quantize_q4_k_m_equals_our_recipe(llama_cpp, gguf_model, tokenize
     assert llama_cpp.llama_model_quantize(str(source).encode(), str(theirs).encode(), params) == 0
     plan = llama_cpp_mix_plan(gguf_model, "Q4_K_M", model_id="tiny")
     ours = tmp_path / "ours.gguf"
-    export_gguf(gguf_model, plan, ours, metadata_from=tokenizer_gguf)
+    export_model(gguf_model, plan, ours, "gguf", metadata_from=tokenizer_gguf)
     their_tensors = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
     our_tensors = {t.name: t for t in gguf.GGUFReader(ours).tensors}
     assert set(their_tensors) == set(our_tensors)
@@ -355,13 +360,13 @@ def test_llama_quantize_q4_k_m_equals_our_recipe(llama_cpp, gguf_model, tokenize
 def test_activation_rounding_emulation(gguf_model, mixed_plan):
     """``llama_cpp_activations`` rounds each Linear's input as llama.cpp's matmul would: Q8_0
     blocks are exactly Q8_0's quantize-dequantize (ties aside)."""
-    from bitplan.export.gguf import _round_q8_0, _round_q8_k
+    from bitplan.quantize.llama_cpp import round_q8_0, round_q8_k
 
     x = torch.randn(3, 512) * 4
     q8_0 = quantize_rows(x.numpy(), "Q8_0")
     expected = gguf.quants.dequantize(q8_0, gguf.GGMLQuantizationType.Q8_0)
-    np.testing.assert_array_equal(_round_q8_0(x).numpy(), expected)
-    rounded = _round_q8_k(x).reshape(3, 2, 256)
+    np.testing.assert_array_equal(round_q8_0(x).numpy(), expected)
+    rounded = round_q8_k(x).reshape(3, 2, 256)
     steps = rounded / rounded.abs().amax(-1, keepdim=True) * 127
     torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)
     plain = fake_quantize_gguf(gguf_model, mixed_plan)

@@ -92,7 +92,9 @@ def test_streamed_export_in_shards_equals_in_memory_export(tiny_folder, tmp_path
     whole = export_model(in_memory, plan, tmp_path / "whole", export_format)
     streamed, _ = load_streaming(tiny_folder)
     shard_bytes = 20_000  # far below the model's size: many shards
-    sharded = export_model(streamed, plan, tmp_path / "sharded", export_format, False, shard_bytes)
+    sharded = export_model(
+        streamed, plan, tmp_path / "sharded", export_format, max_shard_bytes=shard_bytes
+    )
     files = weight_files(tmp_path / "sharded")
     assert len(files) > 3 and (tmp_path / "sharded" / INDEX_FILE).is_file()
     assert not list((tmp_path / "sharded").glob("*.part"))

@@ -35,21 +35,16 @@ from pathlib import Path
 import torch
 
 from bitplan.errors import BitplanError
+from bitplan.export.backend import Backend
 from bitplan.export.codes import E8M0_BIAS, as_int_format, decode_weight, encode_weight
-from bitplan.export.common import (
-    dense_tensors,
-    head_name,
-    layer_weight,
-    model_dtype_name,
-    planned_formats,
-    write_config,
-    write_side_files,
-)
+from bitplan.export.folder import model_dtype_name, write_config, write_side_files
+from bitplan.export.report import ExportReport, folder_report
 from bitplan.export.shards import DEFAULT_SHARD_BYTES, ShardWriter, read_tensors
+from bitplan.export.source import ExportSource
+from bitplan.export.tensors import dense_tensors
 from bitplan.formats import BF16Format, Format, FP8Format, MXFormat, NVFP4Format
 from bitplan.formats.minifloat import power_of_two
 from bitplan.formats.mx import MX_BLOCK_SIZE
-from bitplan.model.loading import LoadedModel
 from bitplan.plan import Plan
 
 #: Formats whose layers stay dense (unquantized) in a compressed-tensors checkpoint.
@@ -71,9 +66,9 @@ class _LayerScheme:
         return f"{self.fmt.name}_stored_as_g{self.group_size}" if self.expanded else self.fmt.name
 
 
-def check_fusion_groups(model: LoadedModel, formats: dict[str, Format]) -> None:
+def check_fusion_groups(source: ExportSource, formats: dict[str, Format]) -> None:
     """Refuse a plan whose layers of one fusion group would get different schemes."""
-    for group, layers in model.layers.groups(include_head=True).items():
+    for group, layers in source.layers.groups(include_head=True).items():
         if len(layers) < 2:
             continue
         chosen = {layer.name: _scheme_name(formats.get(layer.name)) for layer in layers}
@@ -223,16 +218,23 @@ def _decompress(local: dict[str, torch.Tensor], scheme, exact_scales: bool) -> t
 
 
 def write_compressed(
-    model: LoadedModel, plan: Plan, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
-) -> tuple[dict[str, str], list[str]]:
-    """Write the compressed-tensors export into ``folder``; returns tensor kinds and notes."""
-    import compressed_tensors
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig
+    source: ExportSource,
+    plan: Plan,
+    formats: dict[str, Format],
+    folder: Path,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> ExportReport:
+    """Write the compressed-tensors export into ``folder``."""
+    try:
+        import compressed_tensors
+        from compressed_tensors.compressors import ModelCompressor
+        from compressed_tensors.quantization import QuantizationConfig
+    except ImportError as err:  # pragma: no cover - a dependency of bitplan
+        raise BitplanError(f"the compressed-tensors export needs that package: {err}") from err
 
-    formats = planned_formats(model, plan)
-    check_fusion_groups(model, formats)
-    modules = dict(model.module.named_modules())
+    check_fusion_groups(source, formats)
+    modules = dict(source.module.named_modules())
     quantized = {n: f for n, f in formats.items() if not isinstance(f, BF16Format)}
     layer_schemes = {
         name: _layer_scheme(name, fmt, modules[name].in_features) for name, fmt in quantized.items()
@@ -243,14 +245,14 @@ def write_compressed(
     schemes = {layer: _quantization_scheme(layer, names) for layer, names in targets.items()}
 
     shards = ShardWriter(folder, {"format": "pt"}, max_shard_bytes)
-    shards.add_all(dense_tensors(model, skip={f"{name}.weight" for name in formats}))
+    shards.add_all(dense_tensors(source, skip={f"{name}.weight" for name in formats}))
     for name, fmt in formats.items():
         if name not in quantized:  # bf16 layers stay dense, with the fake model's bf16 weight
-            shards.add(f"{name}.weight", encode_weight(layer_weight(model, name), fmt)["weight"])
+            shards.add(f"{name}.weight", encode_weight(source.layer_weight(name), fmt)["weight"])
     kind_of: dict[str, str] = {}
     for name, layer in layer_schemes.items():
         scheme = schemes[layer]
-        local, fake = _uncompressed_state(layer_weight(model, name), layer)
+        local, fake = _uncompressed_state(source.layer_weight(name), layer)
         compressed = _compressor(layer.compression).compress(local, scheme)
         if not torch.equal(_decompress(compressed, scheme, exact_scales=True), fake):
             raise BitplanError(
@@ -264,7 +266,7 @@ def write_compressed(
     shards.finish()
 
     compressions = {layer.compression for layer in targets}
-    linear_names = [layer.name for layer in model.layers]
+    linear_names = [layer.name for layer in source.layers]
     config = QuantizationConfig(
         config_groups={layer.label: scheme for layer, scheme in schemes.items()},
         format=compressions.pop() if len(compressions) == 1 else "mixed-precision",
@@ -273,15 +275,18 @@ def write_compressed(
     )
     write_config(
         folder,
-        model,
+        source,
         dtype=model_dtype_name(d for k, d in shards.dtypes.items() if k not in kind_of),
-        untie=head_name(model) in formats,
+        untie=source.head_name() in formats,
         extra={},
     )
     ModelCompressor(quantization_config=config).update_config(str(folder))
-    write_side_files(folder, model, plan)
+    write_side_files(folder, source, plan)
     notes = _notes(layer_schemes, compressed_tensors.__version__)
-    return kind_of, notes
+    return folder_report(folder, "compressed-tensors", source, formats, kind_of, notes)
+
+
+BACKEND = Backend("compressed-tensors", write_compressed)
 
 
 def _tensor_kind(key: str) -> str:

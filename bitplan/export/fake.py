@@ -15,19 +15,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bitplan.export.common import (
+from bitplan.export.backend import Backend
+from bitplan.export.folder import (
     FORMAT_VERSION,
-    dense_tensors,
-    head_name,
-    layer_weight,
     model_dtype_name,
-    planned_formats,
-    storage_tensor,
     write_config,
     write_side_files,
 )
+from bitplan.export.report import ExportReport, folder_report
 from bitplan.export.shards import DEFAULT_SHARD_BYTES, ShardWriter
-from bitplan.model.loading import LoadedModel
+from bitplan.export.source import ExportSource
+from bitplan.export.tensors import dense_tensors, storage_tensor
+from bitplan.formats import Format
 from bitplan.plan import Plan
 
 #: Key of bitplan's record in a fake export's config.json.
@@ -35,16 +34,20 @@ CONFIG_KEY = "bitplan"
 
 
 def write_fake(
-    model: LoadedModel, plan: Plan, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
-) -> tuple[dict[str, str], list[str]]:
-    """Write the fake export into ``folder``; returns each planned weight's kind, and notes."""
-    formats = planned_formats(model, plan)
+    source: ExportSource,
+    plan: Plan,
+    formats: dict[str, Format],
+    folder: Path,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> ExportReport:
+    """Write the fake export into ``folder``."""
     keys = {name: f"{name}.weight" for name in formats}
     shards = ShardWriter(folder, {"format": "pt"}, max_shard_bytes)
-    shards.add_all(dense_tensors(model, skip=set(keys.values())))
+    shards.add_all(dense_tensors(source, skip=set(keys.values())))
     for name, fmt in formats.items():
         # What FakeQuantLinear.from_linear holds: quantized in the model's dtype.
-        shards.add(keys[name], storage_tensor(fmt.quantize_weight(layer_weight(model, name))))
+        shards.add(keys[name], storage_tensor(fmt.quantize_weight(source.layer_weight(name))))
     shards.finish()
     record = {
         "export_format": "fake",
@@ -56,16 +59,19 @@ def write_fake(
     }
     write_config(
         folder,
-        model,
+        source,
         dtype=model_dtype_name(shards.dtypes.values()),
-        untie=head_name(model) in formats,
+        untie=source.head_name() in formats,
         extra={CONFIG_KEY: record},
     )
-    write_side_files(folder, model, plan)
+    write_side_files(folder, source, plan)
     kind_of = {key: "fake-quantized weights" for key in keys.values()}
     notes = [
         "fake export: weights are stored dequantized (bfloat16 where exact, else float32), so "
         "its size says nothing about the plan's bits; plain transformers loads it but runs "
         "activations unquantized"
     ]
-    return kind_of, notes
+    return folder_report(folder, "fake", source, formats, kind_of, notes)
+
+
+BACKEND = Backend("fake", write_fake)

