@@ -2,7 +2,7 @@
 
 On the embedded default (SmolLM2-135M-Instruct), for each llama.cpp mix (Q4_K_M; Q3_K_M):
 
-* the mix itself, as llama.cpp's rules choose it (``bitplan/export/gguf_recipes.py``; checked
+* the mix itself, as llama.cpp's rules choose it (``bitplan/plans/recipes.py``; checked
   here byte for byte against ``llama_model_quantize`` run on an F32 file of the same model);
 * bitplan's plan over the same GGUF types, solved per tensor from Fisher scores on the default
   calibration text, at the mix's own average bits (so the file is no larger);
@@ -37,14 +37,14 @@ from bitplan.export.gguf import (
     export_gguf,
     fake_quantize_gguf,
 )
-from bitplan.export.gguf_recipes import (
+from bitplan.model import load_model
+from bitplan.model.fingerprint import model_fingerprint
+from bitplan.plans import (
     llama_cpp_mix_plan,
     mix_tensor_types,
     solve_gguf_plans,
     uniform_gguf_plan,
 )
-from bitplan.model import load_model
-from bitplan.model.fingerprint import model_fingerprint
 from bitplan.score import score
 
 #: llama.cpp mix -> the GGUF types bitplan chooses among (the mix's own types).

@@ -108,7 +108,7 @@ def child_bitplan(options: str, budgets: list[float], n_samples: int, seq_len: i
     from bitplan.formats import parse_format_list
     from bitplan.model import load_model
     from bitplan.model.fingerprint import model_fingerprint
-    from bitplan.planning import solve_plans
+    from bitplan.plans import solve_plans
     from bitplan.score import score
 
     imported = time.perf_counter()
@@ -410,7 +410,7 @@ def autoround_plan(run: dict, bits: str, model) -> tuple[object, dict]:
     from bitplan.accounting import average_bits
     from bitplan.formats import parse_format
     from bitplan.model.fingerprint import model_fingerprint
-    from bitplan.plan import Plan
+    from bitplan.plans import Plan
 
     entry = run["per_budget"][bits]
     table = model.layers
@@ -472,7 +472,7 @@ def unfused_plans(scores_dict: dict, model, budgets: tuple[float, ...]) -> list:
     from bitplan.accounting import average_bits
     from bitplan.formats import parse_format
     from bitplan.model.fingerprint import model_fingerprint
-    from bitplan.plan import Plan
+    from bitplan.plans import Plan
     from bitplan.score import Scores
     from bitplan.solve import Unit, solve
 
@@ -517,8 +517,7 @@ def write_plans(args: argparse.Namespace) -> None:
     from bitplan.formats import parse_format_list
     from bitplan.model import load_model
     from bitplan.model.fingerprint import model_fingerprint
-    from bitplan.plan import Plan
-    from bitplan.planning import baseline_plan
+    from bitplan.plans import Plan, baseline_plan
 
     model = load_model()
     model_id = f"{model.name}@{model_fingerprint(model.module)}"
@@ -583,7 +582,7 @@ def phase_eval(args: argparse.Namespace) -> None:
     from bitplan.evaluate.divergence import BaseLogits
     from bitplan.evaluate.harness import evaluate_tasks
     from bitplan.model import load_model
-    from bitplan.plan import Plan
+    from bitplan.plans import Plan
     from bitplan.quantize import apply_plan
 
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from bitplan.model import LoadedModel
-    from bitplan.plan import Plan
+    from bitplan.plans import Plan
     from bitplan.score import Scores
 
 __all__ = ["apply", "load", "plan_budgets", "score_layers"]
@@ -63,7 +63,7 @@ def plan_budgets(
 ) -> dict[float, Plan]:
     """The proven-optimal plan for each budget, keyed by budget."""
     from bitplan.formats import parse_format_list
-    from bitplan.planning import solve_plans
+    from bitplan.plans import solve_plans
 
     budgets = [avg_bits] if isinstance(avg_bits, (int, float)) else list(avg_bits)
     plans = solve_plans(

@@ -85,7 +85,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     from bitplan.distributed import is_main
     from bitplan.formats import parse_format_list
     from bitplan.model import load_model
-    from bitplan.planning import baseline_plan, build_units, resolve_pins, solve_plans
+    from bitplan.plans import baseline_plan, build_units, resolve_pins, solve_plans
     from bitplan.plots import plot_bits_per_layer
     from bitplan.score import score
     from bitplan.solve import pareto_front, reachable_range
@@ -244,7 +244,7 @@ def _export(model, plan, out: str, fmt: str, force: bool, embedding_type=None, o
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from bitplan.model import load_model
-    from bitplan.plan import Plan
+    from bitplan.plans import Plan
 
     plan = Plan.load(args.plan)
     if args.stream:

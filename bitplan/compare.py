@@ -25,8 +25,7 @@ from bitplan.evaluate.harness import evaluate_tasks
 from bitplan.formats import parse_format_list
 from bitplan.jsonio import write_json_atomic
 from bitplan.model.loading import LoadedModel, cache_dir
-from bitplan.plan import Plan
-from bitplan.planning import RECIPES, baseline_plan, solve_plans
+from bitplan.plans import RECIPES, Plan, baseline_plan, solve_plans
 from bitplan.quantize import apply_plan
 from bitplan.score import score
 

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bitplan.model.layers import LayerTable  # noqa: E402
-from bitplan.plan import Plan  # noqa: E402
+from bitplan.plans import Plan  # noqa: E402
 from bitplan.plots import plot_bits_per_layer  # noqa: E402
 
 

@@ -33,15 +33,15 @@ from bitplan.export.gguf import (
     gguf_layout,
     gguf_size,
 )
-from bitplan.export.gguf_recipes import (
+from bitplan.formats.gguf import GGML_TYPES, quantize_rows
+from bitplan.model.loading import LoadedModel
+from bitplan.plans import (
     llama_cpp_mix_plan,
     mix_layer_type,
     plan_from_formats,
     ungrouped,
     uniform_gguf_plan,
 )
-from bitplan.formats.gguf import GGML_TYPES, quantize_rows
-from bitplan.model.loading import LoadedModel
 
 HIDDEN, HEADS, KV_HEADS = 256, 4, 2
 

@@ -10,7 +10,7 @@ import torch
 import bitplan
 from bitplan.cli import main
 from bitplan.errors import BitplanError
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 
 
 @pytest.fixture()

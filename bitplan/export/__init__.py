@@ -25,7 +25,7 @@ from bitplan.export.atomic import atomic_output_dir, check_output_dir
 from bitplan.export.common import ExportReport, build_report, planned_formats
 from bitplan.export.shards import DEFAULT_SHARD_BYTES
 from bitplan.model.loading import LoadedModel
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 
 EXPORT_FORMATS = ("fake", "packed", "compressed-tensors")
 

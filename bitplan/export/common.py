@@ -17,7 +17,7 @@ from bitplan.errors import BitplanError
 from bitplan.export.shards import weight_files
 from bitplan.formats import Format, parse_format
 from bitplan.model.loading import LoadedModel
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 
 #: Name of the plan file inside every export.
 PLAN_FILE = "bitplan_plan.json"

@@ -50,7 +50,7 @@ from bitplan.formats import BF16Format, Format, FP8Format, MXFormat, NVFP4Format
 from bitplan.formats.minifloat import power_of_two
 from bitplan.formats.mx import MX_BLOCK_SIZE
 from bitplan.model.loading import LoadedModel
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 
 #: Formats whose layers stay dense (unquantized) in a compressed-tensors checkpoint.
 _DENSE = "dense"

@@ -28,7 +28,7 @@ from bitplan.export.common import (
 )
 from bitplan.export.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from bitplan.model.loading import LoadedModel
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 
 #: Key of bitplan's record in a fake export's config.json.
 CONFIG_KEY = "bitplan"

@@ -54,7 +54,7 @@ from bitplan.model.loading import (
     cache_dir,
     default_gguf_path,
 )
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 
 #: llama.cpp's type for the output tensor (and a tied token embedding): Q6_K, or Q8_0 when the
 #: rows do not divide into 256-blocks (``llama_tensor_get_type_impl``).

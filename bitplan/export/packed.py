@@ -25,7 +25,7 @@ from bitplan.export.common import (
 )
 from bitplan.export.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from bitplan.model.loading import LoadedModel
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 
 QUANT_METHOD = "bitplan"
 

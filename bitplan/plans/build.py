@@ -10,7 +10,7 @@ from bitplan.accounting import average_bits
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
 from bitplan.model.layers import LayerTable
-from bitplan.plan import Plan
+from bitplan.plans.plan import Plan
 from bitplan.score.scores import Scores
 from bitplan.solve import Solution, Unit, head, solve, tail, uniform
 

@@ -41,8 +41,8 @@ from bitplan.formats import Format, parse_format
 from bitplan.model.fingerprint import model_fingerprint
 from bitplan.model.layers import LayerTable
 from bitplan.model.loading import LoadedModel
-from bitplan.plan import Plan
-from bitplan.planning import solve_plans
+from bitplan.plans.build import solve_plans
+from bitplan.plans.plan import Plan
 from bitplan.score.scores import Scores
 
 _BASE_TYPE = {
