@@ -1,34 +1,94 @@
-"""From a model's layer table, formats and scores to Plans: the glue between ``score`` and
-``solve`` (which knows nothing about models)."""
+"""Building plans: what a plan chooses among (solver units and pins), and the one Plan builder.
+
+Every Plan is made by :func:`build_plan`, whatever chose its formats: the solver
+(:meth:`PlanSpace.solve`), a recipe (``recipes.py``) or an explicit table of layer formats
+(:func:`plan_from_formats`, plans read back from other tools). ``bitplan.solve`` beneath knows
+nothing about models: :class:`PlanSpace` turns a layer table into its units.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bitplan.accounting import average_bits
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
-from bitplan.model.layers import LayerTable
+from bitplan.model.layers import LayerInfo, LayerTable
 from bitplan.plans.plan import Plan
-from bitplan.score.scores import Scores
-from bitplan.solve import Solution, Unit, head, solve, tail, uniform
+from bitplan.solve import Solution, Unit, pareto_front, reachable_range, solve
 
-RECIPES = ("uniform", "head", "tail")
+if TYPE_CHECKING:  # only for hints: the plans stage does not run models or scorers
+    from bitplan.model.loading import LoadedModel
+    from bitplan.score.scores import Scores
 
 
-def build_units(
-    table: LayerTable,
-    formats: Sequence[Format],
-    scores: Scores | None,
-    include_head: bool,
+def build_plan(
+    model_id: str,
+    recipe: str,
+    layers: Sequence[LayerInfo],
+    layer_formats: Mapping[str, Format],
+    options: Sequence[str],
     include_scales: bool,
-) -> list[Unit]:
-    """One solver unit per fusion group: exact bits and summed scores for every option."""
-    group_scores = scores.group_scores(table, include_head) if scores is not None else {}
-    units = []
-    for group, layers in table.groups(include_head).items():
-        units.append(
+    include_head: bool = False,
+    budget_avg_bits: float | None = None,
+    group_formats: Mapping[str, str] | None = None,
+    predicted_loss: float | None = None,
+    scorer: str | None = None,
+    proven_optimal: bool = False,
+) -> Plan:
+    """A Plan from a choice of formats, made the same way for every kind of plan.
+
+    ``layer_formats`` (layer name -> format, in the order the plan file lists them) may name
+    layers outside ``layers``; the average bits are counted over ``layers`` alone, with and
+    without scale bits, and ``avg_bits`` is the one ``include_scales`` says.
+    """
+    with_scales = average_bits(layers, layer_formats, include_scales=True)
+    without = average_bits(layers, layer_formats, include_scales=False)
+    return Plan(
+        model=model_id,
+        recipe=recipe,
+        options=list(options),
+        layer_formats={name: fmt.name for name, fmt in layer_formats.items()},
+        budget_avg_bits=budget_avg_bits,
+        avg_bits=with_scales if include_scales else without,
+        avg_bits_with_scales=with_scales,
+        avg_bits_without_scales=without,
+        include_scales=include_scales,
+        include_head=include_head,
+        predicted_loss=predicted_loss,
+        scorer=scorer,
+        proven_optimal=proven_optimal,
+        group_formats=dict(group_formats or {}),
+    )
+
+
+@dataclass(frozen=True)
+class PlanSpace:
+    """What a plan chooses among: one solver unit per fusion group, with the exact bits of every
+    option, and the pins. Built once per search (before scoring, so that the budgets can be
+    checked early); the scores join the units when there are some."""
+
+    table: LayerTable
+    formats: tuple[Format, ...]
+    include_head: bool
+    include_scales: bool
+    pins: dict[str, str]  # fusion group -> option
+    units: tuple[Unit, ...]  # costs only, no scores
+
+    @classmethod
+    def build(
+        cls,
+        table: LayerTable,
+        formats: Sequence[Format],
+        include_head: bool = False,
+        include_scales: bool = True,
+        pins: Mapping[str, str] | None = None,
+    ) -> PlanSpace:
+        units = tuple(
             Unit(
                 name=group,
                 block=layers[0].block,
@@ -37,10 +97,98 @@ def build_units(
                     fmt.name: sum(fmt.weight_bits(layer.shape, include_scales) for layer in layers)
                     for fmt in formats
                 },
-                scores=dict(group_scores.get(group, {})),
             )
+            for group, layers in table.groups(include_head).items()
         )
-    return units
+        return cls(table, tuple(formats), include_head, include_scales, dict(pins or {}), units)
+
+    def reachable_range(self) -> tuple[float, float]:
+        """The lowest and highest average bits any plan here can reach."""
+        return reachable_range(self.units, self.pins)
+
+    def scored_units(self, scores: Scores | None) -> list[Unit]:
+        """The units with each fusion group's summed scores (none when ``scores`` is None)."""
+        if scores is None:
+            return list(self.units)
+        group_scores = scores.group_scores(self.table, self.include_head)
+        return [
+            dataclasses.replace(unit, scores=dict(group_scores.get(unit.name, {})))
+            for unit in self.units
+        ]
+
+    def solve(
+        self, scores: Scores, budgets: Sequence[float], model_id: str, recipe: str = "bitplan"
+    ) -> list[Plan]:
+        """The least-loss plan for every budget, each a proven optimum of the summed scores."""
+        solutions = solve(self.scored_units(scores), list(budgets), pins=self.pins)
+        return [self.plan(sol, model_id, recipe, scores.scorer) for sol in solutions]
+
+    def front(self, scores: Scores) -> list[tuple[float, float]]:
+        """Every (average bits, predicted loss) point of the exact Pareto front."""
+        return pareto_front(self.scored_units(scores), self.pins)
+
+    def plan(
+        self, solution: Solution, model_id: str, recipe: str, scorer: str | None = None
+    ) -> Plan:
+        """The Plan of a solver's (or a recipe's) choice of one option per fusion group."""
+        by_name = {fmt.name: fmt for fmt in self.formats}
+        groups = self.table.groups(self.include_head)
+        layer_formats = {
+            layer.name: by_name[solution.choice[group]]
+            for group, layers in groups.items()
+            for layer in layers
+        }
+        score = solution.score if solution.score == solution.score else None  # nan -> None
+        return build_plan(
+            model_id,
+            recipe,
+            self.table.selected(self.include_head),
+            layer_formats,
+            options=[fmt.name for fmt in self.formats],
+            include_scales=self.include_scales,
+            include_head=self.include_head,
+            budget_avg_bits=solution.budget_avg_bits,
+            group_formats=solution.choice,
+            predicted_loss=score,
+            scorer=scorer,
+            proven_optimal=solution.proven_optimal,
+        )
+
+
+def solve_plans(
+    table: LayerTable,
+    formats: Sequence[Format],
+    scores: Scores,
+    budgets: Sequence[float],
+    model_id: str,
+    include_head: bool = False,
+    include_scales: bool = True,
+    pins: dict[str, str] | None = None,
+) -> list[Plan]:
+    """The least-loss plan for every budget, each a proven optimum of the summed scores."""
+    space = PlanSpace.build(table, formats, include_head, include_scales, pins)
+    return space.solve(scores, budgets, model_id)
+
+
+def plan_from_formats(
+    model: LoadedModel, layer_formats: Mapping[str, str], recipe: str, model_id: str | None = None
+) -> Plan:
+    """A Plan for the decoder layers of ``model`` with the given layer -> format names (each
+    layer its own group, as in a GGUF file), its budget what it costs, scales counted."""
+    layers = model.layers.decoder_layers()
+    missing = [layer.name for layer in layers if layer.name not in layer_formats]
+    if missing:
+        raise BitplanError(f"no format for {len(missing)} layer(s), e.g. {missing[0]}")
+    formats = {name: parse_format(fmt) for name, fmt in layer_formats.items()}
+    return build_plan(
+        model_id or model.identity,
+        recipe,
+        layers,
+        {layer.name: formats[layer.name] for layer in layers},
+        options=sorted({fmt.name for fmt in formats.values()}),
+        include_scales=True,
+        group_formats={layer.name: formats[layer.name].name for layer in layers},
+    )
 
 
 def resolve_pins(
@@ -54,7 +202,7 @@ def resolve_pins(
     """
     names = {fmt.name for fmt in formats}
     pins: dict[str, str] = {}
-    pins_head = False
+    pins_lm_head = False
     all_layers = list(table)
     for spec in pin_specs:
         pattern, sep, option = spec.rpartition("=")
@@ -83,93 +231,5 @@ def resolve_pins(
                     "engine fuses with it: pin the whole group"
                 )
             pins[layer.group] = option
-            pins_head = pins_head or layer.role == "lm_head"
-    return pins, pins_head
-
-
-def _plan_from_solution(
-    solution: Solution,
-    table: LayerTable,
-    formats: Sequence[Format],
-    model_id: str,
-    recipe: str,
-    include_head: bool,
-    include_scales: bool,
-    scorer: str | None,
-) -> Plan:
-    by_name = {fmt.name: fmt for fmt in formats}
-    layer_formats = {}
-    for group, layers in table.groups(include_head).items():
-        for layer in layers:
-            layer_formats[layer.name] = solution.choice[group]
-    layers = table.selected(include_head)
-    fmt_of = {name: by_name[opt] for name, opt in layer_formats.items()}
-    score = solution.score if solution.score == solution.score else None  # nan -> None
-    return Plan(
-        model=model_id,
-        recipe=recipe,
-        options=[fmt.name for fmt in formats],
-        layer_formats=layer_formats,
-        budget_avg_bits=solution.budget_avg_bits,
-        avg_bits=solution.avg_bits,
-        avg_bits_with_scales=average_bits(layers, fmt_of, include_scales=True),
-        avg_bits_without_scales=average_bits(layers, fmt_of, include_scales=False),
-        include_scales=include_scales,
-        include_head=include_head,
-        predicted_loss=score,
-        scorer=scorer,
-        proven_optimal=solution.proven_optimal,
-        group_formats=dict(solution.choice),
-    )
-
-
-def solve_plans(
-    table: LayerTable,
-    formats: Sequence[Format],
-    scores: Scores,
-    budgets: Sequence[float],
-    model_id: str,
-    include_head: bool = False,
-    include_scales: bool = True,
-    pins: dict[str, str] | None = None,
-) -> list[Plan]:
-    """The least-loss plan for every budget, each a proven optimum of the summed scores."""
-    units = build_units(table, formats, scores, include_head, include_scales)
-    solutions = solve(units, list(budgets), pins=pins)
-    return [
-        _plan_from_solution(
-            sol, table, formats, model_id, "bitplan", include_head, include_scales, scores.scorer
-        )
-        for sol in solutions
-    ]
-
-
-def baseline_plan(
-    recipe: str,
-    table: LayerTable,
-    formats: Sequence[Format],
-    budget: float | None,
-    model_id: str,
-    include_head: bool = False,
-    include_scales: bool = True,
-    pins: dict[str, str] | None = None,
-    scores: Scores | None = None,
-) -> Plan:
-    """A reference recipe: ``uniform`` (all the cheapest option), ``head`` / ``tail`` (whole
-    blocks nearest the output / the embedding promoted to the most expensive option while the
-    budget allows)."""
-    if recipe not in RECIPES:
-        raise BitplanError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    units = build_units(table, formats, scores, include_head, include_scales)
-    probe = units[0]
-    low = min(probe.costs, key=probe.costs.__getitem__)
-    high = max(probe.costs, key=probe.costs.__getitem__)
-    if recipe == "uniform":
-        solution = uniform(units, low, pins=pins)
-    else:
-        if budget is None:
-            raise BitplanError(f"the {recipe} recipe needs a budget (--avg-bits)")
-        solution = (head if recipe == "head" else tail)(units, low, high, budget, pins=pins)
-    return _plan_from_solution(
-        solution, table, formats, model_id, recipe, include_head, include_scales, None
-    )
+            pins_lm_head = pins_lm_head or layer.role == "lm_head"
+    return pins, pins_lm_head

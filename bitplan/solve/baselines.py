@@ -25,25 +25,27 @@ def uniform(units: Iterable[Unit], low: str, pins: Mapping[str, str] | None = No
     return problem.solution(picks, None, proven_optimal=False, method="uniform")
 
 
-def head(
+def promote_output_blocks(
     units: Iterable[Unit],
     low: str,
     high: str,
     avg_bits: float | int | Fraction,
     pins: Mapping[str, str] | None = None,
 ) -> Solution:
-    """Promote whole blocks to ``high``, from the output end inward, while the budget allows."""
+    """Promote whole blocks to ``high``, from the output end inward, while the budget allows
+    (the ``head`` recipe)."""
     return _promote_blocks(units, low, high, avg_bits, pins, from_output=True)
 
 
-def tail(
+def promote_input_blocks(
     units: Iterable[Unit],
     low: str,
     high: str,
     avg_bits: float | int | Fraction,
     pins: Mapping[str, str] | None = None,
 ) -> Solution:
-    """Promote whole blocks to ``high``, from the embedding end outward, while the budget allows."""
+    """Promote whole blocks to ``high``, from the embedding end outward, while the budget allows
+    (the ``tail`` recipe)."""
     return _promote_blocks(units, low, high, avg_bits, pins, from_output=False)
 
 
