@@ -38,7 +38,6 @@ from bitplan.export.gguf import (
     fake_quantize_gguf,
 )
 from bitplan.model import load_model
-from bitplan.model.fingerprint import model_fingerprint
 from bitplan.plans import (
     llama_cpp_mix_plan,
     mix_tensor_types,
@@ -111,7 +110,7 @@ def main() -> None:
     started = time.perf_counter()
 
     model = load_model()
-    model_id = f"{model.name}@{model_fingerprint(model.module)}"
+    model_id = model.identity
     calib = calibration_samples(model.tokenizer, args.calib_samples, args.calib_len)
     heldout = heldout_samples(model.tokenizer, args.heldout_samples, args.heldout_len)
     n_ctx = args.heldout_len

@@ -55,10 +55,8 @@ class SearchConfig:
     formats: list[Format] = field(init=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.options, str):
-            self.formats = parse_format_list(self.options)
-        else:
-            self.formats = parse_format_list(",".join(str(option) for option in self.options))
+        names = self.options if isinstance(self.options, str) else [str(o) for o in self.options]
+        self.formats = parse_format_list(names)
         if len(self.formats) < 2 and self.recipe is None:
             raise BitplanError("give at least two --options to choose between, e.g. mxfp4,mxfp8")
         if self.recipe is not None and self.recipe not in RECIPES:
