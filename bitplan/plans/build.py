@@ -9,6 +9,7 @@ nothing about models: :class:`PlanSpace` turns a layer table into its units.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,18 +52,21 @@ def build_plan(
     return Plan(
         model=model_id,
         recipe=recipe,
+        scorer=scorer,
         options=list(options),
+        # the choice
         layer_formats={name: fmt.name for name, fmt in layer_formats.items()},
+        group_formats=dict(group_formats or {}),
+        include_head=include_head,
+        # its bits
         budget_avg_bits=budget_avg_bits,
         avg_bits=with_scales if include_scales else without,
         avg_bits_with_scales=with_scales,
         avg_bits_without_scales=without,
         include_scales=include_scales,
-        include_head=include_head,
+        # what it is predicted to lose
         predicted_loss=predicted_loss,
-        scorer=scorer,
         proven_optimal=proven_optimal,
-        group_formats=dict(group_formats or {}),
     )
 
 
@@ -138,7 +142,6 @@ class PlanSpace:
             for group, layers in groups.items()
             for layer in layers
         }
-        score = solution.score if solution.score == solution.score else None  # nan -> None
         return build_plan(
             model_id,
             recipe,
@@ -149,7 +152,8 @@ class PlanSpace:
             include_head=self.include_head,
             budget_avg_bits=solution.budget_avg_bits,
             group_formats=solution.choice,
-            predicted_loss=score,
+            # a recipe's choice over units without scores sums to nan
+            predicted_loss=None if math.isnan(solution.score) else solution.score,
             scorer=scorer,
             proven_optimal=solution.proven_optimal,
         )

@@ -50,7 +50,7 @@ from bitplan.formats import Format, parse_format
 from bitplan.model.layers import LayerTable
 from bitplan.plans.build import PlanSpace, plan_from_formats
 from bitplan.plans.plan import Plan
-from bitplan.solve import promote_input_blocks, promote_output_blocks, uniform
+from bitplan.solve import promote_blocks, uniform
 
 if TYPE_CHECKING:
     from bitplan.model.loading import LoadedModel
@@ -83,8 +83,8 @@ def recipe_plan(
     else:
         if budget is None:
             raise BitplanError(f"the {recipe} recipe needs a budget (--avg-bits)")
-        promote = promote_output_blocks if recipe == "head" else promote_input_blocks
-        solution = promote(units, low, high, budget, pins=space.pins)
+        from_output = recipe == "head"  # else "tail": from the embedding end
+        solution = promote_blocks(units, low, high, budget, space.pins, from_output=from_output)
     return space.plan(solution, model_id, recipe)
 
 

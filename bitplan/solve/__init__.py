@@ -2,11 +2,11 @@
 
 Pure Python, numpy and scipy; it knows nothing about torch or models. ``Unit`` carries costs
 in bits and predicted losses; ``solve`` returns the least-loss choice within each budget and
-says whether that is proven optimal; ``uniform`` and ``promote_output_blocks`` /
-``promote_input_blocks`` are the reference's comparison recipes (``uniform``, ``head``, ``tail``).
+says whether that is proven optimal; ``uniform`` and ``promote_blocks`` (from the output end or
+the embedding end) are the reference's comparison recipes (``uniform``, ``head``, ``tail``).
 """
 
-from bitplan.solve.baselines import promote_input_blocks, promote_output_blocks, uniform
+from bitplan.solve.baselines import promote_blocks, uniform
 from bitplan.solve.exact import pareto_front, reachable_range, solve
 from bitplan.solve.problem import Solution, Unit
 
@@ -14,8 +14,7 @@ __all__ = [
     "Solution",
     "Unit",
     "pareto_front",
-    "promote_input_blocks",
-    "promote_output_blocks",
+    "promote_blocks",
     "reachable_range",
     "solve",
     "uniform",
