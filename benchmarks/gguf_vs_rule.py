@@ -2,7 +2,7 @@
 
 On the embedded default (SmolLM2-135M-Instruct), for each llama.cpp mix (Q4_K_M; Q3_K_M):
 
-* the mix itself, as llama.cpp's rules choose it (``bitplan/export/gguf_recipes.py``; checked
+* the mix itself, as llama.cpp's rules choose it (``bitplan/plans/recipes.py``; checked
   here byte for byte against ``llama_model_quantize`` run on an F32 file of the same model);
 * bitplan's plan over the same GGUF types, solved per tensor from Fisher scores on the default
   calibration text, at the mix's own average bits (so the file is no larger);
@@ -33,14 +33,13 @@ from bitplan.data.heldout import heldout_samples
 from bitplan.evaluate.divergence import BaseLogits
 from bitplan.evaluate.llama_cpp import LlamaCppModel
 from bitplan.export import export_model
-from bitplan.export.gguf_recipes import (
+from bitplan.model import load_model
+from bitplan.plans import (
     llama_cpp_mix_plan,
     mix_tensor_types,
     solve_gguf_plans,
     uniform_gguf_plan,
 )
-from bitplan.model import load_model
-from bitplan.model.fingerprint import model_fingerprint
 from bitplan.quantize.gguf import fake_quantize_gguf
 from bitplan.score import score
 from bitplan.score.importance import collect_importance
@@ -109,7 +108,7 @@ def main() -> None:
     started = time.perf_counter()
 
     model = load_model()
-    model_id = f"{model.name}@{model_fingerprint(model.module)}"
+    model_id = model.identity
     calib = calibration_samples(model.tokenizer, args.calib_samples, args.calib_len)
     heldout = heldout_samples(model.tokenizer, args.heldout_samples, args.heldout_len)
     n_ctx = args.heldout_len

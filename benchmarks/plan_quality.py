@@ -18,9 +18,9 @@ from bitplan.data.heldout import heldout_samples
 from bitplan.evaluate.divergence import BaseLogits
 from bitplan.formats import parse_format_list
 from bitplan.model import load_model
-from bitplan.planning import baseline_plan, solve_plans
+from bitplan.plans import BUDGETED_RECIPES, PlanSpace, recipe_plan
 from bitplan.quantize import apply_plan
-from bitplan.score import score
+from bitplan.score import SCORERS, score
 
 SETTINGS = {"mxfp4,mxfp8": [4.5, 5.0, 6.0], "w2g128,w4g128": [3.0]}
 
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--heldout-len", type=int, default=512)
     parser.add_argument("--json", help="also write the numbers here")
     parser.add_argument(
-        "--scorers", default="fisher,delta-loss", help="which scorers' plans to measure"
+        "--scorers", default=",".join(SCORERS), help="which scorers' plans to measure"
     )
     parser.add_argument(
         "--settings",
@@ -54,6 +54,7 @@ def main() -> None:
     settings = {o: b for o, b in SETTINGS.items() if o in wanted}
     for options, budgets in settings.items():
         formats = parse_format_list(options)
+        space = PlanSpace.build(model.layers, formats, include_scales=False)
         plans = {}
         for scorer in args.scorers.split(","):
             start = time.perf_counter()
@@ -63,18 +64,12 @@ def main() -> None:
                 f"{options}: {scorer} scores in {seconds:.0f} s (cached: {'cache_hit' in scores.extra})"
             )
             label = "bitplan" if scorer == "fisher" else "delta-loss"
-            for plan in solve_plans(
-                model.layers, formats, scores, budgets, model.identity, include_scales=False
-            ):
+            for plan in space.solve(scores, budgets, model.identity):
                 plans[(label, plan.budget_avg_bits)] = plan
         for budget in budgets:
-            for recipe in ("head", "tail"):
-                plans[(recipe, budget)] = baseline_plan(
-                    recipe, model.layers, formats, budget, model.identity, include_scales=False
-                )
-        uniform = baseline_plan(
-            "uniform", model.layers, formats, None, model.identity, include_scales=False
-        )
+            for recipe in BUDGETED_RECIPES:
+                plans[(recipe, budget)] = recipe_plan(space, recipe, budget, model.identity)
+        uniform = recipe_plan(space, "uniform", None, model.identity)
         plans[("uniform", uniform.avg_bits)] = uniform
         for (recipe, budget), plan in plans.items():
             quantized = apply_plan(model.module, plan)
@@ -97,7 +92,7 @@ def main() -> None:
                 flush=True,
             )
     recipes = [r for r in ("bitplan", "delta-loss") if r in {row["recipe"] for row in rows}]
-    recipes += ["head", "tail"]
+    recipes += BUDGETED_RECIPES
     print(f"\n| options | budget | {' | '.join(recipes)} | uniform |")
     print("|---|---|" + "---|" * (len(recipes) + 1))
     for options, budgets in settings.items():

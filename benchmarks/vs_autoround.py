@@ -54,6 +54,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from bitplan.jsonio import write_json_atomic  # stdlib only: cheap to import
+
 #: Option sets: (auto-round option string, budgets in average bits).
 OPTION_SETS = {
     "mx": ("MXFP4,MXFP8", (4.5, 5.0, 6.0)),
@@ -68,9 +70,9 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 SCHEME_KEYS = ("bits", "group_size", "sym", "data_type", "act_bits", "act_data_type")
 #: Extra tokens after each calibration sample in calib.jsonl (auto-round truncates them away).
 TAIL_TOKENS = 32
-#: Plan file prefixes of the two tools, and the baseline recipes evaluated for KL.
+#: Plan file prefixes of the two tools, and of the per-budget baselines evaluated for KL.
 TOOL_FILES = ("bitplan", "autoround")
-RECIPES = ("head", "tail", "unfused")
+BASELINE_FILES = ("head", "tail", "unfused")
 PIN_HINT = "pip install -c constraints.txt --no-deps auto-round==0.16.1 py-cpuinfo==9.0.0"
 
 
@@ -85,17 +87,6 @@ def cpu_s() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def budget_label(bits: float) -> str:
-    return f"{bits:g}".replace(".", "p")
-
-
-def write_json(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
-
-
 # --------------------------------------------------------------------------------------------
 # Children: each runs in its own process and prints one JSON line last.
 # --------------------------------------------------------------------------------------------
@@ -107,8 +98,7 @@ def child_bitplan(options: str, budgets: list[float], n_samples: int, seq_len: i
     from bitplan.data.calibration import calibration_samples
     from bitplan.formats import parse_format_list
     from bitplan.model import load_model
-    from bitplan.model.fingerprint import model_fingerprint
-    from bitplan.planning import solve_plans
+    from bitplan.plans import solve_plans
     from bitplan.score import score
 
     imported = time.perf_counter()
@@ -122,9 +112,14 @@ def child_bitplan(options: str, budgets: list[float], n_samples: int, seq_len: i
     t_tokens = time.perf_counter()
     scores = score(model, formats, tokens, cache=False, progress=False)
     t_score = time.perf_counter()
-    model_id = f"{model.name}@{model_fingerprint(model.module)}"
     plans = solve_plans(
-        model.layers, formats, scores, budgets, model_id, include_head=False, include_scales=False
+        model.layers,
+        formats,
+        scores,
+        budgets,
+        model.identity,
+        include_head=False,
+        include_scales=False,
     )
     t_solve, c1 = time.perf_counter(), cpu_s()
     return {
@@ -352,7 +347,7 @@ def phase_data(args: argparse.Namespace) -> None:
         out / "check_data.log",
     )
     check["retokenized_mismatches"] = mismatched
-    write_json(check_path, check)
+    write_json_atomic(check_path, check)
     print(f"data: {n} x {length} tokens -> {out / 'calib.jsonl'}; check: {check}")
     if not check["identical_sets"]:
         raise SystemExit("auto-round would not see bitplan's calibration tokens; see data_check")
@@ -398,7 +393,7 @@ def phase_search(args: argparse.Namespace) -> None:
                     }
                     result = run_child("autoround", payload, path.with_suffix(".log"))
                 result["load_average_before"] = load
-                write_json(path, result)
+                write_json_atomic(path, result)
                 print(
                     f"  search {result['search_s']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB",
                     flush=True,
@@ -407,42 +402,35 @@ def phase_search(args: argparse.Namespace) -> None:
 
 def autoround_plan(run: dict, bits: str, model) -> tuple[object, dict]:
     """auto-round's choice for one budget as a bitplan Plan, and the bit-accounting check."""
-    from bitplan.accounting import average_bits
     from bitplan.formats import parse_format
-    from bitplan.model.fingerprint import model_fingerprint
-    from bitplan.plan import Plan
+    from bitplan.plans import build_plan
 
     entry = run["per_budget"][bits]
     table = model.layers
     decoder = table.selected(False)
-    layer_formats = {name: parse_format(opt).name for name, opt in entry["choices"].items()}
+    fmt_of = {name: parse_format(opt) for name, opt in entry["choices"].items()}
     names = {layer.name for layer in decoder}
-    extra = sorted(set(layer_formats) - names)
-    missing = sorted(names - set(layer_formats))
-    fmt_of = {name: parse_format(f) for name, f in layer_formats.items()}
-    covered = [layer for layer in decoder if layer.name in layer_formats]
-    without = average_bits(covered, fmt_of, include_scales=False)
+    extra = sorted(set(fmt_of) - names)
+    missing = sorted(names - set(fmt_of))
+    covered = [layer for layer in decoder if layer.name in fmt_of]
     groups: dict[str, set[str]] = {}
     for layer in covered:
-        groups.setdefault(layer.group, set()).add(layer_formats[layer.name])
-    options = [parse_format(o).name for o in run["options"].split(",")]
-    plan = Plan(
-        model=f"{model.name}@{model_fingerprint(model.module)}",
-        recipe="auto-round",
-        options=options,
-        layer_formats=layer_formats,
-        budget_avg_bits=float(bits),
-        avg_bits=without,
-        avg_bits_with_scales=average_bits(covered, fmt_of, include_scales=True),
-        avg_bits_without_scales=without,
+        groups.setdefault(layer.group, set()).add(fmt_of[layer.name].name)
+    plan = build_plan(
+        model.identity,
+        "auto-round",
+        covered,
+        fmt_of,
+        options=[parse_format(o).name for o in run["options"].split(",")],
         include_scales=False,
-        include_head=False,
-        scorer="auto-round AutoScheme (delta loss)",
+        budget_avg_bits=float(bits),
         group_formats={g: next(iter(f)) for g, f in groups.items() if len(f) == 1},
+        scorer="auto-round AutoScheme (delta loss)",
     )
+    without = plan.avg_bits_without_scales
     logged = entry["logged_avg_bits"] or {}
     check = {
-        "layers_in_plan": len(layer_formats),
+        "layers_in_plan": len(fmt_of),
         "decoder_layers": len(names),
         "missing_decoder_layers": missing,
         "layers_outside_table": extra,
@@ -469,59 +457,26 @@ def autoround_plan(run: dict, bits: str, model) -> tuple[object, dict]:
 def unfused_plans(scores_dict: dict, model, budgets: tuple[float, ...]) -> list:
     """Ablation: bitplan's scores solved per layer, without its fusion groups (q/k/v and
     gate/up sharing one format), i.e. with the freedom AutoScheme's per-layer choice has."""
-    from bitplan.accounting import average_bits
-    from bitplan.formats import parse_format
-    from bitplan.model.fingerprint import model_fingerprint
-    from bitplan.plan import Plan
+    from bitplan.formats import parse_format_list
+    from bitplan.plans import solve_unfused_plans
     from bitplan.score import Scores
-    from bitplan.solve import Unit, solve
 
     scores = Scores.from_dict(scores_dict)
-    formats = [parse_format(name) for name in scores.options]
-    layers = model.layers.selected(False)
-    units = [
-        Unit(
-            name=layer.name,
-            block=layer.block,
-            weights=layer.params,
-            costs={fmt.name: fmt.weight_bits(layer.shape, False) for fmt in formats},
-            scores=dict(scores.layer_scores[layer.name]),
-        )
-        for layer in layers
-    ]
-    plans = []
-    for bits, sol in zip(budgets, solve(units, list(budgets)), strict=True):
-        fmt_of = {name: parse_format(opt) for name, opt in sol.choice.items()}
-        plans.append(
-            Plan(
-                model=f"{model.name}@{model_fingerprint(model.module)}",
-                recipe="bitplan-unfused",
-                options=[fmt.name for fmt in formats],
-                layer_formats=dict(sol.choice),
-                budget_avg_bits=bits,
-                avg_bits=sol.avg_bits,
-                avg_bits_with_scales=average_bits(layers, fmt_of, include_scales=True),
-                avg_bits_without_scales=average_bits(layers, fmt_of, include_scales=False),
-                include_scales=False,
-                include_head=False,
-                predicted_loss=sol.score,
-                scorer=scores.scorer,
-                proven_optimal=sol.proven_optimal,
-            )
-        )
-    return plans
+    formats = parse_format_list(scores.options)
+    return solve_unfused_plans(
+        model.layers, formats, scores, budgets, model.identity, include_scales=False
+    )
 
 
 def write_plans(args: argparse.Namespace) -> None:
     """Plans of round 0 of both tools into plans/; checks that later rounds chose the same."""
     from bitplan.formats import parse_format_list
     from bitplan.model import load_model
-    from bitplan.model.fingerprint import model_fingerprint
-    from bitplan.plan import Plan
-    from bitplan.planning import baseline_plan
+    from bitplan.plans import BUDGETED_RECIPES, Plan, PlanSpace, recipe_plan
+    from bitplan.plans.search import budget_label
 
     model = load_model()
-    model_id = f"{model.name}@{model_fingerprint(model.module)}"
+    model_id = model.identity
     folder = args.out / "plans"
     checks: dict = {}
     for set_name in args.sets:
@@ -543,7 +498,8 @@ def write_plans(args: argparse.Namespace) -> None:
                 budgets, unfused_plans(with_scores[0]["scores"], model, budgets), strict=True
             ):
                 plan.save(folder / f"unfused_{set_name}_{budget_label(bits)}.json")
-        uniform = baseline_plan("uniform", model.layers, formats, None, model_id, False, False)
+        space = PlanSpace.build(model.layers, formats, include_scales=False)
+        uniform = recipe_plan(space, "uniform", None, model_id)
         uniform.save(folder / f"uniform_{set_name}.json")
         for bits in budgets:
             key, label = f"{bits:g}", f"{set_name}_{budget_label(bits)}"
@@ -561,10 +517,10 @@ def write_plans(args: argparse.Namespace) -> None:
             )
             check["bitplan_plan_avg_bits"] = ours.avg_bits_without_scales
             checks[label] = check
-            for recipe in ("head", "tail"):
-                plan = baseline_plan(recipe, model.layers, formats, bits, model_id, False, False)
+            for recipe in BUDGETED_RECIPES:
+                plan = recipe_plan(space, recipe, bits, model_id)
                 plan.save(folder / f"{recipe}_{label}.json")
-    write_json(args.out / "plan_checks.json", checks)
+    write_json_atomic(args.out / "plan_checks.json", checks)
     for label, check in checks.items():
         state = "OK" if check["bits_agree"] else "MISMATCH"
         print(
@@ -583,7 +539,8 @@ def phase_eval(args: argparse.Namespace) -> None:
     from bitplan.evaluate.divergence import BaseLogits
     from bitplan.evaluate.harness import evaluate_tasks
     from bitplan.model import load_model
-    from bitplan.plan import Plan
+    from bitplan.plans import Plan
+    from bitplan.plans.search import budget_label
     from bitplan.quantize import apply_plan
 
     torch.manual_seed(0)
@@ -597,7 +554,7 @@ def phase_eval(args: argparse.Namespace) -> None:
     ]
     tools = [folder / f"{tool}_{label}.json" for label in labels for tool in TOOL_FILES]
     tools = [p for p in tools if p.is_file()]
-    baselines = [folder / f"{recipe}_{label}.json" for label in labels for recipe in RECIPES]
+    baselines = [folder / f"{recipe}_{label}.json" for label in labels for recipe in BASELINE_FILES]
     baselines += [folder / f"uniform_{set_name}.json" for set_name in args.sets]
     baselines = [p for p in baselines if p.is_file()]
     base_path = out / "base_logits.safetensors"
@@ -621,7 +578,7 @@ def phase_eval(args: argparse.Namespace) -> None:
             quantized = apply_plan(model.module, Plan.load(path))
             start = time.perf_counter()
             div = base.compare(quantized)
-            write_json(kl_path, {**div.to_dict(), "seconds": time.perf_counter() - start})
+            write_json_atomic(kl_path, {**div.to_dict(), "seconds": time.perf_counter() - start})
             print(f"eval KL {path.stem}: {div.kl:.4f}", flush=True)
             del quantized
 
@@ -666,6 +623,8 @@ def _fmt_acc(acc: tuple[float, float] | None) -> str:
 
 
 def phase_report(args: argparse.Namespace) -> str:
+    from bitplan.plans.search import budget_label
+
     lines: list[str] = []
     checks = _load(args.out / "plan_checks.json") or {}
     ev = args.out / "eval"
@@ -728,7 +687,7 @@ def phase_report(args: argparse.Namespace) -> str:
         uni = _load(ev / f"kl_uniform_{set_name}.json")
         for bits in budgets:
             label = f"{set_name}_{budget_label(bits)}"
-            cells = [uni] + [_load(ev / f"kl_{r}_{label}.json") for r in RECIPES]
+            cells = [uni] + [_load(ev / f"kl_{r}_{label}.json") for r in BASELINE_FILES]
             lines.append(
                 f"| {options.replace(',', '+')} | {bits:g} | "
                 + " | ".join(f"{c['kl']:.4f}" if c else "-" for c in cells)
@@ -856,7 +815,7 @@ def record_versions(args: argparse.Namespace) -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
-    write_json(args.out / "versions.json", info)
+    write_json_atomic(args.out / "versions.json", info)
 
 
 def main(argv: list[str] | None = None) -> int:

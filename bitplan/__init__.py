@@ -7,9 +7,12 @@
     plans = bitplan.plan_budgets(model, scores, [4.5, 5, 6])  # {4.5: Plan, 5: Plan, 6: Plan}
     quantized = bitplan.apply(model, plans[5])               # fake-quantized torch model
 
+    result = bitplan.search(model, "mxfp4,mxfp8", [4.5, 5, 6])  # all of it, as `bitplan search`
+
 The modules behind these calls are imported on first use, so ``import bitplan`` stays cheap.
 (The functions are not named ``score`` and ``solve``: those are sub-packages, and importing a
-sub-package rebinds the package attribute of the same name.)
+sub-package rebinds the package attribute of the same name. For the same reason ``search`` is
+written in ``bitplan/plans/search.py``, not in a ``bitplan/search.py``.)
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ if TYPE_CHECKING:
     import torch
 
     from bitplan.model import LoadedModel
-    from bitplan.plan import Plan
+    from bitplan.plans import Plan
+    from bitplan.plans.search import SearchResult
     from bitplan.score import Scores
 
-__all__ = ["apply", "load", "plan_budgets", "score_layers"]
+__all__ = ["apply", "load", "plan_budgets", "score_layers", "search"]
 
 
 def load(source: str | None = None) -> LoadedModel:
@@ -63,7 +67,7 @@ def plan_budgets(
 ) -> dict[float, Plan]:
     """The proven-optimal plan for each budget, keyed by budget."""
     from bitplan.formats import parse_format_list
-    from bitplan.planning import solve_plans
+    from bitplan.plans import solve_plans
 
     budgets = [avg_bits] if isinstance(avg_bits, (int, float)) else list(avg_bits)
     plans = solve_plans(
@@ -77,6 +81,27 @@ def plan_budgets(
         pins=pins,
     )
     return dict(zip(budgets, plans, strict=True))
+
+
+def search(
+    model: LoadedModel,
+    options: str | Sequence[str],
+    avg_bits: float | Sequence[float] = (),
+    **settings: Any,
+) -> SearchResult:
+    """Score the layers on calibration text and solve every budget, as ``bitplan search`` does
+    (without writing files: ``bitplan.plans.search.write_search_outputs`` writes them).
+
+    ``settings`` are the other fields of ``bitplan.plans.search.SearchConfig`` (``recipe``,
+    ``pins``, ``include_head``, ``include_scales``, ``scorer``, ``calib``, ``n_samples``,
+    ``seq_len``, ``batch_size``, ``cache``, ``device``, ``dtype``) and ``run_search``'s
+    ``loader``, ``log`` and ``progress``."""
+    from bitplan.plans.search import SearchConfig, run_search
+
+    run_options = {k: settings.pop(k) for k in ("loader", "log", "progress") if k in settings}
+    budgets = [avg_bits] if isinstance(avg_bits, (int, float)) else list(avg_bits)
+    config = SearchConfig(options, budgets, **settings)
+    return run_search(model, config, **run_options)
 
 
 def apply(model: LoadedModel, plan: Plan) -> torch.nn.Module:

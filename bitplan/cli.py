@@ -74,29 +74,49 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{fmt.name:<14} {with_scales:>15.4f} {without:>9.4f}")
 
 
-def _budget_label(bits: float) -> str:
-    return f"{bits:g}".replace(".", "p")
+def _export_formats() -> tuple[str, ...]:
+    """The export formats ``--format`` accepts."""
+    from bitplan.export import EXPORT_FORMATS
+
+    return EXPORT_FORMATS
+
+
+def _load(source: str | None, stream: bool):
+    """The model, and a block loader when ``stream`` (weights read one block at a time)."""
+    if stream:
+        from bitplan.model.streaming import load_streaming
+
+        return load_streaming(source)
+    from bitplan.model import load_model
+
+    return load_model(source), None
 
 
 def cmd_search(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from bitplan.data.calibration import calibration_samples
     from bitplan.distributed import is_main
-    from bitplan.formats import parse_format_list
-    from bitplan.model import load_model
-    from bitplan.planning import baseline_plan, build_units, resolve_pins, solve_plans
-    from bitplan.plots import plot_bits_per_layer
-    from bitplan.score import score
-    from bitplan.solve import pareto_front, reachable_range
+    from bitplan.plans.search import SearchConfig, run_search, write_search_outputs
 
-    formats = parse_format_list(args.options)
-    if len(formats) < 2 and args.recipe is None:
-        raise BitplanError("give at least two --options to choose between, e.g. mxfp4,mxfp8")
-    out = Path(args.out)
+    config = SearchConfig(
+        options=args.options,
+        budgets=args.avg_bits or [],
+        recipe=args.recipe,
+        pins=args.pin,
+        include_head=args.quantize_head,
+        include_scales=not args.ignore_scale_bits,
+        scorer=args.scorer,
+        calib=args.calib,
+        n_samples=args.n_samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        cache=not args.no_cache,
+        device=args.device,
+        dtype=args.dtype,
+    )
     if args.quantize is not None:
         if args.format is None:
-            raise BitplanError("--quantize needs --format fake|packed|compressed-tensors|gguf")
+            raise BitplanError(f"--quantize needs --format {'|'.join(_export_formats())}")
         if len(args.avg_bits or []) > 1:
             raise BitplanError(
                 "--quantize writes one model: give a single --avg-bits budget "
@@ -105,89 +125,22 @@ def cmd_search(args: argparse.Namespace) -> None:
         if args.stream and args.format == "gguf":
             raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
         # Fail now, not after scoring, when the export would hit an existing path.
-        from bitplan.atomic import check_output_dir, check_output_file
+        from bitplan.export import check_destination
 
-        check = check_output_file if args.format == "gguf" else check_output_dir
-        check(args.quantize, args.force)
+        check_destination(args.quantize, args.format, args.force)
     elif args.format is not None:
         raise BitplanError("--format goes with --quantize DIR")
-    loader = None
-    if args.stream:
-        from bitplan.model.streaming import load_streaming
-
-        model, loader = load_streaming(args.model)
-    else:
-        model = load_model(args.model)
-    table = model.layers
-    pins, pins_head = resolve_pins(args.pin, table, formats)
-    include_head = args.quantize_head or pins_head
-    include_scales = not args.ignore_scale_bits
-    model_id = model.identity
-
-    # Check the budgets before the (long) scoring pass.
-    units = build_units(table, formats, None, include_head, include_scales)
-    lo, hi = reachable_range(units, pins)
-    budgets = args.avg_bits or []
-    for bits in budgets:
-        if bits < lo - 1e-12:
-            raise BitplanError(
-                f"target {bits:g} bits is below what {args.options} can reach here "
-                f"({lo:.4f} to {hi:.4f} bits per weight"
-                f"{'' if include_scales else ', scale bits ignored'})"
-            )
-
-    if args.recipe is not None:
-        if args.recipe != "uniform" and not budgets:
-            raise BitplanError(f"--recipe {args.recipe} needs --avg-bits")
-        plans = [
-            baseline_plan(
-                args.recipe, table, formats, b, model_id, include_head, include_scales, pins
-            )
-            for b in (budgets or [None])
-        ]
-        scores = None
-    else:
-        if not budgets:
-            raise BitplanError("give one or more target budgets with --avg-bits, e.g. 4.5 5 6")
-        tokens = calibration_samples(
-            model.tokenizer, n_samples=args.n_samples, seq_len=args.seq_len, source=args.calib
-        )
-        compute = _compute_dtype(args.device, args.dtype)
-        scores = score(
-            model,
-            formats,
-            tokens,
-            scorer=args.scorer,
-            include_head=include_head,
-            batch_size=args.batch_size,
-            cache=not args.no_cache,
-            loader=loader,
-            device=args.device,
-            dtype=compute,
-        )
-        hit = " (from cache)" if scores.extra.get("cache_hit") else ""
-        print(
-            f"scored {len(scores.layer_scores)} layers x {len(formats)} options with "
-            f"{scores.scorer} in {scores.seconds:.1f} s{hit}"
-        )
-        plans = solve_plans(
-            table, formats, scores, budgets, model_id, include_head, include_scales, pins
-        )
+    model, loader = _load(args.model, args.stream)
+    result = run_search(model, config, loader=loader, log=print)
 
     if not is_main():  # under torchrun, rank 0 alone writes the results
         return
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    paths = write_search_outputs(result, out)
     print(
         f"{'plan':<28} {'budget':>7} {'achieved':>9} {'w/o scales':>10} {'pred. loss':>11}  formats"
     )
-    for plan in plans:
-        label = (
-            plan.recipe
-            if plan.budget_avg_bits is None
-            else (f"{plan.recipe}_{_budget_label(plan.budget_avg_bits)}")
-        )
-        path = out / f"plan_{label}.json"
-        plan.save(path)
+    for plan, path in zip(result.plans, paths, strict=True):
         budget = "-" if plan.budget_avg_bits is None else f"{plan.budget_avg_bits:g}"
         loss = "-" if plan.predicted_loss is None else f"{plan.predicted_loss:.5f}"
         counts = ", ".join(f"{n}x{fmt}" for fmt, n in plan.format_counts().items())
@@ -195,22 +148,14 @@ def cmd_search(args: argparse.Namespace) -> None:
             f"{path.name:<28} {budget:>7} {plan.avg_bits:>9.4f} "
             f"{plan.avg_bits_without_scales:>10.4f} {loss:>11}  {counts}"
         )
-    if scores is not None:
-        solved = build_units(table, formats, scores, include_head, include_scales)
-        front = [{"avg_bits": b, "predicted_loss": s} for b, s in pareto_front(solved, pins)]
-        import json
-
-        (out / "front.json").write_text(json.dumps(front, indent=1) + "\n")
-        scores.save(out / "scores.json")
-        proven = all(plan.proven_optimal for plan in plans)
+    if result.scores is not None:
         print(
-            f"optimum {'proven' if proven else 'NOT proven'} for every budget "
-            f"(exact Pareto front of {len(front)} points in front.json)"
+            f"optimum {'proven' if result.proven_optimal else 'NOT proven'} for every budget "
+            f"(exact Pareto front of {len(result.front)} points in front.json)"
         )
-    plot_bits_per_layer(plans, table, out / "bits_per_layer.png")
-    print(f"wrote {len(plans)} plan(s), bits_per_layer.png to {out}/")
+    print(f"wrote {len(result.plans)} plan(s), bits_per_layer.png to {out}/")
     if args.quantize is not None:
-        print(_export(model, plans[0], args.quantize, args.format, args.force).summary())
+        print(_export(model, result.plans[0], args.quantize, args.format, args.force).summary())
 
 
 def _compute_dtype(device: str, requested: str):
@@ -234,18 +179,12 @@ def _export(model, plan, out: str, fmt: str, force: bool, embedding_type=None, o
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from bitplan.model import load_model
-    from bitplan.plan import Plan
+    from bitplan.plans import Plan
 
     plan = Plan.load(args.plan)
-    if args.stream:
-        if args.format == "gguf":
-            raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
-        from bitplan.model.streaming import load_streaming
-
-        model, _ = load_streaming(args.model)
-    else:
-        model = load_model(args.model)
+    if args.stream and args.format == "gguf":
+        raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
+    model, _ = _load(args.model, args.stream)
     result = _export(
         model, plan, args.out, args.format, args.force, args.embedding_type, args.output_type
     )
@@ -310,7 +249,12 @@ def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bitplan.data.offline_tasks import DEFAULT_TASKS
     from bitplan.evaluate.command import add_eval_arguments, parse_limit
+    from bitplan.plans import RECIPES
+    from bitplan.score import SCORERS
+
+    export_formats = _export_formats()
 
     parser = argparse.ArgumentParser(
         prog="bitplan",
@@ -359,15 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--scorer",
         default="fisher",
-        choices=["fisher", "delta-loss"],
+        choices=SCORERS,
         help="fisher: one pass, second-order on layer outputs (default); delta-loss: the "
         "reference's |gradient x error|, one pass per option",
     )
     search.add_argument(
         "--recipe",
-        choices=["uniform", "head", "tail"],
-        help="write a baseline plan instead: all cheapest option, or whole blocks nearest the "
-        "output (head) / the embedding (tail) promoted to the most expensive option",
+        choices=RECIPES,
+        help="write a baseline plan instead: uniform (every layer at the cheapest option), or "
+        "whole decoder blocks promoted to the most expensive option while the budget allows, "
+        "from the block nearest the output (head) or nearest the embedding (tail); "
+        "'head' is not about lm_head",
     )
     search.add_argument(
         "--pin",
@@ -414,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument(
         "--format",
-        choices=["fake", "packed", "compressed-tensors", "gguf"],
+        choices=export_formats,
         help="export format for --quantize",
     )
     search.add_argument("--force", action="store_true", help="with --quantize: replace DIR")
@@ -422,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize = sub.add_parser(
         "quantize",
-        help="apply a plan and write the quantized model (fake, packed, compressed-tensors, gguf)",
+        help=f"apply a plan and write the quantized model ({', '.join(export_formats)})",
         description=(
             "Quantize MODEL with the formats of a plan file and write it: fake (a Hugging Face "
             "folder of quantize-dequantized weights), packed (real low-bit codes and scales, "
@@ -432,9 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("model", nargs="?", default=None, help=_MODEL_HELP)
     quantize.add_argument("--plan", required=True, help="a plan JSON from bitplan search")
-    quantize.add_argument(
-        "--format", required=True, choices=["fake", "packed", "compressed-tensors", "gguf"]
-    )
+    quantize.add_argument("--format", required=True, choices=export_formats)
     quantize.add_argument("--out", required=True, help="output folder (or .gguf file)")
     quantize.add_argument("--force", action="store_true", help="replace an existing --out")
     quantize.add_argument(
@@ -481,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an option set, its budgets and baselines, e.g. mxfp4,mxfp8:4.5,5,6:uniform,head,tail "
         "(repeatable; default: the reference's two tables)",
     )
-    compare.add_argument("--tasks", default="lambada_openai,hellaswag,piqa,winogrande,mmlu")
+    compare.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     compare.add_argument(
         "--limit",
         type=parse_limit,
@@ -496,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="count scale/zero-point bits in budgets (default: ignored, as the reference)",
     )
-    compare.add_argument("--scorer", default="fisher", choices=["fisher", "delta-loss"])
+    compare.add_argument("--scorer", default="fisher", choices=SCORERS)
     compare.add_argument("--calib", help="calibration text file/folder (default: shipped text)")
     compare.add_argument("--n-samples", type=int, default=16, help="calibration sequences (16)")
     compare.add_argument("--seq-len", type=int, default=256, help="calibration length (256)")

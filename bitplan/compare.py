@@ -19,14 +19,14 @@ from tqdm.auto import tqdm
 from bitplan.compute import ComputeDtype, choose_dtype
 from bitplan.data.calibration import calibration_samples
 from bitplan.data.heldout import heldout_samples
+from bitplan.data.offline_tasks import DEFAULT_TASKS
 from bitplan.errors import BitplanError
 from bitplan.evaluate.divergence import BaseLogits
 from bitplan.evaluate.harness import evaluate_tasks
 from bitplan.formats import parse_format_list
 from bitplan.jsonio import write_json_atomic
 from bitplan.model.loading import LoadedModel, cache_dir
-from bitplan.plan import Plan
-from bitplan.planning import RECIPES, baseline_plan, solve_plans
+from bitplan.plans import BUDGETED_RECIPES, RECIPES, Plan, PlanSpace, recipe_plan
 from bitplan.quantize import apply_plan
 from bitplan.score import score
 
@@ -70,9 +70,7 @@ DEFAULT_SETTINGS = (
 @dataclass
 class CompareConfig:
     settings: list[Setting] = field(default_factory=lambda: list(DEFAULT_SETTINGS))
-    tasks: list[str] = field(
-        default_factory=lambda: ["lambada_openai", "hellaswag", "piqa", "winogrande", "mmlu"]
-    )
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     limit: int | float | None = None
     eval_batch_size: int = 8
     include_scales: bool = False  # the reference's tables ignore scale/zero-point bits
@@ -122,15 +120,8 @@ def build_variants(
         scores = score(
             model, formats, calibration, scorer=config.scorer, progress=progress, dtype=config.dtype
         )
-        plans = solve_plans(
-            model.layers,
-            formats,
-            scores,
-            setting.budgets,
-            model.identity,
-            include_scales=config.include_scales,
-        )
-        for plan in plans:
+        space = PlanSpace.build(model.layers, formats, include_scales=config.include_scales)
+        for plan in space.solve(scores, setting.budgets, model.identity):
             key = f"{setting.options}|bitplan|{plan.budget_avg_bits:g}"
             variants.append(
                 Variant(
@@ -143,16 +134,9 @@ def build_variants(
                 )
             )
         for recipe in setting.recipes:
-            budgets = [None] if recipe == "uniform" else setting.budgets
+            budgets = setting.budgets if recipe in BUDGETED_RECIPES else [None]
             for budget in budgets:
-                plan = baseline_plan(
-                    recipe,
-                    model.layers,
-                    formats,
-                    budget,
-                    model.identity,
-                    include_scales=config.include_scales,
-                )
+                plan = recipe_plan(space, recipe, budget, model.identity)
                 key = f"{setting.options}|{recipe}|{'-' if budget is None else f'{budget:g}'}"
                 variants.append(
                     Variant(

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from bitplan.formats import parse_format  # noqa: E402
 from bitplan.model.layers import LayerTable  # noqa: E402
-from bitplan.plan import Plan  # noqa: E402
+from bitplan.plans import Plan  # noqa: E402
 
 
 def plot_bits_per_layer(plans: Sequence[Plan], table: LayerTable, path: str | os.PathLike) -> None:

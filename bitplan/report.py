@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bitplan.model.layers import LayerTable  # noqa: E402
-from bitplan.plan import Plan  # noqa: E402
+from bitplan.plans import BUDGETED_RECIPES, Plan  # noqa: E402
 from bitplan.plots import plot_bits_per_layer  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def _verdicts(results: dict) -> list[str]:
         if v["recipe"] != "bitplan":
             continue
         ours_acc, ours_err = _avg(v), _avg_stderr(v)
-        for recipe in ("head", "tail"):
+        for recipe in BUDGETED_RECIPES:
             other = next(
                 (
                     o

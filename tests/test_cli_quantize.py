@@ -6,7 +6,7 @@ import torch
 
 from bitplan.cli import main
 from bitplan.model import load_model
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 from bitplan.quantize import apply_plan
 
 

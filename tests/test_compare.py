@@ -12,7 +12,7 @@ from bitplan.compute import choose_dtype
 from bitplan.data.heldout import heldout_samples
 from bitplan.evaluate.divergence import BaseLogits
 from bitplan.model import load_model
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 from bitplan.quantize import apply_plan
 
 

@@ -19,7 +19,7 @@ from bitplan.export.report import safetensors_layout
 from bitplan.formats import parse_format
 from bitplan.model import load_exported, load_model
 from bitplan.model.loading import LoadedModel
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 from bitplan.quantize import FakeQuantLinear, apply_plan
 
 # By role (q, k, v share "qkv"; gate, up share "gate_up"), per block: every family of format.

@@ -29,15 +29,15 @@ from bitplan.evaluate.llama_cpp import LlamaCppModel
 from bitplan.export import export_model
 from bitplan.export.gguf import gguf_size
 from bitplan.export.gguf_layout import gguf_layout
-from bitplan.export.gguf_recipes import (
+from bitplan.formats.gguf import GGML_TYPES, quantize_rows
+from bitplan.model.loading import LoadedModel
+from bitplan.plans import (
     llama_cpp_mix_plan,
     mix_layer_type,
     plan_from_formats,
     ungrouped,
     uniform_gguf_plan,
 )
-from bitplan.formats.gguf import GGML_TYPES, quantize_rows
-from bitplan.model.loading import LoadedModel
 from bitplan.quantize.gguf import fake_quantize_gguf
 from bitplan.score.importance import collect_importance
 

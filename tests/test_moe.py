@@ -9,7 +9,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from bitplan.formats import parse_format
 from bitplan.model.layers import build_layer_table, expert_index
 from bitplan.model.moe import UnfusedExperts, unfuse_experts
-from bitplan.planning import solve_plans
+from bitplan.plans import solve_plans
 from bitplan.quantize import FakeQuantLinear, apply_plan
 from bitplan.score.fisher import fisher_scores
 from bitplan.score.scores import Scores

@@ -118,7 +118,7 @@ def test_chunked_loss_gradient_equals_unchunked(tiny_model, tokens, max_logits):
 
 def test_float32_and_bfloat16_scores_choose_the_same_plan(tiny_model, tokens):
     """Computing in float32 (CPUs without bfloat16) or bfloat16 picks the same formats."""
-    from bitplan.planning import solve_plans
+    from bitplan.plans import solve_plans
 
     table = build_layer_table(tiny_model)
     layers = table.decoder_layers()

@@ -10,7 +10,8 @@ import torch
 import bitplan
 from bitplan.cli import main
 from bitplan.errors import BitplanError
-from bitplan.plan import Plan
+from bitplan.formats import parse_format
+from bitplan.plans import Plan
 
 
 @pytest.fixture()
@@ -98,3 +99,67 @@ def test_python_api_and_plan_round_trip(tiny_folder, tmp_path):
     with pytest.raises(BitplanError, match="not a plan file"):
         (tmp_path / "bad.json").write_text("{")
         Plan.load(tmp_path / "bad.json")
+
+
+def test_library_search_writes_what_the_command_writes(tiny_folder, tmp_path, capsys):
+    from bitplan.plans.search import SearchConfig, run_search, write_search_outputs
+
+    argv = ["search", str(tiny_folder), "--options", "mxfp4,mxfp8", "--avg-bits", "5", "6",
+            "--dtype", "float32", *SMALL, "--out", str(tmp_path / "cli")]  # fmt: skip
+    assert main(argv) == 0
+    model = bitplan.load(str(tiny_folder))
+    result = bitplan.search(
+        model, "mxfp4,mxfp8", [5, 6], dtype="float32", n_samples=4, seq_len=32, progress=False
+    )
+    assert [p.budget_avg_bits for p in result.plans] == [5, 6] and result.proven_optimal
+    assert result.front and result.scores is not None
+    paths = write_search_outputs(result, tmp_path / "lib")
+    assert [p.name for p in paths] == ["plan_bitplan_5.json", "plan_bitplan_6.json"]
+    for name in ("plan_bitplan_5.json", "plan_bitplan_6.json", "front.json"):
+        assert (tmp_path / "lib" / name).read_bytes() == (tmp_path / "cli" / name).read_bytes()
+    # a recipe scores nothing
+    config = SearchConfig("mxfp4,mxfp8", budgets=[6], recipe="tail", include_scales=False)
+    tail = run_search(model, config)
+    assert tail.scores is None and tail.front == [] and tail.plans[0].recipe == "tail"
+    # importing the module does not shadow the top-level function
+    assert callable(bitplan.search)
+
+
+def test_library_search_checks_before_scoring(tiny_folder, monkeypatch):
+    import bitplan.plans.search as search_module
+    from bitplan.plans.search import SearchConfig, run_search
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before the checks")
+
+    monkeypatch.setattr(search_module, "score", no_scoring)
+    model = bitplan.load(str(tiny_folder))
+    with pytest.raises(BitplanError, match="4.0000 to 8.0000"):
+        run_search(model, SearchConfig("mxfp4,mxfp8", [3], include_scales=False))
+    with pytest.raises(BitplanError, match="needs --avg-bits"):
+        run_search(model, SearchConfig("mxfp4,mxfp8", recipe="head"))
+    with pytest.raises(BitplanError, match="engine fuses"):
+        run_search(model, SearchConfig("mxfp4,mxfp8", [5], pins=["q_proj=mxfp8"]))
+    with pytest.raises(BitplanError, match="at least two"):
+        SearchConfig("mxfp4", [5])
+    with pytest.raises(BitplanError, match="unknown recipe"):
+        SearchConfig("mxfp4,mxfp8", [5], recipe="middle")
+
+
+def test_unfused_plans_choose_per_layer(tiny_folder):
+    from bitplan.plans import PlanSpace, solve_unfused_plans
+
+    model = bitplan.load(str(tiny_folder))
+    scores = bitplan.score_layers(model, ["mxfp4", "mxfp8"], n_samples=4, seq_len=32)
+    formats = [parse_format("mxfp4"), parse_format("mxfp8")]
+    (fused,) = PlanSpace.build(model.layers, formats, include_scales=False).solve(
+        scores, [6], model.identity
+    )
+    (unfused,) = solve_unfused_plans(
+        model.layers, formats, scores, [6], model.identity, include_scales=False
+    )
+    assert unfused.recipe == "bitplan-unfused" and unfused.proven_optimal
+    assert set(unfused.group_formats) == set(unfused.layer_formats) == set(fused.layer_formats)
+    # more freedom never predicts a larger loss at the same budget
+    assert unfused.predicted_loss <= fused.predicted_loss + 1e-12
+    assert unfused.avg_bits <= 6

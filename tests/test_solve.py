@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bitplan.errors import BitplanError
-from bitplan.solve import Unit, head, pareto_front, reachable_range, solve, tail, uniform
+from bitplan.solve import Unit, pareto_front, promote_blocks, reachable_range, solve, uniform
 
 OPTIONS = ("a", "b", "c")
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -266,17 +266,18 @@ def _promoted(sol):
     return sorted(n for n, o in sol.choice.items() if o == "hi")
 
 
-def test_head_promotes_from_the_output_and_stops_at_the_first_misfit():
+def test_promotion_from_the_output_stops_at_the_first_misfit():
     units = _blocks([10, 10, 10, 10])  # 50 weights; all low = 200 bits
     # Budget 290 bits: two blocks (+40 each) fit, a third would not.
-    assert _promoted(head(units, "lo", "hi", 5.8)) == ["b2", "b3"]
-    assert _promoted(tail(units, "lo", "hi", 5.8)) == ["b0", "b1"]
+    assert _promoted(promote_blocks(units, "lo", "hi", 5.8, from_output=True)) == ["b2", "b3"]
+    assert _promoted(promote_blocks(units, "lo", "hi", 5.8, from_output=False)) == ["b0", "b1"]
     # A big block next in line stops promotion even though a later small one would fit.
     units = _blocks([10, 10, 100, 10])  # 140 weights; all low = 560 bits
-    assert _promoted(head(units, "lo", "hi", 4.6)) == ["b3"]
-    assert _promoted(tail(units, "lo", "hi", 4.6)) == ["b0", "b1"]
+    assert _promoted(promote_blocks(units, "lo", "hi", 4.6, from_output=True)) == ["b3"]
+    assert _promoted(promote_blocks(units, "lo", "hi", 4.6, from_output=False)) == ["b0", "b1"]
     # The lm_head (block None) stays low even when everything else is promoted.
-    assert _promoted(tail(units, "lo", "hi", 100)) == ["b0", "b1", "b2", "b3"]
+    everything = promote_blocks(units, "lo", "hi", 100, from_output=False)
+    assert _promoted(everything) == ["b0", "b1", "b2", "b3"]
 
 
 def test_baselines_promote_whole_blocks_and_respect_pins():
@@ -285,7 +286,9 @@ def test_baselines_promote_whole_blocks_and_respect_pins():
         for b in range(3)
         for k in range(2)
     ]
-    sol = head(units, "lo", "hi", 6.7, pins={"blk2.0": "lo", "blk0.0": "hi"})
+    sol = promote_blocks(
+        units, "lo", "hi", 6.7, pins={"blk2.0": "lo", "blk0.0": "hi"}, from_output=True
+    )
     # 402 bits: all low but pinned blk0.0 is 280; block 2 (only blk2.1 free) adds 40,
     # block 1 adds 80, and block 0's free unit would add 40 more than fits.
     assert sol.choice == {
@@ -301,9 +304,9 @@ def test_baselines_promote_whole_blocks_and_respect_pins():
     flat = uniform(units, "lo", pins={"blk1.1": "hi"})
     assert flat.total_bits == 6 * 40 + 40 and flat.budget_avg_bits == flat.avg_bits
     with pytest.raises(BitplanError, match="below what 'lo' everywhere costs"):
-        tail(units, "lo", "hi", 3.9)
+        promote_blocks(units, "lo", "hi", 3.9, from_output=False)
     with pytest.raises(BitplanError, match="no option 'q8'"):
-        head(units, "lo", "q8", 6)
+        promote_blocks(units, "lo", "q8", 6, from_output=True)
 
 
 @FAST
@@ -317,13 +320,12 @@ def test_baselines_never_exceed_the_budget(instance, fraction, from_output):
     ]
     pins = {n: "hi" for n in pins}
     target = budgets_for(units, pins, fraction)
-    recipe = head if from_output else tail
     low_bits = plan_bits(units, {u.name: pins.get(u.name, "lo") for u in units})
     if low_bits > budget_bits(units, target):
         with pytest.raises(BitplanError):
-            recipe(units, "lo", "hi", target, pins)
+            promote_blocks(units, "lo", "hi", target, pins, from_output=from_output)
         return
-    sol = recipe(units, "lo", "hi", target, pins)
+    sol = promote_blocks(units, "lo", "hi", target, pins, from_output=from_output)
     assert sol.total_bits <= budget_bits(units, target)
     assert all(sol.choice[n] == "hi" for n in pins)
     assert math.isnan(sol.score)  # these units carry no scores
@@ -385,8 +387,8 @@ def test_realistic_instance_is_fast():
     # The exact optimum beats both recipes at the same budget.
     for target in (4.5, 5, 6):
         best = solve(units, target).score
-        assert best <= head(units, "mxfp4", "mxfp8", target).score
-        assert best <= tail(units, "mxfp4", "mxfp8", target).score
+        assert best <= promote_blocks(units, "mxfp4", "mxfp8", target, from_output=True).score
+        assert best <= promote_blocks(units, "mxfp4", "mxfp8", target, from_output=False).score
 
 
 def test_milp_agrees_with_dp_on_a_larger_random_instance():

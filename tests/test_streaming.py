@@ -9,7 +9,7 @@ from bitplan.cli import main
 from bitplan.formats import parse_format
 from bitplan.model import load_model
 from bitplan.model.streaming import load_streaming
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 from bitplan.score.fisher import fisher_scores
 
 OPTIONS = [parse_format("mxfp4"), parse_format("w4g32")]

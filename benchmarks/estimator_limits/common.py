@@ -9,7 +9,7 @@ from bitplan.data.heldout import heldout_samples
 from bitplan.evaluate.divergence import BaseLogits
 from bitplan.formats import parse_format_list
 from bitplan.model import load_model
-from bitplan.planning import solve_plans
+from bitplan.plans import solve_plans
 from bitplan.quantize import apply_plan
 from bitplan.score.scores import Scores
 

@@ -7,12 +7,15 @@ the default model, about 12 minutes on 2 cores).
 
 from __future__ import annotations
 
+import argparse
+
 from common import calibration_base, plan_kls, setup
 
 from bitplan.quantize import apply_formats
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     model, tokens, heldout = setup()
     calib = calibration_base(model, tokens)
     groups = model.layers.groups(False)

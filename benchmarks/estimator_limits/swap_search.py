@@ -11,7 +11,7 @@ import argparse
 
 from common import OPTIONS, calibration_base, setup
 
-from bitplan.planning import solve_plans
+from bitplan.plans import solve_plans
 from bitplan.quantize import apply_formats
 from bitplan.score import score
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from bitplan.export.report import ExportReport
 from bitplan.export.source import ExportSource
 from bitplan.formats import Format
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 
 Write = Callable[[ExportSource, Plan, dict[str, Format], Path], ExportReport]
 

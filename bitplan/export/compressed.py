@@ -45,7 +45,7 @@ from bitplan.export.tensors import dense_tensors
 from bitplan.formats import BF16Format, Format, FP8Format, MXFormat, NVFP4Format
 from bitplan.formats.minifloat import power_of_two
 from bitplan.formats.mx import MX_BLOCK_SIZE
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 
 #: Formats whose layers stay dense (unquantized) in a compressed-tensors checkpoint.
 _DENSE = "dense"

@@ -27,7 +27,7 @@ from bitplan.export.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from bitplan.export.source import ExportSource
 from bitplan.export.tensors import dense_tensors, storage_tensor
 from bitplan.formats import Format
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 
 #: Key of bitplan's record in a fake export's config.json.
 CONFIG_KEY = "bitplan"

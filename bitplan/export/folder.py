@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from bitplan.export.source import ExportSource
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 
 #: Name of the plan file inside every folder export.
 PLAN_FILE = "bitplan_plan.json"

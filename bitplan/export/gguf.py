@@ -31,7 +31,7 @@ from bitplan.export.report import ExportReport, export_report
 from bitplan.export.source import ExportSource, planned_formats
 from bitplan.formats import Format
 from bitplan.formats.gguf import quantize_rows
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 
 #: Keys not copied from the source GGUF (the writer sets the architecture; the file type of a
 #: mixed file is left for llama.cpp to guess from its tensors).

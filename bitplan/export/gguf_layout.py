@@ -25,7 +25,7 @@ from bitplan.errors import BitplanError
 from bitplan.export.source import ExportSource, planned_formats
 from bitplan.formats import BF16Format, Format, parse_format
 from bitplan.formats.gguf import GGML_TYPES, GGUFFormat
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 
 #: llama.cpp's type for the output tensor (and a tied token embedding): Q6_K, or Q8_0 when the
 #: rows do not divide into 256-blocks (``llama_tensor_get_type_impl``).

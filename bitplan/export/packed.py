@@ -25,7 +25,7 @@ from bitplan.export.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from bitplan.export.source import ExportSource
 from bitplan.export.tensors import dense_tensors
 from bitplan.formats import Format
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 
 QUANT_METHOD = "bitplan"
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 
 if TYPE_CHECKING:
     from bitplan.model.layers import LayerTable

@@ -19,7 +19,7 @@ from bitplan.export import compressed, fake, gguf, packed
 from bitplan.export.backend import Backend
 from bitplan.export.report import ExportReport
 from bitplan.export.source import ExportSource, planned_formats
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 
 #: Every back end, by the name ``--format`` takes, in the order help texts list them.
 BACKENDS: dict[str, Backend] = {

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from bitplan.export.gguf_layout import gguf_layout
-from bitplan.plan import Plan
+from bitplan.plans import Plan
 from bitplan.quantize.llama_cpp import round_activations
 
 

@@ -25,36 +25,18 @@ def uniform(units: Iterable[Unit], low: str, pins: Mapping[str, str] | None = No
     return problem.solution(picks, None, proven_optimal=False, method="uniform")
 
 
-def head(
+def promote_blocks(
     units: Iterable[Unit],
     low: str,
     high: str,
     avg_bits: float | int | Fraction,
     pins: Mapping[str, str] | None = None,
-) -> Solution:
-    """Promote whole blocks to ``high``, from the output end inward, while the budget allows."""
-    return _promote_blocks(units, low, high, avg_bits, pins, from_output=True)
-
-
-def tail(
-    units: Iterable[Unit],
-    low: str,
-    high: str,
-    avg_bits: float | int | Fraction,
-    pins: Mapping[str, str] | None = None,
-) -> Solution:
-    """Promote whole blocks to ``high``, from the embedding end outward, while the budget allows."""
-    return _promote_blocks(units, low, high, avg_bits, pins, from_output=False)
-
-
-def _promote_blocks(
-    units: Iterable[Unit],
-    low: str,
-    high: str,
-    avg_bits: float | int | Fraction,
-    pins: Mapping[str, str] | None,
+    *,
     from_output: bool,
 ) -> Solution:
+    """Promote whole blocks to ``high`` while the budget allows, starting from the block
+    nearest the output (``from_output``: the ``head`` recipe) or nearest the embedding (the
+    ``tail`` recipe)."""
     problem = Problem.build(units, pins)
     budget = problem.budget_bits(avg_bits)
     picks = [_index(u, low) for u in problem.units]

@@ -1,11 +1,23 @@
-"""llama.cpp's own mixes (Q4_K_M ...) as bitplan Plans, and GGUF plans solved per tensor.
+"""Plans made by a rule rather than by the solver, and plans solved without fusion groups.
 
-``llama-quantize`` chooses a type for every tensor with hand-written rules
-(``llama_tensor_get_type_impl`` in ``llama-quant.cpp``): the mix's base type everywhere, with
-some tensors promoted. :func:`llama_cpp_mix_plan` reproduces those rules for dense
-llama-architecture models (no experts, not Falcon, not a 70B), so that a bitplan plan can be
-compared with the rule at the same file size; llama.cpp's fallback for rows its blocks do not
-divide is applied by the formats themselves (``bitplan/formats/gguf.py``).
+**Baselines** (``bitplan search --recipe``, ``bitplan compare``), as auto-round's accuracy report
+defines them: ``uniform`` puts every unit at the cheapest option; ``head`` promotes whole decoder
+blocks to the most expensive option starting from the block nearest the *output* (the lm_head
+end), ``tail`` starting from the block nearest the *input* (the embedding), while the budget
+allows. (These "head" and "tail" are ends of the block stack; they have nothing to do with the
+lm_head layer, which ``include_head`` is about.)
+
+**Unfused plans**: bitplan's solver with every layer choosing its own format, without the fusion
+groups (q/k/v, gate/up) an engine shares a format across. GGUF files store every tensor
+separately, so GGUF plans are solved this way (:func:`solve_gguf_plans`); so is the ablation that
+gives bitplan the per-layer freedom auto-round's AutoScheme has.
+
+**llama.cpp's own mixes** (Q4_K_M ...) as bitplan Plans. ``llama-quantize`` chooses a type for
+every tensor with hand-written rules (``llama_tensor_get_type_impl`` in ``llama-quant.cpp``): the
+mix's base type everywhere, with some tensors promoted. :func:`llama_cpp_mix_plan` reproduces
+those rules for dense llama-architecture models (no experts, not Falcon, not a 70B), so that a
+bitplan plan can be compared with the rule at the same file size; llama.cpp's fallback for rows
+its blocks do not divide is applied by the formats themselves (``bitplan/formats/gguf.py``).
 
 The rules, with ``more_bits(i)`` = ``i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2`` over the
 ``n`` blocks (integer division), for the mixes listed in :data:`LLAMA_CPP_MIXES`:
@@ -25,25 +37,97 @@ Everything else (q, k, gate, up) keeps the base type. The output tensor (and a t
 tied to it) is Q6_K, Q8_0 when its rows do not divide into 256-blocks; an untied token embedding
 keeps the base type — the export's ``output_type`` / ``embedding_type`` from
 :func:`mix_tensor_types`.
-
-GGUF files store every tensor separately, so GGUF plans need no fusion groups:
-:func:`ungrouped` gives each layer its own group, and :func:`solve_gguf_plans` solves per tensor.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from bitplan.accounting import average_bits
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
-from bitplan.model.fingerprint import model_fingerprint
 from bitplan.model.layers import LayerTable
-from bitplan.model.loading import LoadedModel
-from bitplan.plan import Plan
-from bitplan.planning import solve_plans
-from bitplan.score.scores import Scores
+from bitplan.plans.build import PlanSpace, plan_from_formats
+from bitplan.plans.plan import Plan
+from bitplan.solve import promote_blocks, uniform
+
+if TYPE_CHECKING:
+    from bitplan.model.loading import LoadedModel
+    from bitplan.score.scores import Scores
+
+#: Recipes that promote whole blocks while a budget allows, so they need one.
+BUDGETED_RECIPES = ("head", "tail")
+#: The baseline recipes: ``bitplan search --recipe`` and ``bitplan compare`` settings.
+RECIPES = ("uniform", *BUDGETED_RECIPES)
+
+
+def recipe_plan(
+    space: PlanSpace,
+    recipe: str,
+    budget: float | None,
+    model_id: str,
+    scores: Scores | None = None,
+) -> Plan:
+    """A baseline plan over ``space``: ``uniform`` (all the cheapest option), ``head`` /
+    ``tail`` (whole blocks nearest the output / the embedding promoted to the most expensive
+    option while the budget allows)."""
+    if recipe not in RECIPES:
+        raise BitplanError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    units = space.scored_units(scores)
+    probe = units[0]
+    low = min(probe.costs, key=probe.costs.__getitem__)
+    high = max(probe.costs, key=probe.costs.__getitem__)
+    if recipe == "uniform":
+        solution = uniform(units, low, pins=space.pins)
+    else:
+        if budget is None:
+            raise BitplanError(f"the {recipe} recipe needs a budget (--avg-bits)")
+        from_output = recipe == "head"  # else "tail": from the embedding end
+        solution = promote_blocks(units, low, high, budget, space.pins, from_output=from_output)
+    return space.plan(solution, model_id, recipe)
+
+
+def baseline_plan(
+    recipe: str,
+    table: LayerTable,
+    formats: Sequence[Format],
+    budget: float | None,
+    model_id: str,
+    include_head: bool = False,
+    include_scales: bool = True,
+    pins: dict[str, str] | None = None,
+    scores: Scores | None = None,
+) -> Plan:
+    """:func:`recipe_plan` for a layer table and formats."""
+    space = PlanSpace.build(table, formats, include_head, include_scales, pins)
+    return recipe_plan(space, recipe, budget, model_id, scores)
+
+
+def ungrouped(table: LayerTable) -> LayerTable:
+    """The same layers, each in its own group (as a GGUF file stores them)."""
+    layers = tuple(dataclasses.replace(layer, group=layer.name) for layer in table.layers)
+    return dataclasses.replace(table, layers=layers)
+
+
+def solve_unfused_plans(
+    table: LayerTable,
+    formats: Sequence[Format],
+    scores: Scores,
+    budgets: Sequence[float],
+    model_id: str,
+    include_scales: bool = True,
+    recipe: str = "bitplan-unfused",
+) -> list[Plan]:
+    """bitplan's least-loss plans at each budget with every decoder layer choosing its own
+    format (no fusion groups)."""
+    space = PlanSpace.build(ungrouped(table), formats, include_scales=include_scales)
+    return space.solve(scores, budgets, model_id, recipe)
+
+
+# --------------------------------------------------------------------------------------------
+# llama.cpp's mixes
+# --------------------------------------------------------------------------------------------
 
 _BASE_TYPE = {
     "Q2_K": "q2_k",
@@ -108,41 +192,6 @@ def _check_mix(mix: str) -> None:
         raise BitplanError(f"unknown llama.cpp mix {mix!r}; known: {', '.join(LLAMA_CPP_MIXES)}")
 
 
-def ungrouped(table: LayerTable) -> LayerTable:
-    """The same layers, each in its own group: a GGUF file stores every tensor separately."""
-    layers = tuple(dataclasses.replace(layer, group=layer.name) for layer in table.layers)
-    return dataclasses.replace(table, layers=layers)
-
-
-def _model_id(model: LoadedModel) -> str:
-    return f"{model.name}@{model_fingerprint(model.module)}"
-
-
-def plan_from_formats(
-    model: LoadedModel, layer_formats: dict[str, str], recipe: str, model_id: str | None = None
-) -> Plan:
-    """A Plan for the decoder layers of ``model`` with the given layer -> format names."""
-    layers = model.layers.decoder_layers()
-    missing = [layer.name for layer in layers if layer.name not in layer_formats]
-    if missing:
-        raise BitplanError(f"no format for {len(missing)} layer(s), e.g. {missing[0]}")
-    formats = {name: parse_format(fmt) for name, fmt in layer_formats.items()}
-    with_scales = average_bits(layers, formats, include_scales=True)
-    return Plan(
-        model=model_id or _model_id(model),
-        recipe=recipe,
-        options=sorted({fmt.name for fmt in formats.values()}),
-        layer_formats={layer.name: formats[layer.name].name for layer in layers},
-        budget_avg_bits=None,
-        avg_bits=with_scales,
-        avg_bits_with_scales=with_scales,
-        avg_bits_without_scales=average_bits(layers, formats, include_scales=False),
-        include_scales=True,
-        include_head=False,
-        group_formats={layer.name: formats[layer.name].name for layer in layers},
-    )
-
-
 def llama_cpp_mix_plan(
     model: LoadedModel, mix: str = "Q4_K_M", model_id: str | None = None
 ) -> Plan:
@@ -176,12 +225,6 @@ def solve_gguf_plans(
     """bitplan's least-loss plans at each budget (average bits of the decoder layers, scales
     included, as stored), choosing a type for every tensor separately."""
     formats = [fmt if isinstance(fmt, Format) else parse_format(fmt) for fmt in formats]
-    return solve_plans(
-        ungrouped(model.layers),
-        formats,
-        scores,
-        list(budgets),
-        model_id or _model_id(model),
-        include_head=False,
-        include_scales=True,
+    return solve_unfused_plans(
+        model.layers, formats, scores, budgets, model_id or model.identity, recipe="bitplan"
     )

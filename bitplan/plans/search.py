@@ -1,0 +1,193 @@
+"""A whole search, as ``bitplan search`` runs it: calibration tokens, scores, plans, Pareto front.
+
+    config = SearchConfig("mxfp4,mxfp8", budgets=[4.5, 5, 6])
+    result = run_search(model, config)        # scores once, then one proven-optimal plan a budget
+    write_search_outputs(result, "plans/")    # plan_*.json, front.json, scores.json, a PNG
+
+With ``recipe`` set, a baseline plan is built instead and nothing is scored. Everything that can
+be checked without scores (options, pins, budgets within reach) is checked before the scoring
+pass, which is the long part. ``bitplan.search`` is the same call with keyword arguments.
+
+(This module lives in ``plans/`` but is not imported by ``bitplan.plans`` itself: it drives the
+scorers, which the rest of the plans stage does not need.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bitplan.compute import ComputeDtype, choose_dtype
+from bitplan.data.calibration import calibration_samples
+from bitplan.distributed import is_main
+from bitplan.errors import BitplanError
+from bitplan.formats import Format, parse_format_list
+from bitplan.model.layers import LayerTable
+from bitplan.model.loading import LoadedModel
+from bitplan.model.streaming import BlockLoader
+from bitplan.plans.build import PlanSpace, resolve_pins
+from bitplan.plans.plan import Plan
+from bitplan.plans.recipes import RECIPES, recipe_plan
+from bitplan.score import Scores, score
+
+
+@dataclass
+class SearchConfig:
+    """What to search: the candidate formats, the budgets, and how to score."""
+
+    options: str | Sequence[str | Format]  # "mxfp4,mxfp8", or a list of formats
+    budgets: Sequence[float] = ()  # target average bits per weight
+    recipe: str | None = None  # a baseline recipe (RECIPES) instead of the solver
+    pins: Sequence[str] = ()  # "REGEX=FORMAT": layers forced to a format (resolve_pins)
+    include_head: bool = False  # lm_head in scoring and budget (a pin on lm_head implies it)
+    include_scales: bool = True  # count scale/zero-point bits in the budget
+    scorer: str = "fisher"  # bitplan.score.SCORERS
+    calib: str | None = None  # calibration text (default: the shipped text)
+    n_samples: int = 16
+    seq_len: int = 256
+    batch_size: int = 4
+    cache: bool = True  # reuse cached scores
+    device: str = "cpu"  # where blocks are computed
+    dtype: str | ComputeDtype = "auto"  # what the passes compute in (bitplan.compute)
+    formats: list[Format] = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = self.options if isinstance(self.options, str) else [str(o) for o in self.options]
+        self.formats = parse_format_list(names)
+        if len(self.formats) < 2 and self.recipe is None:
+            raise BitplanError("give at least two --options to choose between, e.g. mxfp4,mxfp8")
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise BitplanError(
+                f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}"
+            )
+
+    @property
+    def options_label(self) -> str:
+        """The options as the user wrote them, for messages."""
+        if isinstance(self.options, str):
+            return self.options
+        return ",".join(fmt.name for fmt in self.formats)
+
+
+@dataclass
+class SearchResult:
+    """Plans (one per budget, or the recipe's), with the scores and exact Pareto front they came
+    from (None and empty for a recipe)."""
+
+    plans: list[Plan]
+    scores: Scores | None
+    front: list[tuple[float, float]]  # (average bits, predicted loss), cheapest first
+    table: LayerTable  # the model's layers, for the plot
+
+    @property
+    def proven_optimal(self) -> bool:
+        return all(plan.proven_optimal for plan in self.plans)
+
+
+def run_search(
+    model: LoadedModel,
+    config: SearchConfig,
+    loader: BlockLoader | None = None,
+    log: Callable[[str], object] | None = None,
+    progress: bool = True,
+) -> SearchResult:
+    """Score ``model`` and solve every budget of ``config`` (or build its recipe's plans).
+
+    ``loader`` (from ``load_streaming``) keeps one block's weights in memory at a time while
+    scoring; ``log`` receives the lines worth showing while it runs (the compute dtype, the
+    scoring time), ``print`` for the command line."""
+    formats = config.formats
+    pins, pins_lm_head = resolve_pins(config.pins, model.layers, formats)
+    space = PlanSpace.build(
+        model.layers, formats, config.include_head or pins_lm_head, config.include_scales, pins
+    )
+    _check_budgets(space, config)
+    budgets = list(config.budgets)
+
+    if config.recipe is not None:
+        if config.recipe != "uniform" and not budgets:
+            raise BitplanError(f"--recipe {config.recipe} needs --avg-bits")
+        plans = [
+            recipe_plan(space, config.recipe, budget, model.identity)
+            for budget in (budgets or [None])
+        ]
+        return SearchResult(plans, None, [], model.layers)
+
+    if not budgets:
+        raise BitplanError("give one or more target budgets with --avg-bits, e.g. 4.5 5 6")
+    tokens = calibration_samples(
+        model.tokenizer, n_samples=config.n_samples, seq_len=config.seq_len, source=config.calib
+    )
+    compute = config.dtype
+    if not isinstance(compute, ComputeDtype):
+        compute = choose_dtype(config.device, compute)
+        if log is not None and is_main():
+            log(compute.describe())
+    scores = score(
+        model,
+        formats,
+        tokens,
+        scorer=config.scorer,
+        include_head=space.include_head,
+        batch_size=config.batch_size,
+        cache=config.cache,
+        progress=progress,
+        loader=loader,
+        device=config.device,
+        dtype=compute,
+    )
+    if log is not None:
+        hit = " (from cache)" if scores.extra.get("cache_hit") else ""
+        log(
+            f"scored {len(scores.layer_scores)} layers x {len(formats)} options with "
+            f"{scores.scorer} in {scores.seconds:.1f} s{hit}"
+        )
+    plans = space.solve(scores, budgets, model.identity)
+    return SearchResult(plans, scores, space.front(scores), model.layers)
+
+
+def _check_budgets(space: PlanSpace, config: SearchConfig) -> None:
+    """Refuse a budget below what the options can reach, before the (long) scoring pass."""
+    lo, hi = space.reachable_range()
+    for bits in config.budgets:
+        if bits < lo - 1e-12:
+            raise BitplanError(
+                f"target {bits:g} bits is below what {config.options_label} can reach here "
+                f"({lo:.4f} to {hi:.4f} bits per weight"
+                f"{'' if config.include_scales else ', scale bits ignored'})"
+            )
+
+
+def budget_label(bits: float) -> str:
+    """A budget as file names write it: 4.5 -> ``4p5``."""
+    return f"{bits:g}".replace(".", "p")
+
+
+def plan_file_name(plan: Plan) -> str:
+    """``plan_bitplan_4p5.json``, ``plan_tail_6.json``: recipe and budget."""
+    if plan.budget_avg_bits is None:
+        return f"plan_{plan.recipe}.json"
+    return f"plan_{plan.recipe}_{budget_label(plan.budget_avg_bits)}.json"
+
+
+def write_search_outputs(result: SearchResult, out: str | os.PathLike) -> list[Path]:
+    """Write one plan file per plan, and for a scored search ``front.json`` and
+    ``scores.json``, then ``bits_per_layer.png``. Returns the plan files' paths."""
+    from bitplan.plots import plot_bits_per_layer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for plan in result.plans:
+        path = out / plan_file_name(plan)
+        plan.save(path)
+        paths.append(path)
+    if result.scores is not None:
+        front = [{"avg_bits": b, "predicted_loss": s} for b, s in result.front]
+        (out / "front.json").write_text(json.dumps(front, indent=1) + "\n")
+        result.scores.save(out / "scores.json")
+    plot_bits_per_layer(result.plans, result.table, out / "bits_per_layer.png")
+    return paths
