@@ -103,7 +103,7 @@ EMBEDDED = "SmolLM2-135M (embedded)"
 
 # Each sweep varies one thing: (model, calibration samples of SEQ_LEN tokens, options).
 SWEEPS: dict[str, list[tuple[str, int, int]]] = {
-    "tokens": [(EMBEDDED, n, 2) for n in (4, 8, 16)],
+    "tokens": [(EMBEDDED, n, 2) for n in (4, 8, 16, 32)],
     "options": [(EMBEDDED, 16, n) for n in (2, 4, 6)],
     "parameters": [
         (name, 4, 2)
@@ -194,8 +194,12 @@ def _case_key(sweep: str, model: str, n_samples: int, n_options: int, dtype: str
     return f"{sweep}|{model}|{n_samples}x{SEQ_LEN}|{n_options}|{dtype}|{scorer}"
 
 
-def run_cases(out: Path, sweeps: list[str], dtypes: list[str], scorer: str = "fisher") -> None:
-    """Run every case not yet in ``out``, alternating dtypes so that drift hits both alike."""
+def run_cases(
+    out: Path, sweeps: list[str], dtypes: list[str], scorer: str = "fisher", repeats: int = 1
+) -> None:
+    """Run every case not yet in ``out`` ``repeats`` times, each in a fresh process, keeping the
+    fastest (the one least disturbed by anything else on the machine); dtypes alternate so that
+    drift hits both alike."""
     done = (
         {json.loads(line)["key"] for line in out.read_text().splitlines()}
         if out.is_file()
@@ -219,17 +223,39 @@ def run_cases(out: Path, sweeps: list[str], dtypes: list[str], scorer: str = "fi
                     dtype,
                     scorer,
                 ]
-                result = subprocess.run(cmd, capture_output=True, text=True)
-                if result.returncode != 0:
-                    print(f"failed:\n{result.stderr[-2000:]}")
+                runs = []
+                for _ in range(repeats):
+                    result = subprocess.run(cmd, capture_output=True, text=True)
+                    if result.returncode != 0:
+                        print(f"failed:\n{result.stderr[-2000:]}")
+                        break
+                    runs.append(json.loads(result.stdout.splitlines()[-1]))
+                if len(runs) < repeats:
                     continue
-                record = json.loads(result.stdout.splitlines()[-1])
+                record = min(runs, key=lambda r: r["seconds"])
                 record.update(
-                    key=key, sweep=sweep, model=model, options=n_options, dtype=dtype, scorer=scorer
+                    key=key,
+                    sweep=sweep,
+                    model=model,
+                    options=n_options,
+                    dtype=dtype,
+                    scorer=scorer,
+                    all_seconds=[r["seconds"] for r in runs],
                 )
                 with out.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-                print(f"{record['seconds']:.1f} s, {record['peak_rss_mb']:.0f} MB")
+                print(
+                    f"{record['seconds']:.1f} s (best of {repeats}), {record['peak_rss_mb']:.0f} MB"
+                )
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares ``y = a + b x``: a part that does not grow with x, and one that does."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+    return my - b * mx, b
 
 
 def fitted_exponent(xs: list[float], ys: list[float]) -> float:
@@ -267,8 +293,12 @@ def report(out: Path) -> None:
         rows = [r for r in records if r["dtype"] == dtype and r["scorer"] == "fisher"]
         tokens = [r for r in rows if r["sweep"] == "tokens"]
         if len(tokens) > 1:
-            e = fitted_exponent([r["tokens"] for r in tokens], [r["seconds"] for r in tokens])
-            print(f"{dtype}: seconds ~ tokens^{e:.2f}")
+            xs, ys = [r["tokens"] for r in tokens], [r["seconds"] for r in tokens]
+            fixed, per_token = linear_fit(xs, ys)
+            print(
+                f"{dtype}: seconds ~ tokens^{fitted_exponent(xs, ys):.2f}; as a line: "
+                f"{fixed:.1f} s + {per_token * 1e3:.2f} ms per token"
+            )
         params = [r for r in rows if r["sweep"] == "parameters"]
         if len(params) > 1:
             e = fitted_exponent(
@@ -336,7 +366,9 @@ def main() -> None:
     parser.add_argument(
         "--scorers", action="store_true", help="compare fisher with delta-loss instead"
     )
-    parser.add_argument("--repeats", type=int, default=1, help="with --scorers")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of each case, the fastest kept (1)"
+    )
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -346,7 +378,9 @@ def main() -> None:
         compare_scorers(args.repeats, 16)
     else:
         if not args.report_only:
-            run_cases(args.out, args.sweeps.split(","), args.dtypes.split(","))
+            run_cases(
+                args.out, args.sweeps.split(","), args.dtypes.split(","), repeats=args.repeats
+            )
         report(args.out)
 
 
