@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 
 from bitplan.errors import BitplanError
-from bitplan.export.codes import E8M0_BIAS, as_int_format, decode_weight, encode_weight
 from bitplan.export.common import (
     dense_tensors,
     head_name,
@@ -47,8 +46,9 @@ from bitplan.export.common import (
 )
 from bitplan.export.shards import DEFAULT_SHARD_BYTES, ShardWriter, read_tensors
 from bitplan.formats import BF16Format, Format, FP8Format, MXFormat, NVFP4Format
+from bitplan.formats.integer import as_int_format
 from bitplan.formats.minifloat import power_of_two
-from bitplan.formats.mx import MX_BLOCK_SIZE
+from bitplan.formats.mx import E8M0_BIAS, MX_BLOCK_SIZE
 from bitplan.model.loading import LoadedModel
 from bitplan.plan import Plan
 
@@ -177,8 +177,8 @@ def _uncompressed_state(
     stored group layout), and the fake-quantized weight itself."""
     fmt = layer.fmt
     shape = tuple(weight.shape)
-    parts = encode_weight(weight, fmt)
-    fake = decode_weight(parts, fmt, shape)
+    parts = fmt.encode(weight)
+    fake = fmt.decode(parts, shape)
     if isinstance(fmt, MXFormat):
         exponent = parts["scales"].to(torch.int32) - E8M0_BIAS
         return {"weight": fake, "weight_scale": power_of_two(exponent)}, fake
@@ -196,7 +196,7 @@ def _uncompressed_state(
         source = None
     state["weight_scale"] = scale.contiguous()
     if not int_fmt.symmetric:
-        from bitplan.export.packing import unpack_bits
+        from bitplan.formats.packing import unpack_bits
 
         groups = parts["scales"].shape[1]
         zeros = unpack_bits(parts["zeros"], int_fmt.bits, shape[0] * groups).view(shape[0], groups)
@@ -246,7 +246,7 @@ def write_compressed(
     shards.add_all(dense_tensors(model, skip={f"{name}.weight" for name in formats}))
     for name, fmt in formats.items():
         if name not in quantized:  # bf16 layers stay dense, with the fake model's bf16 weight
-            shards.add(f"{name}.weight", encode_weight(layer_weight(model, name), fmt)["weight"])
+            shards.add(f"{name}.weight", fmt.encode(layer_weight(model, name))["weight"])
     kind_of: dict[str, str] = {}
     for name, layer in layer_schemes.items():
         scheme = schemes[layer]
