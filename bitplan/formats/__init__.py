@@ -4,7 +4,7 @@ One family per module (``integer``, ``mx``, ``nvfp4``, ``fp8``, ``bf16``, ``gguf
 four share the ``block_scaled`` core (choose a block's scales, round with given scales) on top of
 ``minifloat`` rounding and ``blocks`` helpers. ``storage`` describes the packed layout that
 ``fmt.encode`` / ``fmt.decode`` write and read (bits packed by ``packing``); ``registry`` turns
-names into formats.
+names into formats; ``handlers`` lets back ends register per-format handlers.
 
 >>> from bitplan.formats import parse_format
 >>> fmt = parse_format("mxfp4")
@@ -16,6 +16,7 @@ from bitplan.formats.base import Format
 from bitplan.formats.bf16 import BF16Format
 from bitplan.formats.block_scaled import BlockScaledFormat, BlockScales
 from bitplan.formats.fp8 import FP8Format
+from bitplan.formats.handlers import HandlerRegistry
 from bitplan.formats.integer import Int8W8A8Format, IntFormat
 from bitplan.formats.minifloat import E2M1, E2M3, E4M3, MinifloatSpec, quantize_to_minifloat
 from bitplan.formats.mx import MXFormat
@@ -31,6 +32,7 @@ __all__ = [
     "BlockScales",
     "FP8Format",
     "Format",
+    "HandlerRegistry",
     "Int8W8A8Format",
     "IntFormat",
     "MXFormat",
