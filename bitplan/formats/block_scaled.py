@@ -45,7 +45,7 @@ def nonzero_or_one(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: compare their fields, not the object
 class BlockScales:
     """The scales of every block, shaped ``(..., blocks, 1)`` to broadcast over its elements.
 
@@ -64,16 +64,20 @@ class BlockScales:
         return nonzero_or_one(full)
 
     def dequantize(self, elements: torch.Tensor) -> torch.Tensor:
-        """The float32 values of rounded ``elements``, as a new tensor."""
-        if self.zero_point is None:
-            values = elements * self.scale
-        else:
-            values = (elements - self.zero_point).mul_(self.scale)
+        """The float32 values of rounded ``elements`` (what ``round`` returned), as a new tensor."""
+        return self.dequantize_(elements.clone())
+
+    def dequantize_(self, elements: torch.Tensor) -> torch.Tensor:
+        """:meth:`dequantize` in place: overwrites and returns ``elements``. (The fake quantizer
+        owns its elements; a new weight-sized tensor per call costs it noticeable time.)"""
+        if self.zero_point is not None:
+            elements.sub_(self.zero_point)
+        elements.mul_(self.scale)
         if self.global_scale is not None:
             # A second product rather than one by the full scale: element * block scale is exact
             # (NVFP4: 2 and 4 significant bits), so the result is rounded only once.
-            values.mul_(self.global_scale)
-        return values
+            elements.mul_(self.global_scale)
+        return elements
 
 
 class BlockScaledFormat(Format):
@@ -131,7 +135,7 @@ class BlockScaledFormat(Format):
         length = x.shape[-1]
         blocks = to_blocks(x, self.block_size(length))
         scales = (find_scales or self.find_scales)(blocks)
-        return from_blocks(scales.dequantize(self.round(blocks, scales)), length)
+        return from_blocks(scales.dequantize_(self.round(blocks, scales)), length)
 
     def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return self.fake_quantize(as_float32(weight)).to(weight.dtype)
@@ -155,7 +159,7 @@ class BlockScaledFormat(Format):
         codes = unpack_bits(parts["qweight"], self.element_bits, out_features * in_features)
         elements = self.code_elements(codes.view(shape))
         scales = self.unpack_scales(parts, shape)
-        values = scales.dequantize(to_blocks(elements, self.block_size(in_features)))
+        values = scales.dequantize_(to_blocks(elements, self.block_size(in_features)))
         return from_blocks(values, in_features)
 
 
