@@ -14,7 +14,6 @@ import bitplan.export.packed as packed_module
 from bitplan.atomic import check_output_dir, check_output_file
 from bitplan.errors import BitplanError
 from bitplan.export import export_model
-from bitplan.export.codes import part_bits
 from bitplan.export.report import safetensors_layout
 from bitplan.formats import parse_format
 from bitplan.model import load_exported, load_model
@@ -93,7 +92,7 @@ def test_packed_file_size_matches_the_plans_bit_accounting(tiny, tmp_path):
     sizes, header = safetensors_layout(tmp_path / "packed" / "model.safetensors")
     shapes = {layer.name: layer.shape for layer in tiny.layers}
     for name, fmt_name in plan.layer_formats.items():
-        for part, bits in part_bits(parse_format(fmt_name), shapes[name]).items():
+        for part, bits in parse_format(fmt_name).part_bits(shapes[name]).items():
             assert sizes[f"{name}.{part}"] == math.ceil(bits / 8), (name, part)
     # Every part of the tiny model's layers is a whole number of bytes, so exactly:
     assert report.quantized_bytes * 8 == report.plan_bits

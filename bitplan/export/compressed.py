@@ -36,15 +36,25 @@ import torch
 
 from bitplan.errors import BitplanError
 from bitplan.export.backend import Backend
-from bitplan.export.codes import E8M0_BIAS, as_int_format, decode_weight, encode_weight
 from bitplan.export.folder import model_dtype_name, write_config, write_side_files
 from bitplan.export.report import ExportReport, folder_report
 from bitplan.export.shards import DEFAULT_SHARD_BYTES, ShardWriter, read_tensors
 from bitplan.export.source import ExportSource
 from bitplan.export.tensors import dense_tensors
-from bitplan.formats import BF16Format, Format, FP8Format, MXFormat, NVFP4Format
+from bitplan.formats import (
+    BF16Format,
+    Format,
+    FP8Format,
+    HandlerRegistry,
+    Int8W8A8Format,
+    IntFormat,
+    MXFormat,
+    NVFP4Format,
+)
+from bitplan.formats.integer import as_int_format
 from bitplan.formats.minifloat import power_of_two
-from bitplan.formats.mx import MX_BLOCK_SIZE
+from bitplan.formats.mx import E8M0_BIAS, MX_BLOCK_SIZE
+from bitplan.formats.packing import unpack_bits
 from bitplan.plans import Plan
 
 #: Formats whose layers stay dense (unquantized) in a compressed-tensors checkpoint.
@@ -85,15 +95,103 @@ def _scheme_name(fmt: Format | None) -> str:
     return _DENSE if fmt is None or isinstance(fmt, BF16Format) else fmt.name
 
 
+#: How compressed-tensors stores each kind of format: one handler per format type, each with
+#: ``layer_scheme`` (how a layer is stored, or why it cannot be), ``quantization_scheme`` (the
+#: library's config) and ``state`` (the tensors its compressor takes).
+_HANDLERS: HandlerRegistry[type] = HandlerRegistry("compressed-tensors")
+
+
 def _layer_scheme(name: str, fmt: Format, in_features: int) -> _LayerScheme:
-    if (int_fmt := as_int_format(fmt)) is not None:
-        compression = "pack-quantized" if int_fmt is fmt else "int-quantized"
-        group = int_fmt.group_size
+    try:
+        handler = _HANDLERS.lookup(fmt)
+    except BitplanError as err:
+        raise BitplanError(f"cannot export {name}: {err}") from None
+    return handler.layer_scheme(name, fmt, in_features)
+
+
+def _quantization_scheme(layer: _LayerScheme, targets: list[str]):
+    scheme = _HANDLERS.lookup(layer.fmt).quantization_scheme(layer, targets)
+    scheme.format = layer.compression
+    return scheme
+
+
+def _uncompressed_state(
+    weight: torch.Tensor, layer: _LayerScheme
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The per-module state a compressor takes (fake-quantized weight, bitplan's scales in the
+    stored group layout), and the fake-quantized weight itself."""
+    fmt = layer.fmt
+    parts = fmt.encode(weight)
+    fake = fmt.decode(parts, tuple(weight.shape))
+    return {"weight": fake, **_HANDLERS.lookup(fmt).state(parts, layer, tuple(weight.shape))}, fake
+
+
+@_HANDLERS.register(IntFormat, Int8W8A8Format)
+class _IntegerHandler:
+    """``w{b}g{g}`` / ``_asym`` / per-channel -> pack-quantized; ``int8`` (W8A8) ->
+    int-quantized with dynamic per-token int8 activations."""
+
+    @staticmethod
+    def layer_scheme(name: str, fmt: IntFormat | Int8W8A8Format, in_features: int) -> _LayerScheme:
+        compression = "int-quantized" if fmt.quantizes_activations else "pack-quantized"
+        group = fmt.group_size
         if group is None or group >= in_features:  # one group per row
             return _LayerScheme(fmt, compression, "channel", None)
         stored = math.gcd(in_features, group)
         return _LayerScheme(fmt, compression, "group", stored, expanded=stored != group)
-    if isinstance(fmt, MXFormat):
+
+    @staticmethod
+    def quantization_scheme(layer: _LayerScheme, targets: list[str]):
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+        fmt = layer.fmt
+        weights = QuantizationArgs(
+            num_bits=fmt.bits,
+            type="int",
+            symmetric=fmt.symmetric,
+            strategy=layer.strategy,
+            group_size=layer.group_size,
+            dynamic=False,
+            scale_dtype=torch.float16,  # bitplan's scales are float16
+        )
+        inputs = None
+        if fmt.quantizes_activations:  # int8 W8A8: dynamic per-token int8 activations
+            inputs = QuantizationArgs(
+                num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True
+            )
+        return QuantizationScheme(targets=targets, weights=weights, input_activations=inputs)
+
+    @staticmethod
+    def state(
+        parts: dict[str, torch.Tensor], layer: _LayerScheme, shape: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        fmt = layer.fmt
+        scale = parts["scales"]  # float16, (out, ceil(in / g))
+        if layer.expanded:
+            # Ragged last group: every stored sub-group repeats the scale of the group it lies in.
+            sub_groups = shape[1] // layer.group_size
+            source = torch.arange(sub_groups) * layer.group_size // fmt.group_size
+            scale = scale[:, source]
+        else:
+            source = None
+        state = {"weight_scale": scale.contiguous()}
+        if not fmt.symmetric:
+            groups = parts["scales"].shape[1]
+            zeros = unpack_bits(parts["zeros"], fmt.bits, shape[0] * groups).view(shape[0], groups)
+            if source is not None:
+                zeros = zeros[:, source]
+            # compressed-tensors keeps signed codes: code - 2**(b-1), zero point likewise.
+            state["weight_zero_point"] = (zeros - 2 ** (fmt.bits - 1)).to(torch.int8).contiguous()
+        return state
+
+
+@_HANDLERS.register(MXFormat)
+class _MXHandler:
+    """mxfp4 / mxfp6 / mxfp8 -> mxfp4-pack-quantized / mxfp6-pack-quantized / mxfp8-quantized,
+    with dynamic MX activations; no ragged last block."""
+
+    @staticmethod
+    def layer_scheme(name: str, fmt: MXFormat, in_features: int) -> _LayerScheme:
         if in_features % MX_BLOCK_SIZE:
             raise BitplanError(
                 f"cannot export {name} as compressed-tensors {fmt.name}: its {in_features} "
@@ -104,31 +202,20 @@ def _layer_scheme(name: str, fmt: Format, in_features: int) -> _LayerScheme:
             fmt.bits, "mxfp8-quantized"
         )
         return _LayerScheme(fmt, compression, "group", MX_BLOCK_SIZE)
-    if isinstance(fmt, FP8Format):
-        return _LayerScheme(fmt, "float-quantized", "channel", None)
-    if isinstance(fmt, NVFP4Format):
-        raise BitplanError(
-            f"cannot export {name} (nvfp4) as compressed-tensors: bitplan quantizes NVFP4 "
-            "activations with a dynamic per-tensor scale, while compressed-tensors and vLLM need "
-            "a calibrated static input_global_scale; use --format packed or fake"
+
+    @staticmethod
+    def quantization_scheme(layer: _LayerScheme, targets: list[str]):
+        from compressed_tensors.quantization import (
+            QuantizationArgs,
+            QuantizationScheme,
+            preset_name_to_scheme,
         )
-    raise BitplanError(f"cannot export {name} ({fmt.name}) as compressed-tensors")
 
+        fmt = layer.fmt
+        if fmt.bits in (4, 8):
+            return preset_name_to_scheme(f"MXFP{fmt.bits}", targets)
 
-def _quantization_scheme(layer: _LayerScheme, targets: list[str]):
-    from compressed_tensors.quantization import (
-        QuantizationArgs,
-        QuantizationScheme,
-        preset_name_to_scheme,
-    )
-
-    fmt = layer.fmt
-    if isinstance(fmt, MXFormat) and fmt.bits in (4, 8):
-        scheme = preset_name_to_scheme(f"MXFP{fmt.bits}", targets)
-    elif isinstance(fmt, FP8Format):
-        scheme = preset_name_to_scheme("FP8_DYNAMIC", targets)
-    elif isinstance(fmt, MXFormat):  # mxfp6: E2M3 weights and, as bitplan simulates, activations
-
+        # mxfp6: E2M3 weights and, as bitplan simulates, activations
         def mx6(**extra) -> QuantizationArgs:
             return QuantizationArgs(
                 num_bits=6,
@@ -141,65 +228,50 @@ def _quantization_scheme(layer: _LayerScheme, targets: list[str]):
                 **extra,
             )
 
-        scheme = QuantizationScheme(
+        return QuantizationScheme(
             targets=targets, weights=mx6(dynamic=False), input_activations=mx6(dynamic=True)
         )
-    else:
-        int_fmt = as_int_format(fmt)
-        weights = QuantizationArgs(
-            num_bits=int_fmt.bits,
-            type="int",
-            symmetric=int_fmt.symmetric,
-            strategy=layer.strategy,
-            group_size=layer.group_size,
-            dynamic=False,
-            scale_dtype=torch.float16,  # bitplan's scales are float16
-        )
-        inputs = None
-        if int_fmt is not fmt:  # int8 W8A8: dynamic per-token int8 activations
-            inputs = QuantizationArgs(
-                num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True
-            )
-        scheme = QuantizationScheme(targets=targets, weights=weights, input_activations=inputs)
-    scheme.format = layer.compression
-    return scheme
 
-
-def _uncompressed_state(
-    weight: torch.Tensor, layer: _LayerScheme
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The per-module state a compressor takes (fake-quantized weight, bitplan's scales in the
-    stored group layout), and the fake-quantized weight itself."""
-    fmt = layer.fmt
-    shape = tuple(weight.shape)
-    parts = encode_weight(weight, fmt)
-    fake = decode_weight(parts, fmt, shape)
-    if isinstance(fmt, MXFormat):
+    @staticmethod
+    def state(
+        parts: dict[str, torch.Tensor], layer: _LayerScheme, shape: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
         exponent = parts["scales"].to(torch.int32) - E8M0_BIAS
-        return {"weight": fake, "weight_scale": power_of_two(exponent)}, fake
-    if isinstance(fmt, FP8Format):
-        return {"weight": fake, "weight_scale": parts["scales"].unsqueeze(-1)}, fake
-    int_fmt = as_int_format(fmt)
-    scale = parts["scales"]  # float16, (out, ceil(in / g))
-    state = {"weight": fake}
-    if layer.expanded:
-        # Ragged last group: every stored sub-group repeats the scale of the group it lies in.
-        sub_groups = shape[1] // layer.group_size
-        source = torch.arange(sub_groups) * layer.group_size // int_fmt.group_size
-        scale = scale[:, source]
-    else:
-        source = None
-    state["weight_scale"] = scale.contiguous()
-    if not int_fmt.symmetric:
-        from bitplan.export.packing import unpack_bits
+        return {"weight_scale": power_of_two(exponent)}
 
-        groups = parts["scales"].shape[1]
-        zeros = unpack_bits(parts["zeros"], int_fmt.bits, shape[0] * groups).view(shape[0], groups)
-        if source is not None:
-            zeros = zeros[:, source]
-        # compressed-tensors keeps signed codes: code - 2**(b-1), zero point likewise.
-        state["weight_zero_point"] = (zeros - 2 ** (int_fmt.bits - 1)).to(torch.int8).contiguous()
-    return state, fake
+
+@_HANDLERS.register(FP8Format)
+class _FP8Handler:
+    """fp8 -> float-quantized (FP8_DYNAMIC)."""
+
+    @staticmethod
+    def layer_scheme(name: str, fmt: FP8Format, in_features: int) -> _LayerScheme:
+        return _LayerScheme(fmt, "float-quantized", "channel", None)
+
+    @staticmethod
+    def quantization_scheme(layer: _LayerScheme, targets: list[str]):
+        from compressed_tensors.quantization import preset_name_to_scheme
+
+        return preset_name_to_scheme("FP8_DYNAMIC", targets)
+
+    @staticmethod
+    def state(
+        parts: dict[str, torch.Tensor], layer: _LayerScheme, shape: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        return {"weight_scale": parts["scales"].unsqueeze(-1)}
+
+
+@_HANDLERS.register(NVFP4Format)
+class _NVFP4Handler:
+    """Refused (see the module doc); ``layer_scheme`` raises, so nothing else is asked of it."""
+
+    @staticmethod
+    def layer_scheme(name: str, fmt: NVFP4Format, in_features: int) -> _LayerScheme:
+        raise BitplanError(
+            f"cannot export {name} (nvfp4) as compressed-tensors: bitplan quantizes NVFP4 "
+            "activations with a dynamic per-tensor scale, while compressed-tensors and vLLM need "
+            "a calibrated static input_global_scale; use --format packed or fake"
+        )
 
 
 def _compressor(compression: str):
@@ -248,7 +320,7 @@ def write_compressed(
     shards.add_all(dense_tensors(source, skip={f"{name}.weight" for name in formats}))
     for name, fmt in formats.items():
         if name not in quantized:  # bf16 layers stay dense, with the fake model's bf16 weight
-            shards.add(f"{name}.weight", encode_weight(source.layer_weight(name), fmt)["weight"])
+            shards.add(f"{name}.weight", fmt.encode(source.layer_weight(name))["weight"])
     kind_of: dict[str, str] = {}
     for name, layer in layer_schemes.items():
         scheme = schemes[layer]

@@ -20,7 +20,6 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from bitplan.errors import BitplanError
-from bitplan.export.codes import decode_weight, part_bits
 from bitplan.export.fake import CONFIG_KEY
 from bitplan.export.folder import FORMAT_VERSION, PLAN_FILE
 from bitplan.export.packed import QUANT_METHOD
@@ -105,8 +104,8 @@ def _load_packed(path: Path, dtype: torch.dtype) -> nn.Module:
         if not isinstance(linear, nn.Linear):
             raise BitplanError(f"{path} names layer {name}, which its model does not have")
         shape = (linear.out_features, linear.in_features)
-        parts = {part: stored.pop(f"{name}.{part}") for part in part_bits(fmt, shape)}
-        state[f"{name}.weight"] = decode_weight(parts, fmt, shape).to(dtype)
+        parts = {part: stored.pop(f"{name}.{part}") for part in fmt.part_bits(shape)}
+        state[f"{name}.weight"] = fmt.decode(parts, shape).to(dtype)
     for key, tensor in stored.items():
         state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     result = module.load_state_dict(state, strict=False, assign=True)

@@ -1,6 +1,6 @@
 """The ``packed`` export: bitplan's own layout of real low-bit weights (docs/EXPORT.md).
 
-Each planned layer ``<name>`` is stored as the parts of :mod:`bitplan.export.codes`
+Each planned layer ``<name>`` is stored as the parts of :mod:`bitplan.formats.storage`
 (``<name>.qweight``, ``<name>.scales``, ``<name>.zeros``, ...) instead of ``<name>.weight``;
 everything else is stored as in a Hugging Face folder. config.json gets a
 ``quantization_config`` with ``"quant_method": "bitplan"`` naming every layer's format, which
@@ -13,7 +13,6 @@ from pathlib import Path
 
 from bitplan.errors import BitplanError
 from bitplan.export.backend import Backend
-from bitplan.export.codes import PART_KINDS, encode_weight, part_bits
 from bitplan.export.folder import (
     FORMAT_VERSION,
     model_dtype_name,
@@ -25,6 +24,7 @@ from bitplan.export.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from bitplan.export.source import ExportSource
 from bitplan.export.tensors import dense_tensors
 from bitplan.formats import Format
+from bitplan.formats.storage import PART_KINDS
 from bitplan.plans import Plan
 
 QUANT_METHOD = "bitplan"
@@ -41,14 +41,14 @@ def write_packed(
     """Write the packed export into ``folder``."""
     for name, fmt in formats.items():  # refuse an unpackable format before the long part
         try:
-            part_bits(fmt, (1, 1))
+            fmt.part_bits((1, 1))
         except BitplanError as err:
             raise BitplanError(f"cannot pack {name}: {err}") from None
     shards = ShardWriter(folder, {"format": "pt", "bitplan": "packed"}, max_shard_bytes)
     shards.add_all(dense_tensors(source, skip={f"{name}.weight" for name in formats}))
     kind_of: dict[str, str] = {}
     for name, fmt in formats.items():
-        for part, tensor in encode_weight(source.layer_weight(name), fmt).items():
+        for part, tensor in fmt.encode(source.layer_weight(name)).items():
             key = f"{name}.{part}"
             shards.add(key, tensor)
             kind_of[key] = PART_KINDS[part]

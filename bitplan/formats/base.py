@@ -2,7 +2,10 @@
 
 A format knows how to quantize-dequantize ("fake-quantize") a weight tensor, and an activation
 tensor if it quantizes activations, and exactly how many bits a weight of a given shape costs
-on disk. It knows nothing about models.
+on disk. A format also owns its storage: ``encode`` splits a weight into the parts bitplan's
+packed layout stores (codes, scales, zero points; ``storage.py``), ``decode`` rebuilds the
+weight from them, and the fake quantization is ``decode(encode(w))``. It knows nothing about
+models.
 
 Weights are 2-D, shaped (out_features, in_features) as in ``torch.nn.Linear``; groups and blocks
 always run along the input dimension (the last one).
@@ -13,6 +16,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
+
+from bitplan.formats.storage import no_packed_layout
 
 
 class Format(ABC):
@@ -40,6 +45,20 @@ class Format(ABC):
         With ``include_scales=False`` only the element bits are counted (scales, zero points and
         tensor-level scales left out), as the reference's tables do.
         """
+
+    def part_bits(self, shape: tuple[int, int]) -> dict[str, int]:
+        """Exact bits of each stored part of a weight of ``shape``, by part name; they add up to
+        ``weight_bits(shape)``. Raises :class:`BitplanError` for a format with no packed layout."""
+        raise no_packed_layout(self)
+
+    def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored parts of the 2-D ``weight`` quantized with this format (``storage.py``)."""
+        raise no_packed_layout(self)
+
+    def decode(self, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """The float32 weight of ``shape`` that ``parts`` (from :meth:`encode`) store; equal to
+        ``quantize_weight(w.float())`` bit for bit."""
+        raise no_packed_layout(self)
 
     def bits_per_weight(self, shape: tuple[int, int], include_scales: bool = True) -> float:
         """Average bits per weight element for a weight of ``shape``."""

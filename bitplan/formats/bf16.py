@@ -1,4 +1,7 @@
-"""BF16: the unquantized baseline. Weights are rounded to bfloat16 (a no-op for bf16 models)."""
+"""BF16: the unquantized baseline. Weights are rounded to bfloat16 (a no-op for bf16 models).
+
+Stored (``storage.py``): ``weight``, the weight in bfloat16.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from bitplan.formats.base import Format
-from bitplan.formats.blocks import check_float_tensor, check_weight_shape
+from bitplan.formats.blocks import as_float32, check_float_tensor, check_weight_shape
+from bitplan.formats.storage import check_parts
 
 _BF16_BITS = 16
 
@@ -23,6 +27,16 @@ class BF16Format(Format):
         # copy=True: a bf16 input must still come back as a new tensor, never as an alias.
         return weight.to(torch.bfloat16, copy=True).to(weight.dtype)
 
-    def weight_bits(self, shape: tuple[int, int], include_scales: bool = True) -> int:
+    def part_bits(self, shape: tuple[int, int]) -> dict[str, int]:
         out_features, in_features = check_weight_shape(shape)
-        return out_features * in_features * _BF16_BITS
+        return {"weight": out_features * in_features * _BF16_BITS}
+
+    def weight_bits(self, shape: tuple[int, int], include_scales: bool = True) -> int:
+        return self.part_bits(shape)["weight"]
+
+    def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"weight": as_float32(weight.detach()).to(torch.bfloat16)}
+
+    def decode(self, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        check_parts(self, parts, shape)
+        return parts["weight"].float()

@@ -11,6 +11,9 @@ Scales are float32 because that is what compressed-tensors checkpoints store and
 for per-channel FP8. Rows of zeros dequantize to zeros.
 
 Bits of an ``(out, in)`` weight: ``8 * out * in + 32 * out``.
+
+In the block-scaled core (``block_scaled.py``) a row is one block. Stored (``storage.py``):
+``qweight`` the E4M3 codes (the bytes of ``float8_e4m3fn``); ``scales`` float32 ``(out,)``.
 """
 
 from __future__ import annotations
@@ -19,35 +22,35 @@ from dataclasses import dataclass
 
 import torch
 
-from bitplan.formats.base import Format
-from bitplan.formats.blocks import as_float32, check_weight_shape
-from bitplan.formats.minifloat import E4M3, quantize_to_minifloat
+from bitplan.formats.block_scaled import BlockScales, MinifloatBlockFormat
+from bitplan.formats.blocks import check_weight_shape
+from bitplan.formats.minifloat import E4M3
 
-_ELEMENT_BITS = 8
 _SCALE_BITS = 32  # float32, one per output channel
 
 
-def fake_quantize_fp8_rowwise(x: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize float32 ``x`` to E4M3 with one scale per row of the last dimension."""
-    scale = x.abs().amax(dim=-1, keepdim=True) / E4M3.max_normal
-    divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return quantize_to_minifloat(x / divisor, E4M3).mul_(scale)
-
-
 @dataclass(frozen=True)
-class FP8Format(Format):
+class FP8Format(MinifloatBlockFormat):
     """FP8 E4M3 per-channel weights and dynamic per-token activations."""
 
     name = "fp8"
-    quantizes_activations = True
+    element = E4M3
 
-    def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_fp8_rowwise(as_float32(weight)).to(weight.dtype)
+    def block_size(self, length: int) -> int:
+        return length  # one scale per row
 
-    def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_fp8_rowwise(as_float32(x)).to(x.dtype)
+    def find_scales(self, blocks: torch.Tensor) -> BlockScales:
+        return BlockScales(blocks.abs().amax(dim=-1, keepdim=True) / E4M3.max_normal)
 
-    def weight_bits(self, shape: tuple[int, int], include_scales: bool = True) -> int:
+    def part_bits(self, shape: tuple[int, int]) -> dict[str, int]:
         out_features, in_features = check_weight_shape(shape)
-        element_bits = out_features * in_features * _ELEMENT_BITS
-        return element_bits + (out_features * _SCALE_BITS if include_scales else 0)
+        return {
+            "qweight": out_features * in_features * E4M3.bits,
+            "scales": out_features * _SCALE_BITS,
+        }
+
+    def pack_scales(self, scales: BlockScales) -> dict[str, torch.Tensor]:
+        return {"scales": scales.scale.reshape(-1)}  # (out, 1, 1) -> (out,)
+
+    def unpack_scales(self, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> BlockScales:
+        return BlockScales(parts["scales"].float().reshape(shape[0], 1, 1))

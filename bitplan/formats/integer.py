@@ -22,6 +22,12 @@ zero point). Bits are counted with ``ceil(in_features / group_size)`` groups per
 
 Bits of a ``(out, in)`` weight: ``out * in * b`` element bits, plus per group 16 bits of scale
 and, if asymmetric, ``b`` bits of zero point.
+
+Stored (``storage.py``): ``qweight`` the codes bit-packed, offset binary ``q + 2**(b-1)`` if
+symmetric; ``scales`` float16 ``(out, groups)``; ``zeros`` the zero points bit-packed.
+
+The rule is written once, as :func:`find_int_scales` (a group's scale and zero point) and
+:func:`round_int` (round values with given scales), the block-scaled core's two steps.
 """
 
 from __future__ import annotations
@@ -32,13 +38,9 @@ import torch
 
 from bitplan.errors import BitplanError
 from bitplan.formats.base import Format
-from bitplan.formats.blocks import (
-    as_float32,
-    blocks_per_row,
-    check_weight_shape,
-    from_blocks,
-    to_blocks,
-)
+from bitplan.formats.block_scaled import BlockScaledFormat, BlockScales, nonzero_or_one
+from bitplan.formats.blocks import as_float32, blocks_per_row, check_weight_shape
+from bitplan.formats.packing import pack_bits, unpack_bits
 
 SUPPORTED_INT_BITS = (2, 3, 4, 8)
 _SCALE_BITS = 16  # float16 scales
@@ -50,80 +52,96 @@ def _round_scale_to_float16(scale: torch.Tensor) -> torch.Tensor:
     return scale.clamp(max=_FLOAT16_MAX).half().float()
 
 
-def fake_quantize_int(
-    x: torch.Tensor,
-    bits: int,
-    group_size: int | None,
-    symmetric: bool,
-    float16_scales: bool = True,
-) -> torch.Tensor:
-    """Quantize-dequantize float32 ``x`` group-wise along its last dimension (see module doc).
+def find_int_scales(
+    blocks: torch.Tensor, bits: int, symmetric: bool, float16_scales: bool = True
+) -> BlockScales:
+    """The scale (and, if asymmetric, zero point) of each group of float32 ``blocks``
+    ``(..., groups, group_size)`` (see the module doc).
 
-    ``group_size=None`` uses one group per row of the last dimension. With
-    ``float16_scales=False`` the scales stay float32 (dynamic activation scales).
+    With ``float16_scales=False`` the scales stay float32 (dynamic activation scales).
     """
-    length = x.shape[-1]
-    groups = to_blocks(x, group_size or length)
     levels = 2**bits - 1
-
     if symmetric:
-        scale = 2 * groups.abs().amax(dim=-1, keepdim=True) / levels
+        scale = 2 * blocks.abs().amax(dim=-1, keepdim=True) / levels
     else:
-        group_min = groups.amin(dim=-1, keepdim=True).clamp(max=0)
-        group_max = groups.amax(dim=-1, keepdim=True).clamp(min=0)
-        scale = (group_max - group_min) / levels
+        low = blocks.amin(dim=-1, keepdim=True).clamp(max=0)
+        high = blocks.amax(dim=-1, keepdim=True).clamp(min=0)
+        scale = (high - low) / levels
     if float16_scales:
         scale = _round_scale_to_float16(scale)
-    # Dividing by 1 where the scale is 0 keeps NaN out; those groups dequantize to 0 * q = 0.
-    divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
-
-    # (In-place steps below only touch temporaries created here, never the input.)
-    q = torch.div(groups, divisor).round_()
     if symmetric:
-        q.clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-    else:
-        zero_point = torch.round(-group_min / divisor).clamp_(0, levels)
-        q.add_(zero_point).clamp_(0, levels).sub_(zero_point)
-    return from_blocks(q.mul_(scale), length)
+        return BlockScales(scale)
+    zero_point = torch.round(-low / nonzero_or_one(scale)).clamp_(0, levels)
+    return BlockScales(scale, zero_point)
 
 
-def quantize_int_codes(
-    x: torch.Tensor, bits: int, group_size: int | None, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The integer codes and float16 scales (and zero points) that :func:`fake_quantize_int`
-    dequantizes, for a packed checkpoint: the same computation, stopped before ``q * scale``.
-
-    Returns ``(codes, scale, zero_point)``: ``codes`` shaped like ``x`` (int16; signed in
-    ``[-2**(b-1), 2**(b-1) - 1]`` if symmetric, else unsigned in ``[0, 2**b - 1]``), ``scale``
-    float32 of shape ``(..., groups)`` holding float16 values, ``zero_point`` int16 of the same
-    shape (``None`` if symmetric). ``(codes - zero_point) * scale`` group-wise, in float32, equals
-    ``fake_quantize_int(x, bits, group_size, symmetric)`` exactly (the tests check it).
-    """
-    length = x.shape[-1]
-    groups = to_blocks(x, group_size or length)
-    levels = 2**bits - 1
+def round_int(x: torch.Tensor, scales: BlockScales, bits: int, symmetric: bool) -> torch.Tensor:
+    """Integer codes of float32 ``x`` with given ``scales``, as float32: signed in
+    ``[-2**(b-1), 2**(b-1) - 1]`` if symmetric, else unsigned in ``[0, 2**b - 1]`` with the zero
+    point added. ``scales.dequantize`` of the codes is the quantized value."""
+    # (In-place steps only touch the new tensor made by the division, never the input.)
+    q = torch.div(x, scales.divisor()).round_()
     if symmetric:
-        scale = 2 * groups.abs().amax(dim=-1, keepdim=True) / levels
-    else:
-        group_min = groups.amin(dim=-1, keepdim=True).clamp(max=0)
-        group_max = groups.amax(dim=-1, keepdim=True).clamp(min=0)
-        scale = (group_max - group_min) / levels
-    scale = _round_scale_to_float16(scale)
-    divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.div(groups, divisor).round_()
-    zero_point = None
-    if symmetric:
-        q.clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-    else:
-        zero_point = torch.round(-group_min / divisor).clamp_(0, levels)
-        q.add_(zero_point).clamp_(0, levels)
-        zero_point = zero_point.squeeze(-1).to(torch.int16)
-    codes = from_blocks(q, length).to(torch.int16)
-    return codes, scale.squeeze(-1), zero_point
+        return q.clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return q.add_(scales.zero_point).clamp_(0, 2**bits - 1)
+
+
+class IntegerWeights(BlockScaledFormat):
+    """The integer rule for a format with ``bits``, ``group_size`` and ``symmetric``: the base
+    of :class:`IntFormat` and :class:`Int8W8A8Format` (whose weights are ``w8``)."""
+
+    bits: int
+    group_size: int | None
+    symmetric: bool
+
+    def block_size(self, length: int) -> int:
+        return self.group_size or length
+
+    def find_scales(self, blocks: torch.Tensor) -> BlockScales:
+        return find_int_scales(blocks, self.bits, self.symmetric)
+
+    def round(self, x: torch.Tensor, scales: BlockScales) -> torch.Tensor:
+        return round_int(x, scales, self.bits, self.symmetric)
+
+    def part_bits(self, shape: tuple[int, int]) -> dict[str, int]:
+        out_features, in_features = check_weight_shape(shape)
+        groups = out_features * blocks_per_row(in_features, self.block_size(in_features))
+        parts = {"qweight": out_features * in_features * self.bits, "scales": groups * _SCALE_BITS}
+        if not self.symmetric:
+            parts["zeros"] = groups * self.bits
+        return parts
+
+    @property
+    def element_bits(self) -> int:
+        return self.bits
+
+    def _code_offset(self) -> int:
+        # Symmetric codes are stored offset binary (unsigned); asymmetric ones already are.
+        return 2 ** (self.bits - 1) if self.symmetric else 0
+
+    def element_codes(self, elements: torch.Tensor) -> torch.Tensor:
+        return elements + self._code_offset()
+
+    def code_elements(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.float() - self._code_offset()
+
+    def pack_scales(self, scales: BlockScales) -> dict[str, torch.Tensor]:
+        parts = {"scales": scales.scale.squeeze(-1).half()}
+        if scales.zero_point is not None:
+            parts["zeros"] = pack_bits(scales.zero_point.squeeze(-1), self.bits)
+        return parts
+
+    def unpack_scales(self, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> BlockScales:
+        scale = parts["scales"].float().unsqueeze(-1)
+        if self.symmetric:
+            return BlockScales(scale)
+        out_features, groups = shape[0], scale.shape[-2]
+        zeros = unpack_bits(parts["zeros"], self.bits, out_features * groups)
+        return BlockScales(scale, zeros.view(out_features, groups, 1).float())
 
 
 @dataclass(frozen=True)
-class IntFormat(Format):
+class IntFormat(IntegerWeights):
     """Integer weight-only format; activations stay in high precision.
 
     ``IntFormat(4, 128)`` is ``w4g128`` (auto-round's W4A16); ``IntFormat(4, None)`` is ``w4``,
@@ -154,22 +172,9 @@ class IntFormat(Format):
         suffix = "" if self.symmetric else "_asym"
         return f"w{self.bits}{group}{suffix}"
 
-    def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        result = fake_quantize_int(as_float32(weight), self.bits, self.group_size, self.symmetric)
-        return result.to(weight.dtype)
-
-    def weight_bits(self, shape: tuple[int, int], include_scales: bool = True) -> int:
-        out_features, in_features = check_weight_shape(shape)
-        element_bits = out_features * in_features * self.bits
-        if not include_scales:
-            return element_bits
-        groups = out_features * blocks_per_row(in_features, self.group_size or in_features)
-        bits_per_group = _SCALE_BITS + (0 if self.symmetric else self.bits)
-        return element_bits + groups * bits_per_group
-
 
 @dataclass(frozen=True)
-class Int8W8A8Format(Format):
+class Int8W8A8Format(IntegerWeights):
     """INT8 weights and activations (auto-round's INT8 W8A8 preset).
 
     Weights: symmetric int8, one float16 scale per output row (as ``w8``). Activations: symmetric
@@ -179,14 +184,23 @@ class Int8W8A8Format(Format):
 
     name = "int8"
     quantizes_activations = True
-
-    def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        result = fake_quantize_int(as_float32(weight), 8, None, symmetric=True)
-        return result.to(weight.dtype)
+    bits = 8
+    group_size = None
+    symmetric = True
 
     def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
-        result = fake_quantize_int(as_float32(x), 8, None, symmetric=True, float16_scales=False)
-        return result.to(x.dtype)
+        return self.fake_quantize(as_float32(x), _float32_scales).to(x.dtype)
 
-    def weight_bits(self, shape: tuple[int, int], include_scales: bool = True) -> int:
-        return IntFormat(8, None).weight_bits(shape, include_scales)
+
+def _float32_scales(blocks: torch.Tensor) -> BlockScales:
+    """int8 activation scales: the weights' rule with float32 scales (nothing stores them)."""
+    return find_int_scales(blocks, 8, symmetric=True, float16_scales=False)
+
+
+def as_int_format(fmt: Format) -> IntFormat | None:
+    """The integer weight format of ``fmt`` (``int8`` stores its weights as ``w8``), or None."""
+    if isinstance(fmt, IntFormat):
+        return fmt
+    if isinstance(fmt, Int8W8A8Format):
+        return IntFormat(8, None, symmetric=True)
+    return None

@@ -23,14 +23,22 @@ E4M3    7     448        8           OCP E4M3FN: subnormals down to 2**-9; no in
 E4M3 here is the "FN" variant (``torch.float8_e4m3fn``): the all-ones exponent still holds
 normal numbers up to 448, only ``S.1111.111`` is NaN. The tests check our rounding against
 ``torch``'s own float8 cast bit for bit.
+
+Stored element codes are sign-magnitude: the magnitude's index on the element's grid of
+non-negative values (which is the order of its exponent-mantissa bit pattern), with the sign in
+the top bit. For E2M1 that is the OCP FP4 encoding, for E2M3 the OCP FP6 one, and for E4M3 the
+bit pattern of ``torch.float8_e4m3fn``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 
 import torch
+
+from bitplan.errors import BitplanError
 
 _FLOAT32_EXPONENT_BIAS = 127
 _FLOAT32_MANTISSA_BITS = 23
@@ -138,3 +146,38 @@ def quantize_to_minifloat(x: torch.Tensor, spec: MinifloatSpec) -> torch.Tensor:
     # our own temporaries keep this at a few passes over memory.
     rounded = torch.div(x, step).round_().mul_(step)
     return rounded.clamp_(-spec.max_normal, spec.max_normal)
+
+
+# --------------------------------------------------------------------------- stored codes
+
+
+@cache
+def _grid(spec: MinifloatSpec) -> torch.Tensor:
+    return spec.grid().to(torch.float32)
+
+
+def minifloat_to_codes(values: torch.Tensor, spec: MinifloatSpec) -> torch.Tensor:
+    """Sign-magnitude codes (int64) of float32 ``values`` that lie on ``spec``'s grid.
+
+    Raises :class:`BitplanError` if a value is not on the grid (a bug upstream, never rounding).
+    """
+    grid = _grid(spec)
+    magnitude = values.abs()
+    index = torch.searchsorted(grid, magnitude).clamp_(max=grid.numel() - 1)
+    if not torch.equal(grid[index], magnitude):
+        raise BitplanError(f"values are not on the {spec.name} grid; cannot encode them")
+    sign = torch.signbit(values).to(torch.int64) << (spec.bits - 1)
+    return index | sign
+
+
+def codes_to_minifloat(codes: torch.Tensor, spec: MinifloatSpec) -> torch.Tensor:
+    """Float32 values of sign-magnitude ``codes`` (inverse of :func:`minifloat_to_codes`)."""
+    grid = _grid(spec)
+    codes = codes.to(torch.int64)
+    magnitude_mask = 2 ** (spec.bits - 1) - 1
+    index = codes & magnitude_mask
+    if index.numel() and int(index.max()) >= grid.numel():
+        raise BitplanError(f"invalid {spec.name} code (NaN or out of range) in a packed tensor")
+    magnitude = grid[index]
+    negative = (codes >> (spec.bits - 1)) & 1
+    return torch.where(negative.bool(), -magnitude, magnitude)

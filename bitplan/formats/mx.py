@@ -20,6 +20,9 @@ rule, block-wise along the last dimension of a tensor of any rank.
 Ragged last block: when the last dimension is not a multiple of 32 the last block of each row is
 shorter and has its own scale (as if zero-padded). Bits of an ``(out, in)`` weight:
 ``out * in * element_bits + out * ceil(in / 32) * 8``, e.g. 4.25 bits per weight for MXFP4.
+
+Stored (``storage.py``): ``qweight`` the element codes bit-packed; ``scales`` the E8M0 scales,
+``shared_exp + 127`` as uint8 ``(out, ceil(in / 32))``.
 """
 
 from __future__ import annotations
@@ -29,14 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from bitplan.errors import BitplanError
-from bitplan.formats.base import Format
-from bitplan.formats.blocks import (
-    as_float32,
-    blocks_per_row,
-    check_weight_shape,
-    from_blocks,
-    to_blocks,
-)
+from bitplan.formats.block_scaled import BlockScales, MinifloatBlockFormat
+from bitplan.formats.blocks import blocks_per_row, check_weight_shape
 from bitplan.formats.minifloat import (
     E2M1,
     E2M3,
@@ -44,13 +41,14 @@ from bitplan.formats.minifloat import (
     MinifloatSpec,
     floor_log2,
     power_of_two,
-    quantize_to_minifloat,
 )
 
 MX_BLOCK_SIZE = 32
 _E8M0_BITS = 8
 _E8M0_MIN_EXPONENT = -127
 _E8M0_MAX_EXPONENT = 127
+#: A stored E8M0 scale is ``shared_exp + E8M0_BIAS``.
+E8M0_BIAS = 127
 
 #: Element type of each MX format, by its total element bits.
 MX_ELEMENTS: dict[int, MinifloatSpec] = {4: E2M1, 6: E2M3, 8: E4M3}
@@ -63,24 +61,11 @@ def mx_shared_exponent(blocks: torch.Tensor, element: MinifloatSpec) -> torch.Te
     return shared_exp.clamp(_E8M0_MIN_EXPONENT, _E8M0_MAX_EXPONENT)
 
 
-def fake_quantize_mx(
-    x: torch.Tensor, element: MinifloatSpec, block_size: int = MX_BLOCK_SIZE
-) -> torch.Tensor:
-    """Quantize-dequantize float32 ``x`` in MX blocks along its last dimension."""
-    length = x.shape[-1]
-    blocks = to_blocks(x, block_size)
-    scale = power_of_two(mx_shared_exponent(blocks, element))
-    # Dividing and multiplying by a power of two is exact, so only the element rounding rounds.
-    elements = quantize_to_minifloat(blocks / scale, element)
-    return from_blocks(elements.mul_(scale), length)
-
-
 @dataclass(frozen=True)
-class MXFormat(Format):
+class MXFormat(MinifloatBlockFormat):
     """An MX format: ``MXFormat(4)`` is MXFP4 (E2M1), 6 is MXFP6 (E2M3), 8 is MXFP8 (E4M3)."""
 
     bits: int
-    quantizes_activations = True
 
     def __post_init__(self) -> None:
         if self.bits not in MX_ELEMENTS:
@@ -94,15 +79,23 @@ class MXFormat(Format):
     def element(self) -> MinifloatSpec:
         return MX_ELEMENTS[self.bits]
 
-    def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_mx(as_float32(weight), self.element).to(weight.dtype)
+    def block_size(self, length: int) -> int:
+        return MX_BLOCK_SIZE
 
-    def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_mx(as_float32(x), self.element).to(x.dtype)
+    def find_scales(self, blocks: torch.Tensor) -> BlockScales:
+        # Dividing and multiplying by a power of two is exact, so only the element rounding rounds.
+        return BlockScales(power_of_two(mx_shared_exponent(blocks, self.element)))
 
-    def weight_bits(self, shape: tuple[int, int], include_scales: bool = True) -> int:
+    def part_bits(self, shape: tuple[int, int]) -> dict[str, int]:
         out_features, in_features = check_weight_shape(shape)
-        element_bits = out_features * in_features * self.bits
-        if not include_scales:
-            return element_bits
-        return element_bits + out_features * blocks_per_row(in_features, MX_BLOCK_SIZE) * _E8M0_BITS
+        blocks = out_features * blocks_per_row(in_features, MX_BLOCK_SIZE)
+        return {"qweight": out_features * in_features * self.bits, "scales": blocks * _E8M0_BITS}
+
+    def pack_scales(self, scales: BlockScales) -> dict[str, torch.Tensor]:
+        # floor_log2 is exact on powers of two, 2**-127 (a float32 subnormal) included.
+        exponent = floor_log2(scales.scale.squeeze(-1))
+        return {"scales": (exponent + E8M0_BIAS).to(torch.uint8)}
+
+    def unpack_scales(self, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> BlockScales:
+        exponent = parts["scales"].to(torch.int32) - E8M0_BIAS
+        return BlockScales(power_of_two(exponent).unsqueeze(-1))

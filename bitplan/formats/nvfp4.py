@@ -19,6 +19,9 @@ E4M3 range less well, so ours is the optimistic end.
 
 Bits of an ``(out, in)`` weight: ``4 * out * in + 8 * out * ceil(in / 16) + 32``, that is
 4.5 bits per weight plus 32 / numel (ragged last blocks have their own scale).
+
+Stored (``storage.py``): ``qweight`` the E2M1 codes bit-packed; ``scales`` the block scales as
+``float8_e4m3fn`` ``(out, ceil(in / 16))``; ``global_scale`` float32 ``(1,)``.
 """
 
 from __future__ import annotations
@@ -27,64 +30,51 @@ from dataclasses import dataclass
 
 import torch
 
-from bitplan.formats.base import Format
-from bitplan.formats.blocks import (
-    as_float32,
-    blocks_per_row,
-    check_weight_shape,
-    from_blocks,
-    to_blocks,
-)
+from bitplan.formats.block_scaled import BlockScales, MinifloatBlockFormat
+from bitplan.formats.blocks import blocks_per_row, check_weight_shape
 from bitplan.formats.minifloat import E2M1, E4M3, quantize_to_minifloat
 
 NVFP4_BLOCK_SIZE = 16
-_ELEMENT_BITS = 4
 _BLOCK_SCALE_BITS = 8  # E4M3
 _GLOBAL_SCALE_BITS = 32  # float32
 
 
-def nvfp4_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float32 global scale (0-d) and the E4M3 block scales (last dimension kept to 1).
-
-    ``global_scale = amax(tensor) / (6 * 448)``; ``block_scale = e4m3(amax(block) / 6 /
-    global_scale)``. The tensor's amax is the largest block amax (padding zeros change neither).
-    """
-    block_amax = blocks.abs().amax(dim=-1, keepdim=True)
-    global_scale = block_amax.max() / (E2M1.max_normal * E4M3.max_normal)
-    safe_global = torch.where(global_scale > 0, global_scale, 1.0)  # all-zero tensor
-    block_scale = quantize_to_minifloat(block_amax / E2M1.max_normal / safe_global, E4M3)
-    return global_scale, block_scale
-
-
-def fake_quantize_nvfp4(x: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize float32 ``x`` to NVFP4 along its last dimension."""
-    length = x.shape[-1]
-    blocks = to_blocks(x, NVFP4_BLOCK_SIZE)
-    global_scale, block_scale = nvfp4_scales(blocks)
-    full_scale = block_scale * global_scale
-    divisor = torch.where(full_scale > 0, full_scale, torch.ones_like(full_scale))
-    elements = quantize_to_minifloat(blocks / divisor, E2M1)
-    # element * block_scale is exact (2 and 4 significant bits), so this rounds only once.
-    return from_blocks(elements.mul_(block_scale).mul_(global_scale), length)
-
-
 @dataclass(frozen=True)
-class NVFP4Format(Format):
+class NVFP4Format(MinifloatBlockFormat):
     """NVIDIA's NVFP4 for weights and (dynamically scaled) activations."""
 
     name = "nvfp4"
-    quantizes_activations = True
+    element = E2M1
 
-    def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_nvfp4(as_float32(weight)).to(weight.dtype)
+    def block_size(self, length: int) -> int:
+        return NVFP4_BLOCK_SIZE
 
-    def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_nvfp4(as_float32(x)).to(x.dtype)
+    def find_scales(self, blocks: torch.Tensor) -> BlockScales:
+        """The E4M3 block scales and the float32 global scale (see the module doc).
 
-    def weight_bits(self, shape: tuple[int, int], include_scales: bool = True) -> int:
+        The tensor's amax is the largest block amax (padding zeros change neither).
+        """
+        block_amax = blocks.abs().amax(dim=-1, keepdim=True)
+        global_scale = block_amax.max() / (E2M1.max_normal * E4M3.max_normal)
+        safe_global = torch.where(global_scale > 0, global_scale, 1.0)  # all-zero tensor
+        block_scale = quantize_to_minifloat(block_amax / E2M1.max_normal / safe_global, E4M3)
+        return BlockScales(block_scale, global_scale=global_scale)
+
+    def part_bits(self, shape: tuple[int, int]) -> dict[str, int]:
         out_features, in_features = check_weight_shape(shape)
-        element_bits = out_features * in_features * _ELEMENT_BITS
-        if not include_scales:
-            return element_bits
         blocks = out_features * blocks_per_row(in_features, NVFP4_BLOCK_SIZE)
-        return element_bits + blocks * _BLOCK_SCALE_BITS + _GLOBAL_SCALE_BITS
+        return {
+            "qweight": out_features * in_features * E2M1.bits,
+            "scales": blocks * _BLOCK_SCALE_BITS,
+            "global_scale": _GLOBAL_SCALE_BITS,
+        }
+
+    def pack_scales(self, scales: BlockScales) -> dict[str, torch.Tensor]:
+        return {
+            "scales": scales.scale.squeeze(-1).to(torch.float8_e4m3fn),
+            "global_scale": scales.global_scale.reshape(1).float(),
+        }
+
+    def unpack_scales(self, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> BlockScales:
+        block_scale = parts["scales"].float().unsqueeze(-1)
+        return BlockScales(block_scale, global_scale=parts["global_scale"].float().reshape(()))

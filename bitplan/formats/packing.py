@@ -1,24 +1,18 @@
-"""Bit packing of low-bit codes, and the element codes of minifloat (MX, NVFP4, FP8) values.
+"""Bit packing of low-bit codes (element codes and zero points of bitplan's packed layout).
 
 Packing is a dense little-endian bit stream: code ``i`` occupies bits ``[i*b, (i+1)*b)`` of the
 stream, byte ``k`` holds stream bits ``[8k, 8k+8)``, least significant bit first. ``n`` codes of
 ``b`` bits take exactly ``ceil(n*b/8)`` bytes; only the last byte can carry padding (zeros).
-
-Minifloat codes are sign-magnitude: the magnitude's index on the element's grid of non-negative
-values (which is the order of its exponent-mantissa bit pattern), with the sign in the top bit.
-For E2M1 that is the OCP FP4 encoding, for E2M3 the OCP FP6 one, and for E4M3 the bit pattern of
-``torch.float8_e4m3fn``.
+What the codes mean is the formats' business (minifloat codes: ``minifloat.py``).
 """
 
 from __future__ import annotations
 
 import math
-from functools import cache
 
 import torch
 
 from bitplan.errors import BitplanError
-from bitplan.formats.minifloat import MinifloatSpec
 
 _CODES_PER_WORD = 8  # 8 codes of b <= 8 bits fill exactly b bytes
 
@@ -66,35 +60,3 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     shifts = torch.arange(_CODES_PER_WORD, dtype=torch.int64) * bits
     codes = (words.unsqueeze(1) >> shifts) & (2**bits - 1)
     return codes.reshape(-1)[:count]
-
-
-@cache
-def _grid(spec: MinifloatSpec) -> torch.Tensor:
-    return spec.grid().to(torch.float32)
-
-
-def minifloat_to_codes(values: torch.Tensor, spec: MinifloatSpec) -> torch.Tensor:
-    """Sign-magnitude codes (int64) of float32 ``values`` that lie on ``spec``'s grid.
-
-    Raises :class:`BitplanError` if a value is not on the grid (a bug upstream, never rounding).
-    """
-    grid = _grid(spec)
-    magnitude = values.abs()
-    index = torch.searchsorted(grid, magnitude).clamp_(max=grid.numel() - 1)
-    if not torch.equal(grid[index], magnitude):
-        raise BitplanError(f"values are not on the {spec.name} grid; cannot encode them")
-    sign = torch.signbit(values).to(torch.int64) << (spec.bits - 1)
-    return index | sign
-
-
-def codes_to_minifloat(codes: torch.Tensor, spec: MinifloatSpec) -> torch.Tensor:
-    """Float32 values of sign-magnitude ``codes`` (inverse of :func:`minifloat_to_codes`)."""
-    grid = _grid(spec)
-    codes = codes.to(torch.int64)
-    magnitude_mask = 2 ** (spec.bits - 1) - 1
-    index = codes & magnitude_mask
-    if index.numel() and int(index.max()) >= grid.numel():
-        raise BitplanError(f"invalid {spec.name} code (NaN or out of range) in a packed tensor")
-    magnitude = grid[index]
-    negative = (codes >> (spec.bits - 1)) & 1
-    return torch.where(negative.bool(), -magnitude, magnitude)
