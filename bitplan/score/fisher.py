@@ -7,7 +7,8 @@ output Y = X Wᵀ, quantizing it with option o changes the output by
 
 and the loss by about ½ Σ_tokens,outputs G² ΔY² (the diagonal of the empirical Fisher on the
 outputs). One forward and one backward pass of the *unquantized* model give X and G for every
-layer; each extra option only costs one or two matmuls per layer, so adding options is cheap.
+layer; each extra option only costs one matmul per layer (of twice the width for options that
+quantize activations), so adding options is cheap.
 The passes compute in the dtype chosen for the device (``bitplan.compute``): bfloat16 where the
 hardware has it, float32 elsewhere (under autocast; the weights are not converted).
 
