@@ -127,7 +127,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         # Fail now, not after scoring, when the export would hit an existing path.
         from bitplan.export import check_destination
 
-        check_destination(args.quantize, args.format, args.force)
+        check_destination(args.quantize, args.format, args.force, reading=args.model)
     elif args.format is not None:
         raise BitplanError("--format goes with --quantize DIR")
     model, loader = _load(args.model, args.stream)
@@ -184,6 +184,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     plan = Plan.load(args.plan)
     if args.stream and args.format == "gguf":
         raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
+    from bitplan.export import check_destination
+
+    check_destination(args.out, args.format, args.force, reading=args.model)  # before loading
     model, _ = _load(args.model, args.stream)
     result = _export(
         model, plan, args.out, args.format, args.force, args.embedding_type, args.output_type

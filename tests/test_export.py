@@ -14,6 +14,7 @@ import bitplan.export.packed as packed_module
 from bitplan.atomic import check_output_dir, check_output_file
 from bitplan.errors import BitplanError
 from bitplan.export import export_model
+from bitplan.export.folder import PLAN_FILE
 from bitplan.export.report import safetensors_layout
 from bitplan.formats import parse_format
 from bitplan.model import load_exported, load_model
@@ -239,7 +240,10 @@ def test_existing_output_needs_force(tiny, tmp_path):
     plan = make_plan(tiny, lambda layer: "w4g32")
     with pytest.raises(BitplanError, match="exists; pass --force to replace it"):
         export_model(tiny, plan, out, "packed")
+    with pytest.raises(BitplanError, match="bitplan did not write it"):  # not an export
+        export_model(tiny, plan, out, "packed", force=True)
     assert (out / "old.txt").exists()
+    (out / PLAN_FILE).write_text("{}")  # an earlier bitplan export: --force replaces it
     export_model(tiny, plan, out, "packed", force=True)
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -258,6 +262,7 @@ def test_interrupted_write_leaves_nothing_behind(tiny, tmp_path, monkeypatch, er
     # With --force, an interrupted replacement keeps the previous export.
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")
+    (tmp_path / "out" / PLAN_FILE).write_text("{}")  # an earlier bitplan export
     with pytest.raises(error):
         export_model(tiny, plan, tmp_path / "out", "packed", force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

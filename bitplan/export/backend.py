@@ -29,6 +29,9 @@ class Backend:
     name: str  # what --format takes
     write: Write
     suffix: str | None = None  # a one-file format's file ending (".gguf"); None: a folder
+    # Whether an existing file at the destination is an earlier export of this back end, which
+    # --force may replace (a one-file format; folder exports are recognised by their plan file).
+    is_own_file: Callable[[Path], bool] | None = None
 
     @property
     def options(self) -> list[str]:

@@ -35,6 +35,8 @@ from bitplan.plans import Plan
 
 #: Keys not copied from the source GGUF (the writer sets the architecture; the file type of a
 #: mixed file is left for llama.cpp to guess from its tensors).
+#: The metadata key that holds the plan of a GGUF bitplan wrote (and marks the file as bitplan's).
+_PLAN_KEY = "bitplan.plan"
 _SKIPPED_KEYS = {"general.architecture", "general.file_type"}
 
 
@@ -153,7 +155,7 @@ def write_gguf(
         for key, value, vtype, sub_type in metadata:
             writer.add_key_value(key, value, vtype, sub_type=sub_type)
         _write_hyperparameters(writer, source.module.config)
-        writer.add_string("bitplan.plan", _plan_note(plan))
+        writer.add_string(_PLAN_KEY, _plan_note(plan))
         for t in layout:
             rows = t.params // t.shape[-1]
             writer.add_tensor_info(
@@ -173,7 +175,15 @@ def write_gguf(
     return _report(path, path.stat().st_size, source, formats, layout)
 
 
-BACKEND = Backend("gguf", write_gguf, suffix=".gguf")
+def is_bitplan_gguf(path: Path) -> bool:
+    """Whether ``path`` is a GGUF file that bitplan wrote (its metadata holds the plan note)."""
+    try:
+        return _PLAN_KEY in GGUFReader(path).fields
+    except Exception:  # not a GGUF, truncated, unreadable: not ours either way
+        return False
+
+
+BACKEND = Backend("gguf", write_gguf, suffix=".gguf", is_own_file=is_bitplan_gguf)
 
 
 def _plan_note(plan: Plan) -> str:

@@ -41,6 +41,8 @@ class ExportSource:
     # The GGUF file the weights came from, if any (a GGUF export copies its tokenizer and
     # metadata); a function, so that it is looked for only by the export that needs it.
     find_gguf: Callable[[], Path | None] = _no_gguf
+    # The folder or file the model was read from: an export must never replace it.
+    origin: str | None = None
 
     @classmethod
     def of(cls, model: object) -> ExportSource:
@@ -55,6 +57,7 @@ class ExportSource:
             name=model.name,
             weight_reader=model.weight_reader,
             find_gguf=getattr(model, "source_gguf", _no_gguf),
+            origin=getattr(model, "source", None),
         )
 
     def read(self, key: str, tensor: torch.Tensor) -> torch.Tensor:

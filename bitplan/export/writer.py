@@ -17,6 +17,7 @@ from bitplan.atomic import atomic_file, atomic_folder, check_output_dir, check_o
 from bitplan.errors import BitplanError
 from bitplan.export import compressed, fake, gguf, packed
 from bitplan.export.backend import Backend
+from bitplan.export.folder import PLAN_FILE
 from bitplan.export.report import ExportReport
 from bitplan.export.source import ExportSource, planned_formats
 from bitplan.plans import Plan
@@ -38,17 +39,50 @@ def get_backend(format: str) -> Backend:
     return backend
 
 
-def check_destination(out: str | os.PathLike, format: str, force: bool = False) -> Path:
-    """Refuse ``out`` for an export in ``format`` (an existing one unless ``force``, a file
-    where a folder goes, a wrong file ending); call it before long work so that the user
-    learns at once."""
+def check_destination(
+    out: str | os.PathLike,
+    format: str,
+    force: bool = False,
+    reading: str | os.PathLike | None = None,
+) -> Path:
+    """Refuse ``out`` for an export in ``format`` before any long work, so that the user learns
+    at once: the model being read (``reading``) or a folder holding it, always; a file where a
+    folder goes, or a wrong file ending; an existing ``out`` unless ``force``, and even with
+    ``force`` anything bitplan did not write (a folder without its plan file, a file without
+    bitplan's mark), so that nothing of the user's is ever replaced."""
     backend = get_backend(format)
+    if reading is not None and _holds(Path(out).expanduser(), Path(reading).expanduser()):
+        raise BitplanError(
+            f"{out} is where the model is read from ({reading}); write the export elsewhere"
+        )
     if backend.suffix is None:
-        return check_output_dir(out, force)
-    out = check_output_file(out, force)
-    if out.suffix != backend.suffix:
-        raise BitplanError(f"a {format} export is one file ending in {backend.suffix}, not {out}")
+        out = check_output_dir(out, force)
+    else:
+        out = check_output_file(out, force)
+        if out.suffix != backend.suffix:
+            raise BitplanError(
+                f"a {format} export is one file ending in {backend.suffix}, not {out}"
+            )
+    if out.exists() and not _written_by_bitplan(out, backend):
+        kind = PLAN_FILE if backend.suffix is None else "bitplan.plan key in its metadata"
+        raise BitplanError(
+            f"{out} exists and bitplan did not write it (it has no {kind}); --force replaces "
+            "only bitplan's own exports: remove it yourself or choose another --out"
+        )
     return out
+
+
+def _holds(out: Path, model_path: Path) -> bool:
+    """Whether replacing ``out`` would replace ``model_path`` (the same path, or a folder
+    holding it)."""
+    out, model_path = out.resolve(), model_path.resolve()
+    return out == model_path or out in model_path.parents
+
+
+def _written_by_bitplan(out: Path, backend: Backend) -> bool:
+    if backend.suffix is None:
+        return (out / PLAN_FILE).is_file()
+    return backend.is_own_file is not None and backend.is_own_file(out)
 
 
 def _destination(backend: Backend, out: Path, force: bool) -> AbstractContextManager[Path]:
@@ -79,7 +113,7 @@ def export_model(
         raise BitplanError(f"the {format} export has no option {unknown[0]} (it takes: {takes})")
     source = ExportSource.of(model)
     formats = planned_formats(source, plan)  # fail on a wrong plan before creating anything
-    out = check_destination(out, format, force)
+    out = check_destination(out, format, force, reading=source.origin)
     with _destination(backend, out, force) as tmp:
         report = backend.write(source, plan, formats, tmp, **options)
     notes = report.notes + _identity_notes(model, plan)

@@ -1,0 +1,94 @@
+"""Bad inputs a user can give: each is refused with one line and exit status 2, and nothing on
+disk is created or changed. (`--force` never replaces what bitplan did not write.)"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from bitplan.cli import main
+
+
+def tree_state(root: Path) -> dict[str, str]:
+    """Every path under ``root`` with a digest of its bytes (folders as empty strings)."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        data = path.read_bytes() if path.is_file() else b""
+        state[str(path.relative_to(root))] = hashlib.sha256(data).hexdigest()
+    return state
+
+
+@pytest.fixture()
+def workspace(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    """A tiny model folder and a plan for it, made by the command itself."""
+    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    tiny_model.save_pretrained(model)
+    tiny_tokenizer.save_pretrained(model)
+    plans = tmp_path / "plans"
+    assert main(["search", str(model), "--options", "w2g32,w4g32", "--avg-bits", "3",
+                 "--n-samples", "4", "--seq-len", "32", "--out", str(plans)]) == 0  # fmt: skip
+    return model, plans / "plan_bitplan_3.json"
+
+
+def refused(argv: list[str], capsys, root: Path, match: str) -> None:
+    """``bitplan argv`` exits 2 with one line naming ``match``, and ``root`` is untouched."""
+    before = tree_state(root)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("bitplan: error:") and match in err, err
+    assert "Traceback" not in err
+    assert tree_state(root) == before
+
+
+@pytest.mark.parametrize("fmt", ["fake", "packed"])
+def test_force_never_replaces_the_model_being_read(workspace, tmp_path, capsys, fmt):
+    model, plan = workspace
+    argv = ["quantize", str(model), "--plan", str(plan), "--format", fmt, "--out", str(model)]
+    refused([*argv, "--force"], capsys, tmp_path, "is where the model is read from")
+    refused(argv, capsys, tmp_path, "is where the model is read from")
+
+
+def test_force_never_replaces_a_folder_holding_the_model(workspace, tmp_path, capsys):
+    model, plan = workspace
+    argv = ["quantize", str(model), "--plan", str(plan), "--format", "fake"]
+    refused([*argv, "--out", str(tmp_path), "--force"], capsys, tmp_path, "read from")
+
+
+def test_force_never_replaces_a_folder_bitplan_did_not_write(workspace, tmp_path, capsys):
+    model, plan = workspace
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("a week of work")
+    argv = ["quantize", str(model), "--plan", str(plan), "--format", "packed", "--out"]
+    refused([*argv, str(theirs), "--force"], capsys, tmp_path, "bitplan did not write it")
+
+
+def test_force_never_replaces_a_file_bitplan_did_not_write(workspace, tmp_path, capsys):
+    model, plan = workspace
+    theirs = tmp_path / "theirs.gguf"
+    theirs.write_bytes(b"GGUF but not ours")
+    argv = ["quantize", str(model), "--plan", str(plan), "--format", "gguf", "--out"]
+    refused([*argv, str(theirs), "--force"], capsys, tmp_path, "bitplan did not write it")
+
+
+def test_search_quantize_refuses_the_model_folder_before_scoring(workspace, tmp_path, capsys):
+    model, _ = workspace
+    argv = ["search", str(model), "--options", "w2g32,w4g32", "--avg-bits", "3",
+            "--out", str(tmp_path / "p2"), "--quantize", str(model), "--format", "fake",
+            "--force"]  # fmt: skip
+    refused(argv, capsys, tmp_path, "is where the model is read from")
+
+
+def test_force_replaces_bitplans_own_export(workspace, tmp_path):
+    model, plan = workspace
+    out = tmp_path / "export"
+    argv = ["quantize", str(model), "--plan", str(plan), "--format", "packed", "--out", str(out)]
+    assert main(argv) == 0
+    assert main([*argv, "--force"]) == 0  # its own earlier export: replaced
+    argv[argv.index("packed")] = "fake"
+    assert main([*argv, "--force"]) == 0  # any bitplan folder export may replace another
