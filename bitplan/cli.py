@@ -130,6 +130,8 @@ def cmd_search(args: argparse.Namespace) -> None:
         check_destination(args.quantize, args.format, args.force, reading=args.model)
     elif args.format is not None:
         raise BitplanError("--format goes with --quantize DIR")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise BitplanError(f"--out {args.out} is a file; give a folder for the plans")
     model, loader = _load(args.model, args.stream)
     result = run_search(model, config, loader=loader, log=print)
 

@@ -92,3 +92,30 @@ def test_force_replaces_bitplans_own_export(workspace, tmp_path):
     assert main([*argv, "--force"]) == 0  # its own earlier export: replaced
     argv[argv.index("packed")] = "fake"
     assert main([*argv, "--force"]) == 0  # any bitplan folder export may replace another
+
+
+@pytest.mark.parametrize("budget", ["nan", "inf", "0", "-3"])
+def test_search_refuses_a_budget_that_is_not_bits_before_loading(
+    workspace, tmp_path, capsys, budget
+):
+    model, _ = workspace
+    argv = ["search", str(model), "--options", "w2g32,w4g32", "--out", str(tmp_path / "new"),
+            "--avg-bits", budget]  # fmt: skip
+    refused(argv, capsys, tmp_path, "is not a number of bits per weight")
+
+
+def test_search_refuses_a_file_as_out_before_scoring(workspace, tmp_path, capsys):
+    model, _ = workspace
+    (tmp_path / "plans.txt").write_text("mine")
+    argv = ["search", str(model), "--options", "w2g32,w4g32", "--avg-bits", "3",
+            "--out", str(tmp_path / "plans.txt")]  # fmt: skip
+    refused(argv, capsys, tmp_path, "is a file")
+
+
+def test_search_says_when_a_budget_is_above_every_option(workspace, tmp_path, capsys):
+    model, _ = workspace
+    argv = ["search", str(model), "--options", "w2g32,w4g32", "--avg-bits", "20",
+            "--n-samples", "4", "--seq-len", "32", "--out", str(tmp_path / "p")]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "note: target 20 bits is above what w2g32,w4g32 can use here" in out

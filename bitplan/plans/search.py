@@ -15,6 +15,7 @@ scorers, which the rest of the plans stage does not need.)
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,12 @@ class SearchConfig:
         self.formats = parse_format_list(names)
         if len(self.formats) < 2 and self.recipe is None:
             raise BitplanError("give at least two --options to choose between, e.g. mxfp4,mxfp8")
+        for bits in self.budgets:  # NaN passes every comparison: check it by name
+            if not isinstance(bits, (int, float)) or not math.isfinite(bits) or bits <= 0:
+                raise BitplanError(
+                    f"target {bits!r} is not a number of bits per weight; give positive "
+                    "finite numbers, e.g. --avg-bits 4.5 5 6"
+                )
         if self.recipe is not None and self.recipe not in RECIPES:
             raise BitplanError(
                 f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}"
@@ -104,7 +111,7 @@ def run_search(
     space = PlanSpace.build(
         model.layers, formats, config.include_head or pins_lm_head, config.include_scales, pins
     )
-    _check_budgets(space, config)
+    _check_budgets(space, config, log)
     budgets = list(config.budgets)
 
     if config.recipe is not None:
@@ -149,15 +156,25 @@ def run_search(
     return SearchResult(plans, scores, space.front(scores), model.layers)
 
 
-def _check_budgets(space: PlanSpace, config: SearchConfig) -> None:
-    """Refuse a budget below what the options can reach, before the (long) scoring pass."""
+def _check_budgets(
+    space: PlanSpace, config: SearchConfig, log: Callable[[str], object] | None
+) -> None:
+    """Refuse a budget below what the options can reach, before the (long) scoring pass; say
+    so when one is above it (its plan is then every group's largest option)."""
     lo, hi = space.reachable_range()
+    reach = (
+        f"({lo:.4f} to {hi:.4f} bits per weight"
+        f"{'' if config.include_scales else ', scale bits ignored'})"
+    )
     for bits in config.budgets:
         if bits < lo - 1e-12:
             raise BitplanError(
-                f"target {bits:g} bits is below what {config.options_label} can reach here "
-                f"({lo:.4f} to {hi:.4f} bits per weight"
-                f"{'' if config.include_scales else ', scale bits ignored'})"
+                f"target {bits:g} bits is below what {config.options_label} can reach here {reach}"
+            )
+        if bits > hi + 1e-12 and log is not None:
+            log(
+                f"note: target {bits:g} bits is above what {config.options_label} can use here "
+                f"{reach}; its plan gives every layer the largest option ({hi:.4f} bits)"
             )
 
 
