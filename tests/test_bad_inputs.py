@@ -4,6 +4,7 @@ disk is created or changed. (`--force` never replaces what bitplan did not write
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,17 @@ def test_search_says_when_a_budget_is_above_every_option(workspace, tmp_path, ca
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "note: target 20 bits is above what w2g32,w4g32 can use here" in out
+
+
+def test_a_damaged_score_cache_heals(workspace, tmp_path, capsys):
+    model, _ = workspace  # its search filled the cache under BITPLAN_CACHE
+    (cached,) = (tmp_path / "cache" / "scores").glob("*.json")
+    cached.write_text(cached.read_text()[:100])  # cut short, as by a crash mid-copy
+    argv = ["search", str(model), "--options", "w2g32,w4g32", "--avg-bits", "3",
+            "--n-samples", "4", "--seq-len", "32", "--out", str(tmp_path / "again")]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "warning: deleting unreadable cached scores" in capsys.readouterr().err
+    json.loads(cached.read_text())  # computed again and cached whole
+    assert main(argv) == 0
+    assert "warning" not in capsys.readouterr().err  # and read from the cache from then on

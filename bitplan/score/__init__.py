@@ -8,6 +8,7 @@ calibration tokens, the options and the estimator's settings.
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,8 +71,8 @@ def score(
     if cache:
         folder = cache / "scores" if isinstance(cache, Path) else cache_dir() / "scores"
         path = folder / (hashlib.blake2b(key.encode(), digest_size=16).hexdigest() + ".json")
-        if path.is_file():
-            cached = Scores.load(path)
+        cached = _load_cached(path)
+        if cached is not None:
             cached.extra["cache_hit"] = True
             return cached
     start = time.perf_counter()
@@ -114,3 +115,19 @@ def score(
     if path is not None and is_main():
         result.save(path)
     return result
+
+
+def _load_cached(path: Path) -> Scores | None:
+    """The scores cached at ``path``; None when there are none. A cache file that cannot be
+    read (cut short by a crash, edited, from an incompatible version) is deleted, with a one-line
+    warning, so that it is computed again and the cache heals instead of failing every run."""
+    if not path.is_file():
+        return None
+    try:
+        return Scores.load(path)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        print(
+            f"bitplan: warning: deleting unreadable cached scores {path} ({err})", file=sys.stderr
+        )
+        path.unlink(missing_ok=True)
+        return None
