@@ -65,3 +65,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture()
 def tiny_model(tiny_tokenizer) -> LlamaForCausalLM:
     return build_tiny_llama(vocab_size=len(tiny_tokenizer))
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    """The tiny model and tokenizer saved as a Hugging Face folder, with the bitplan cache in
+    ``tmp_path / "cache"``: what the command line reads."""
+    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    tiny_model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder

@@ -22,16 +22,12 @@ def tree_state(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture()
-def workspace(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+def workspace(tmp_path, tiny_folder):
     """A tiny model folder and a plan for it, made by the command itself."""
-    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))
-    model = tmp_path / "model"
-    tiny_model.save_pretrained(model)
-    tiny_tokenizer.save_pretrained(model)
     plans = tmp_path / "plans"
-    assert main(["search", str(model), "--options", "w2g32,w4g32", "--avg-bits", "3",
+    assert main(["search", str(tiny_folder), "--options", "w2g32,w4g32", "--avg-bits", "3",
                  "--n-samples", "4", "--seq-len", "32", "--out", str(plans)]) == 0  # fmt: skip
-    return model, plans / "plan_bitplan_3.json"
+    return tiny_folder, plans / "plan_bitplan_3.json"
 
 
 def refused(argv: list[str], capsys, root: Path, match: str) -> None:

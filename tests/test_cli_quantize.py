@@ -10,11 +10,8 @@ from bitplan.plans import Plan
 from bitplan.quantize import apply_plan
 
 
-def test_quantize_packed_then_load_matches_fake(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
-    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "tiny"
-    tiny_model.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
+def test_quantize_packed_then_load_matches_fake(tmp_path, tiny_folder):
+    folder = tiny_folder
     plans = tmp_path / "plans"
     assert main(["search", str(folder), "--options", "w2g32,w4g32", "--avg-bits", "3",
                  "--n-samples", "4", "--seq-len", "32", "--out", str(plans)]) == 0  # fmt: skip
@@ -31,10 +28,8 @@ def test_quantize_packed_then_load_matches_fake(tmp_path, tiny_model, tiny_token
         assert torch.allclose(reloaded.module(ids).logits, fake(ids).logits, atol=1e-5)
 
 
-def test_search_quantize_chains_search_and_export(tmp_path, tiny_model, tiny_tokenizer, capsys):
-    folder = tmp_path / "tiny"
-    tiny_model.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
+def test_search_quantize_chains_search_and_export(tmp_path, tiny_folder, capsys):
+    folder = tiny_folder
     search = ["search", str(folder), "--options", "w2g32,w4g32", "--n-samples", "4",
               "--seq-len", "32", "--no-cache", "--out", str(tmp_path / "plans")]  # fmt: skip
     out = tmp_path / "chained"

@@ -16,15 +16,6 @@ from bitplan.plans import Plan
 from bitplan.quantize import apply_plan
 
 
-@pytest.fixture()
-def tiny_folder(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
-    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "tiny"
-    tiny_model.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_compare_end_to_end(tiny_folder, tmp_path, capsys):
     out = tmp_path / "report"
     argv = [

@@ -13,16 +13,6 @@ from bitplan.errors import BitplanError
 from bitplan.formats import parse_format
 from bitplan.plans import Plan
 
-
-@pytest.fixture()
-def tiny_folder(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
-    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "tiny"
-    tiny_model.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
 SMALL = ["--n-samples", "4", "--seq-len", "32"]
 
 
