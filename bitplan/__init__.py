@@ -69,7 +69,7 @@ def plan_budgets(
     from bitplan.formats import parse_format_list
     from bitplan.plans import solve_plans
 
-    budgets = [avg_bits] if isinstance(avg_bits, (int, float)) else list(avg_bits)
+    budgets = _budget_list(avg_bits)
     plans = solve_plans(
         model.layers,
         parse_format_list(scores.options),
@@ -99,7 +99,7 @@ def search(
     from bitplan.plans.search import SearchConfig, run_search
 
     run_options = {k: settings.pop(k) for k in ("loader", "log", "progress") if k in settings}
-    budgets = [avg_bits] if isinstance(avg_bits, (int, float)) else list(avg_bits)
+    budgets = _budget_list(avg_bits)
     config = SearchConfig(options, budgets, **settings)
     return run_search(model, config, **run_options)
 
@@ -109,3 +109,8 @@ def apply(model: LoadedModel, plan: Plan) -> torch.nn.Module:
     from bitplan.quantize import apply_plan
 
     return apply_plan(model.module, plan)
+
+
+def _budget_list(avg_bits: float | Sequence[float]) -> list[float]:
+    """One budget or several, as a list."""
+    return [avg_bits] if isinstance(avg_bits, (int, float)) else list(avg_bits)
