@@ -47,9 +47,9 @@ def run_bitplan(tasks: list[str], limit: int, batch_size: int, out: Path) -> tup
 def run_lm_eval_cli(
     tasks: list[str], limit: int, batch_size: int, out: Path
 ) -> tuple[float, float]:
-    from bitplan.model.loading import default_model_folder
+    from bitplan.model.bundled import DEFAULT
 
-    folder = default_model_folder()
+    folder = DEFAULT.ensure_folder()
     lm_eval = Path(sys.executable).with_name("lm_eval")
     output = out / "lm_eval_cli"
     shutil.rmtree(output, ignore_errors=True)

@@ -35,9 +35,9 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
-    from bitplan.model.loading import default_model_folder
+    from bitplan.model.bundled import DEFAULT
 
-    folder = default_model_folder()
+    folder = DEFAULT.ensure_folder()
     disk_mb = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 2**20
     bitplan = [sys.executable, "-m", "bitplan"]
     rows = []

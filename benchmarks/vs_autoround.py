@@ -270,9 +270,9 @@ def child_check_data(tokens_path: str, dataset: str, n_samples: int, seq_len: in
     from auto_round.calib_dataset import get_dataloader
     from transformers import AutoTokenizer
 
-    from bitplan.model.loading import default_model_folder
+    from bitplan.model.bundled import DEFAULT
 
-    tokenizer = AutoTokenizer.from_pretrained(default_model_folder())
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT.ensure_folder())
     ours = torch.load(tokens_path)
     loader = get_dataloader(
         tokenizer, seq_len, dataset_name=dataset, seed=42, bs=8, nsamples=n_samples
@@ -313,14 +313,14 @@ def phase_data(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from bitplan.data.calibration import calibration_samples
-    from bitplan.model.loading import default_model_folder
+    from bitplan.model.bundled import DEFAULT
 
     out = args.out / "data"
     check_path = out / "data_check.json"
     if check_path.is_file() and not args.force:
         print(f"data: reusing {out}")
         return
-    tokenizer = AutoTokenizer.from_pretrained(default_model_folder())
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT.ensure_folder())
     n, length = args.n_samples, args.seq_len
     tokens = calibration_samples(tokenizer, n_samples=n, seq_len=length)
     stream = calibration_samples(tokenizer, n_samples=n + 1, seq_len=length)
@@ -358,7 +358,7 @@ def _run_path(args: argparse.Namespace, rep: int, tool: str, set_name: str) -> P
 
 
 def phase_search(args: argparse.Namespace) -> None:
-    from bitplan.model.loading import default_model_folder
+    from bitplan.model.bundled import DEFAULT
 
     dataset = str(args.out / "data" / "calib.jsonl")
     for rep in range(args.repeats):
@@ -388,7 +388,7 @@ def phase_search(args: argparse.Namespace) -> None:
                         "n_samples": args.n_samples,
                         "seq_len": args.seq_len,
                         "dataset": dataset,
-                        "model_dir": str(default_model_folder()),
+                        "model_dir": str(DEFAULT.ensure_folder()),
                         "fresh_cache_per_budget": args.ar_cold_budgets,
                     }
                     result = run_child("autoround", payload, path.with_suffix(".log"))

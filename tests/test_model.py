@@ -7,7 +7,7 @@ import torch
 
 from bitplan.errors import BitplanError
 from bitplan.model import build_layer_table, load_model
-from bitplan.model.loading import default_gguf_path
+from bitplan.model.bundled import DEFAULT
 
 
 def test_layer_table_of_tiny_llama(tiny_model):
@@ -75,7 +75,7 @@ def test_embedded_default_model():
 def test_gguf_file_loads_to_the_cached_weights():
     """Loading the GGUF directly gives the cached bf16 folder's weights, up to bf16 rounding."""
     cached = load_model()
-    direct = load_model(default_gguf_path())
+    direct = load_model(DEFAULT.gguf_path())
     name = "model.layers.3.mlp.down_proj.weight"
     a = dict(direct.module.named_parameters())[name]
     b = dict(cached.module.named_parameters())[name]

