@@ -1,10 +1,10 @@
-"""Plan quality on the embedded default: KL divergence of the fake-quantized model per recipe.
+"""Plan quality on a bundled model (the embedded default or --model gemma3-270m): KL divergence of the fake-quantized model per recipe.
 
 For MXFP4+MXFP8 at 4.5, 5 and 6 bits and W2G128+W4G128 at 3 bits (scale bits ignored, as the
 reference's tables), measures KL(base || quantized) on held-out text for: our plan (fisher
 scorer), the delta-loss plan (the reference's estimator, same solver), uniform, head and tail.
 
-    .venv/bin/python benchmarks/plan_quality.py [--n-samples 16 --seq-len 256] [--json out.json]
+    .venv/bin/python benchmarks/plan_quality.py [--model gemma3-270m] [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ SETTINGS = {"mxfp4,mxfp8": [4.5, 5.0, 6.0], "w2g128,w4g128": [3.0]}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model (default: the embedded default; or gemma3-270m)")
     parser.add_argument("--n-samples", type=int, default=16, help="calibration sequences")
     parser.add_argument("--seq-len", type=int, default=256, help="calibration sequence length")
     parser.add_argument("--heldout-samples", type=int, default=8)
@@ -42,7 +43,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    model = load_model()
+    model = load_model(args.model)
     tokens = calibration_samples(model.tokenizer, args.n_samples, args.seq_len)
     base = BaseLogits.compute(
         model.module, heldout_samples(model.tokenizer, args.heldout_samples, args.heldout_len)

@@ -3,6 +3,7 @@ options and budgets, both plans fake-quantized by the same code and measured by 
 
     pip install -c constraints.txt -e '.[peer]'        # auto-round, pinned (see docs/RESULTS.md)
     .venv/bin/python benchmarks/vs_autoround.py --repeats 2 --limit 100
+    .venv/bin/python benchmarks/vs_autoround.py --model gemma3-270m --out out/vs_autoround-gemma
 
 Phases (``--phases``, default all, in this order; each is resumable: results already written
 under ``--out`` are reused, so an interrupted run picks up where it stopped):
@@ -92,7 +93,18 @@ def cpu_s() -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def child_bitplan(options: str, budgets: list[float], n_samples: int, seq_len: int) -> dict:
+def model_folder(source: str | None) -> str:
+    """The Hugging Face folder of ``--model`` (a bundled model is converted once), which
+    auto-round reads."""
+    from bitplan.model.bundled import bundled_model
+
+    bundled = bundled_model(source)
+    return str(bundled.ensure_folder() if bundled is not None else Path(source).expanduser())
+
+
+def child_bitplan(
+    model: str | None, options: str, budgets: list[float], n_samples: int, seq_len: int
+) -> dict:
     """bitplan's search for all budgets of one option set: tokens, scores, plans."""
     start = time.perf_counter()
     from bitplan.data.calibration import calibration_samples
@@ -102,7 +114,7 @@ def child_bitplan(options: str, budgets: list[float], n_samples: int, seq_len: i
     from bitplan.score import score
 
     imported = time.perf_counter()
-    model = load_model()
+    model = load_model(model)
     loaded = time.perf_counter()
     rss_loaded = peak_rss_mb()
 
@@ -263,16 +275,16 @@ def child_autoround(
     return result
 
 
-def child_check_data(tokens_path: str, dataset: str, n_samples: int, seq_len: int) -> dict:
+def child_check_data(
+    model_dir: str, tokens_path: str, dataset: str, n_samples: int, seq_len: int
+) -> dict:
     """Build auto-round's own calibration dataloader from ``dataset`` (the same call AutoScheme
     makes) and compare its samples with bitplan's tokens."""
     import torch
     from auto_round.calib_dataset import get_dataloader
     from transformers import AutoTokenizer
 
-    from bitplan.model.bundled import DEFAULT
-
-    tokenizer = AutoTokenizer.from_pretrained(DEFAULT.ensure_folder())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ours = torch.load(tokens_path)
     loader = get_dataloader(
         tokenizer, seq_len, dataset_name=dataset, seed=42, bs=8, nsamples=n_samples
@@ -313,14 +325,13 @@ def phase_data(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from bitplan.data.calibration import calibration_samples
-    from bitplan.model.bundled import DEFAULT
 
     out = args.out / "data"
     check_path = out / "data_check.json"
     if check_path.is_file() and not args.force:
         print(f"data: reusing {out}")
         return
-    tokenizer = AutoTokenizer.from_pretrained(DEFAULT.ensure_folder())
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(args.model))
     n, length = args.n_samples, args.seq_len
     tokens = calibration_samples(tokenizer, n_samples=n, seq_len=length)
     stream = calibration_samples(tokenizer, n_samples=n + 1, seq_len=length)
@@ -339,6 +350,7 @@ def phase_data(args: argparse.Namespace) -> None:
     check = run_child(
         "check-data",
         {
+            "model_dir": model_folder(args.model),
             "tokens_path": str(out / "calib_tokens.pt"),
             "dataset": str(out / "calib.jsonl"),
             "n_samples": n,
@@ -358,8 +370,6 @@ def _run_path(args: argparse.Namespace, rep: int, tool: str, set_name: str) -> P
 
 
 def phase_search(args: argparse.Namespace) -> None:
-    from bitplan.model.bundled import DEFAULT
-
     dataset = str(args.out / "data" / "calib.jsonl")
     for rep in range(args.repeats):
         for set_name in args.sets:
@@ -375,6 +385,7 @@ def phase_search(args: argparse.Namespace) -> None:
                 print(f"search r{rep} {set_name} {tool} (load {load:.1f}) ...", flush=True)
                 if tool == "bitplan":
                     payload = {
+                        "model": args.model,
                         "options": options.lower(),
                         "budgets": list(budgets),
                         "n_samples": args.n_samples,
@@ -388,7 +399,7 @@ def phase_search(args: argparse.Namespace) -> None:
                         "n_samples": args.n_samples,
                         "seq_len": args.seq_len,
                         "dataset": dataset,
-                        "model_dir": str(DEFAULT.ensure_folder()),
+                        "model_dir": model_folder(args.model),
                         "fresh_cache_per_budget": args.ar_cold_budgets,
                     }
                     result = run_child("autoround", payload, path.with_suffix(".log"))
@@ -475,7 +486,7 @@ def write_plans(args: argparse.Namespace) -> None:
     from bitplan.plans import BUDGETED_RECIPES, Plan, PlanSpace, recipe_plan
     from bitplan.plans.search import budget_label
 
-    model = load_model()
+    model = load_model(args.model)
     model_id = model.identity
     folder = args.out / "plans"
     checks: dict = {}
@@ -544,7 +555,7 @@ def phase_eval(args: argparse.Namespace) -> None:
     from bitplan.quantize import apply_plan
 
     torch.manual_seed(0)
-    model = load_model()
+    model = load_model(args.model)
     folder, out = args.out / "plans", args.out / "eval"
     out.mkdir(parents=True, exist_ok=True)
     labels = [
@@ -827,6 +838,9 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=Path("out/vs_autoround"),
         help="working folder (default: out/vs_autoround, git-ignored)",
+    )
+    parser.add_argument(
+        "--model", help="bundled model key or folder (default: the embedded default)"
     )
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated phases")
     parser.add_argument(

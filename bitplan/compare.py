@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from bitplan.cache import cache_dir
 from bitplan.compute import ComputeDtype, choose_dtype
 from bitplan.data.calibration import calibration_samples
 from bitplan.data.heldout import heldout_samples
@@ -25,7 +26,7 @@ from bitplan.evaluate.divergence import BaseLogits
 from bitplan.evaluate.harness import evaluate_tasks
 from bitplan.formats import parse_format_list
 from bitplan.jsonio import write_json_atomic
-from bitplan.model.loading import LoadedModel, cache_dir
+from bitplan.model.loading import LoadedModel
 from bitplan.plans import BUDGETED_RECIPES, RECIPES, Plan, PlanSpace, recipe_plan
 from bitplan.quantize import apply_plan
 from bitplan.score import score

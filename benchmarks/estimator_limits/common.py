@@ -1,8 +1,11 @@
-"""What the estimator experiments share: the default model, its calibration and held-out
-tokens, and the held-out KL of the plans that a set of scores gives (MXFP4 + MXFP8 at 4.5, 5
-and 6 bits, scale bits ignored, the solver of `bitplan search`)."""
+"""What the estimator experiments share: the model (``--model``: the embedded default or
+``gemma3-270m``), its calibration and held-out tokens, and the held-out KL of the plans that a set
+of scores gives (MXFP4 + MXFP8 at 4.5, 5 and 6 bits, scale bits ignored, the solver of
+`bitplan search`)."""
 
 from __future__ import annotations
+
+import argparse
 
 from bitplan.data.calibration import calibration_samples
 from bitplan.data.heldout import heldout_samples
@@ -17,9 +20,15 @@ OPTIONS = parse_format_list("mxfp4,mxfp8")
 BUDGETS = (4.5, 5.0, 6.0)
 
 
-def setup():
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None, help="model (default: the embedded default; or gemma3-270m)"
+    )
+
+
+def setup(source: str | None = None):
     """The model, its 16 x 256 calibration tokens and the held-out base logits."""
-    model = load_model()
+    model = load_model(source)
     tokens = calibration_samples(model.tokenizer, 16, 256)
     heldout = BaseLogits.compute(model.module, heldout_samples(model.tokenizer, 8, 512))
     return model, tokens, heldout

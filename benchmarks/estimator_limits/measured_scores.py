@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 
-from common import calibration_base, plan_kls, setup
+from common import add_model_argument, calibration_base, plan_kls, setup
 
 from bitplan.quantize import apply_formats
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
-    model, tokens, heldout = setup()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_argument(parser)
+    args = parser.parse_args()
+    model, tokens, heldout = setup(args.model)
     calib = calibration_base(model, tokens)
     groups = model.layers.groups(False)
     everything_mxfp8 = {layer.name: "mxfp8" for layers in groups.values() for layer in layers}

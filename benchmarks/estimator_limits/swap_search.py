@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import OPTIONS, calibration_base, setup
+from common import OPTIONS, add_model_argument, calibration_base, setup
 
 from bitplan.plans import solve_plans
 from bitplan.quantize import apply_formats
@@ -19,8 +19,9 @@ from bitplan.score import score
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
+    add_model_argument(parser)
     args = parser.parse_args()
-    model, tokens, heldout = setup()
+    model, tokens, heldout = setup(args.model)
     calib = calibration_base(model, tokens)
     scores = score(model, OPTIONS, tokens)
     (plan,) = solve_plans(

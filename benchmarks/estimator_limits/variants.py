@@ -11,7 +11,7 @@ import argparse
 import time
 
 import torch
-from common import OPTIONS, plan_kls, setup
+from common import OPTIONS, add_model_argument, plan_kls, setup
 
 import bitplan.score.fisher as fisher
 from bitplan.score.replay import final_norm
@@ -41,11 +41,12 @@ def main() -> None:
     parser.add_argument("--grad", choices=["loss", "probe"], default="loss")
     parser.add_argument("--form", choices=["diag", "token"], default="diag")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    add_model_argument(parser)
     args = parser.parse_args()
     if args.grad == "probe":
         generator = torch.Generator().manual_seed(0)
         fisher.loss_gradient = lambda m, h, ids: probe_gradient(m, h, ids, generator)
-    model, tokens, heldout = setup()
+    model, tokens, heldout = setup(args.model)
     start = time.perf_counter()
     values = fisher.fisher_scores(
         model.module,

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
+from bitplan.cache import cache_dir
 from bitplan.compute import ComputeDtype, choose_dtype
 from bitplan.distributed import is_main, shard
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
-from bitplan.model.loading import LoadedModel, cache_dir
+from bitplan.model.loading import LoadedModel
 from bitplan.model.streaming import BlockLoader
 from bitplan.score.delta_loss import delta_loss_scores
 from bitplan.score.fisher import fisher_scores
