@@ -32,7 +32,7 @@ def test_replaying_blocks_reproduces_the_model(tiny_model, tokens):
     assert torch.allclose(replayed, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("form", ["diag", "token"])
+@pytest.mark.parametrize("form", ["diag", "token", "split"])
 def test_fisher_scores_nonnegative_and_ordered(tiny_model, tokens, form):
     table = build_layer_table(tiny_model)
     layers = table.selected(include_head=True)
@@ -74,6 +74,33 @@ def test_fisher_score_matches_first_principles_on_one_layer(tiny_model, tokens, 
     # The default computes in bfloat16: the same estimate to within its rounding.
     fast = fisher_scores(tiny_model, group, [fmt], tokens, batch_size=6, progress=False)
     assert fast[layer.name]["mxfp4"] == pytest.approx(float(expected), rel=0.05)
+
+
+def test_split_form_matches_first_principles(tiny_model, tokens):
+    """The "split" form: ½ Σ G² (X·ΔWᵀ)² + ½ Σ (G·Q(W))² (Q(X) − X)², from a plain backward."""
+    table = build_layer_table(tiny_model)
+    layer = next(lay for lay in table.decoder_layers() if lay.role == "up")
+    group = [lay for lay in table.decoder_layers() if lay.group == layer.group]
+    module = dict(tiny_model.named_modules())[layer.name]
+    fmt = OPTIONS[0]
+    saved = {}
+    handle = module.register_forward_hook(lambda m, i, o: saved.update(x=i[0].detach(), y=o))
+    out = tiny_model(input_ids=tokens)
+    saved["y"].retain_grad()
+    logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+    torch.nn.functional.cross_entropy(logits, tokens[:, 1:].reshape(-1), reduction="sum").backward()
+    handle.remove()
+    tiny_model.zero_grad()
+    grad, x = saved["y"].grad, saved["x"]
+    with torch.no_grad():
+        qweight = fmt.quantize_weight(module.weight)
+        weight_part = (grad * (x @ (qweight - module.weight).T)).square().sum()
+        input_part = ((grad @ qweight) * (fmt.quantize_activation(x) - x)).square().sum()
+        expected = 0.5 * (weight_part + input_part) / (tokens.numel() - len(tokens))
+    split = fisher_scores(
+        tiny_model, group, [fmt], tokens, form="split", progress=False, dtype=torch.float32
+    )
+    assert split[layer.name]["mxfp4"] == pytest.approx(float(expected), rel=1e-3)
 
 
 def test_delta_loss_scores_nonnegative_and_ordered(tiny_model, tokens):

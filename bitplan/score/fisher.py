@@ -40,6 +40,12 @@ from bitplan.score.replay import (
 )
 from bitplan.score.scores import fill_unrouted_experts
 
+#: How ΔY is weighed: "diag" ½ Σ G² ΔY² (the default); "token" ½ Σ_t (G_t · ΔY_t)²; "split"
+#: the weight error on the output's diagonal and the input's error on the input's diagonal,
+#: ½ Σ G² (X·ΔWᵀ)² + ½ Σ (G·Q(W))² ΔX² (an input error spreads over every output, so its
+#: output errors are not independent: the diagonal at the input is where they are).
+FORMS = ("diag", "token", "split")
+
 
 class _OutputErrorMeter:
     """Hooks on a set of Linear layers that accumulate ½ Σ G² ΔY² for every option."""
@@ -70,6 +76,9 @@ class _OutputErrorMeter:
                     quantized = fmt.quantize_weight(m.weight).float()
                     if not fmt.quantizes_activations:
                         errors[k] = (quantized - weight).to(dtype)
+                    elif form == "split":  # weight error on the output, Q(W) for G_X = G·Q(W)
+                        errors[k] = (quantized - weight).to(dtype)
+                        qweights[k] = quantized.to(dtype)
                     elif self.direct:
                         qweights[k] = quantized.to(dtype)
                     else:
@@ -114,10 +123,15 @@ class _OutputErrorMeter:
         self.calls[name] += 1
         for k, delta in self._output_errors(name, x, y):
             product = grad * delta  # float32
-            if self.form == "diag":  # ½ Σ G² ΔY² = ½ |G ⊙ ΔY|²
-                value = 0.5 * torch.dot(product.view(-1), product.view(-1))
-            else:  # "token": ½ Σ_t (G_t · ΔY_t)², the Fisher of each token's output as a whole
+            if self.form == "token":  # ½ Σ_t (G_t · ΔY_t)², each token's output as a whole
                 value = 0.5 * product.sum(dim=-1).square().sum()
+            else:  # ½ Σ G² ΔY² = ½ |G ⊙ ΔY|²
+                value = 0.5 * torch.dot(product.view(-1), product.view(-1))
+            if self.form == "split" and self.options[k].quantizes_activations:
+                # The input's error on the input's diagonal: ½ Σ G_X² ΔX², G_X = G·Q(W).
+                grad_in = grad.to(self.dtype) @ self.qweights[name][k]
+                product = grad_in.float() * x.error(k)
+                value = value + 0.5 * torch.dot(product.view(-1), product.view(-1))
             self.totals[name][k] += float(value)
         x.done()
 
@@ -133,7 +147,7 @@ class _OutputErrorMeter:
         [X | Q(X) − X]·[Q(W) − W | Q(W)]ᵀ, which accumulates the sum before rounding it once and
         runs faster than two matmuls of half the width."""
         for k in range(len(self.options)):
-            if k in self.weight_errors[name]:
+            if k in self.weight_errors[name]:  # weight-only, or the weight half of "split"
                 yield k, nn.functional.linear(x.rows(), self.weight_errors[name][k])
             elif self.direct:
                 delta = nn.functional.linear(x.quantized(k), self.qweights[name][k])
@@ -161,6 +175,7 @@ class _SharedInput:
         self._rows: torch.Tensor | None = None
         self._quantized: dict[int, torch.Tensor] = {}
         self._joint: dict[int, torch.Tensor] = {}
+        self._errors: dict[int, torch.Tensor] = {}
 
     def rows(self) -> torch.Tensor:
         if self._rows is None:
@@ -185,12 +200,21 @@ class _SharedInput:
             self._joint[k] = torch.cat([rows, error], dim=1).to(self.dtype)
         return self._joint[k]
 
+    @torch.no_grad()
+    def error(self, k: int) -> torch.Tensor:
+        """Q(X) − X under option ``k``, float32 (the "split" form)."""
+        if k not in self._errors:
+            rows = self.x.reshape(-1, self.x.shape[-1]).float()
+            self._errors[k] = self.options[k].quantize_activation(rows) - rows
+        return self._errors[k]
+
     def done(self) -> None:
         self.readers -= 1
         if self.readers <= 0:
             self._rows = None
             self._quantized.clear()
             self._joint.clear()
+            self._errors.clear()
 
 
 def fisher_scores(
@@ -214,8 +238,8 @@ def fisher_scores(
     activations stay on the CPU). ``dtype`` is what the passes compute in (autocast; the
     weights are not converted); None chooses for ``device`` (``bitplan.compute.choose_dtype``).
     """
-    if form not in ("diag", "token"):
-        raise ValueError(f"form must be 'diag' or 'token', not {form!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, not {form!r}")
     device = torch.device(device)
     if dtype is None:
         dtype = choose_dtype(device).dtype
