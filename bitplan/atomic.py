@@ -7,13 +7,20 @@ to the destination and renamed into place only once complete. A failure or an in
 * ``write_json_atomic(path, data)``: plans, scores, results and cache files;
 * ``check_output_file`` / ``check_output_dir``: refuse an existing output unless ``force``, to be
   called before long work so that the user learns at once.
+
+A process killed outright (SIGKILL, power loss) cannot clean up: its temporaries are removed by
+the next write to the same destination. Each writer holds a lock on its temporary while writing,
+so a temporary that is still in use is never taken for a stale one. Files and folders get the
+user's usual permissions (umask), not the private ones temporaries are created with.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,18 +55,22 @@ def atomic_file(path: str | os.PathLike, force: bool = True) -> Iterator[Path]:
     """Yield a temporary file next to ``path``; on success it replaces ``path``.
 
     An existing ``path`` is refused unless ``force`` (the default, for files that are meant to
-    be rewritten: plans, caches). The temporary is private (mode 0600), as ``mkstemp`` makes it.
+    be rewritten: plans, caches). The file gets the user's usual permissions (umask).
     """
     path = check_output_file(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(fd)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP}")
+    fcntl.flock(fd, fcntl.LOCK_EX)  # "in use": remove_stale_temporaries leaves it alone
     try:
         yield Path(tmp)
+        os.chmod(tmp, user_mode(directory=False))  # mkstemp makes it private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: str | os.PathLike, data: object) -> None:
@@ -77,17 +88,59 @@ def atomic_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
     """
     out = check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}{_TMP}"))
+    fd = os.open(tmp, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         yield tmp
         # mkdtemp (and some writers) make things private; an export is an ordinary folder.
         for path in tmp.rglob("*"):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        tmp.chmod(0o755)
+            path.chmod(user_mode(directory=path.is_dir()))
+        tmp.chmod(user_mode(directory=True))
         _move_into_place(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(fd)
+
+
+_TMP, _OLD = ".tmp-", ".old-"  # the temporaries' infixes: .NAME.tmp-XXXX, .NAME.old-XXXX
+
+
+def user_mode(directory: bool) -> int:
+    """The mode a new file or folder gets from the user's umask (read without changing it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries an earlier, killed run left next to ``path`` (``.NAME.tmp-*``,
+    ``.NAME.old-*``). A temporary still being written is locked by its writer and kept."""
+    path = Path(path)
+    removed = []
+    for stale in (
+        *path.parent.glob(f".{path.name}{_TMP}*"),
+        *path.parent.glob(f".{path.name}{_OLD}*"),
+    ):
+        try:
+            fd = os.open(stale, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # another process is writing it
+        finally:
+            os.close(fd)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
 
 
 def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
@@ -96,12 +149,38 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
         return
     if not force:  # appeared while we were writing
         raise BitplanError(f"{out} exists; pass --force to replace it")
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}{_OLD}"))
     old.rmdir()
     out.rename(old)
+    fd = os.open(old, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # until deleted: not a stale temporary for anyone else
     try:
         tmp.rename(out)
     except BaseException:
         old.rename(out)  # put the previous export back
         raise
+    finally:
+        os.close(fd)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def file_lock(path: Path, enabled: bool = True, waiting: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` body; ``waiting``
+    is printed once if another process holds it. The lock ends with the process, even a killed
+    one, so it never needs cleaning up."""
+    if not enabled:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, user_mode(directory=False))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if waiting:
+                print(f"bitplan: {waiting}", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -48,7 +48,6 @@ class BundledModel:
                 for part in files:
                     with part.open("rb") as chunk:
                         shutil.copyfileobj(chunk, out, 1 << 22)
-            assembled.chmod(0o644)
         return assembled
 
     def ensure_folder(self) -> Path:

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils.quantization_config import GgufConfig
 
+from bitplan.atomic import user_mode
 from bitplan.errors import BitplanError
 from bitplan.model.bundled import bundled_for_folder
 from bitplan.model.fingerprint import model_fingerprint
@@ -70,7 +71,7 @@ def convert_gguf_to_folder(gguf_path: Path, folder: Path) -> None:
         if folder.exists():  # another process finished first; keep theirs
             shutil.rmtree(tmp)
             return
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        tmp.chmod(user_mode(directory=True))  # mkdtemp makes it private
         tmp.rename(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

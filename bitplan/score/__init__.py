@@ -11,13 +11,15 @@ import hashlib
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from bitplan.atomic import file_lock
 from bitplan.cache import cache_dir
 from bitplan.compute import ComputeDtype, choose_dtype
-from bitplan.distributed import is_main, shard
+from bitplan.distributed import is_main, shard, world_size
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
 from bitplan.model.loading import LoadedModel
@@ -68,14 +70,40 @@ def score(
     compute = dtype if isinstance(dtype, ComputeDtype) else choose_dtype(device, dtype)
     key = f"v1|{scorer}|{model_id}|{data_id}|{names}|head={include_head}|bs={batch_size}"
     key += f"|{compute.name}"
-    path = None
-    if cache:
-        folder = cache / "scores" if isinstance(cache, Path) else cache_dir() / "scores"
-        path = folder / (hashlib.blake2b(key.encode(), digest_size=16).hexdigest() + ".json")
+    run = partial(
+        _run_scorer, model, formats, layers, tokens, scorer, batch_size, progress, loader, device
+    )
+    if not cache:
+        return run(compute, key)
+    folder = cache / "scores" if isinstance(cache, Path) else cache_dir() / "scores"
+    path = folder / (hashlib.blake2b(key.encode(), digest_size=16).hexdigest() + ".json")
+    # Runs with the same key wait for the first instead of all scoring it (under torchrun the
+    # ranks score together, so they do not lock).
+    waiting = f"another bitplan run is computing these scores; waiting for it ({path.name})"
+    with file_lock(path.with_suffix(".lock"), enabled=world_size() == 1, waiting=waiting):
         cached = _load_cached(path)
         if cached is not None:
             cached.extra["cache_hit"] = True
             return cached
+        result = run(compute, key)
+        if is_main():
+            result.save(path)
+    return result
+
+
+def _run_scorer(
+    model: LoadedModel,
+    formats: list[Format],
+    layers: list,
+    tokens: torch.Tensor,
+    scorer: str,
+    batch_size: int,
+    progress: bool,
+    loader: BlockLoader | None,
+    device: str,
+    compute: ComputeDtype,
+    key: str,
+) -> Scores:
     start = time.perf_counter()
     local = shard(tokens)  # this rank's samples under torchrun; all of them otherwise
     progress = progress and is_main()
@@ -101,20 +129,18 @@ def score(
         scorer=scorer,
         options=[fmt.name for fmt in formats],
         layer_scores=values,
-        model_id=model_id,
-        data_id=data_id,
+        model_id=model.identity,
+        data_id=tokens_id(tokens),
         n_tokens=int(tokens.numel()),
         seconds=time.perf_counter() - start,
         extra={
-            "include_head": include_head,
+            "include_head": any(layer.role == "lm_head" for layer in layers),
             "batch_size": batch_size,
             "key": key,
             "dtype": compute.name,
             "dtype_reason": compute.reason,
         },
     )
-    if path is not None and is_main():
-        result.save(path)
     return result
 
 
