@@ -37,6 +37,7 @@ def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
         raise BitplanError(f"{out} exists and is not a folder; choose another output path")
     if out.exists() and not force:
         raise BitplanError(f"{out} exists; pass --force to replace it")
+    _check_can_create(out)
     return out
 
 
@@ -47,7 +48,24 @@ def check_output_file(out: str | os.PathLike, force: bool = False) -> Path:
         raise BitplanError(f"{out} is a folder; give a file name")
     if out.exists() and not force:
         raise BitplanError(f"{out} exists; pass --force to replace it")
+    _check_can_create(out)
     return out
+
+
+def _check_can_create(out: Path) -> None:
+    """Refuse an output that cannot be created, before long work: the nearest folder that
+    exists on its path must accept a new file (probed with an empty file, removed at once)."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BitplanError(f"cannot write {out}: {parent} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".bitplan-probe-")
+    except OSError as err:
+        raise BitplanError(f"cannot write {out}: {err.strerror} in {parent}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 @contextmanager

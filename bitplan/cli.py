@@ -199,8 +199,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from bitplan.evaluate import run_eval_command
+    from bitplan.evaluate.command import check_eval_arguments
     from bitplan.model import load_model
 
+    check_eval_arguments(args)  # before loading
     model = load_model(args.model)
     print(f"model: {model.name}  ({model.source})" + (f"; {model.note}" if model.note else ""))
     run_eval_command(args, model.module, model.tokenizer, _compute_dtype("cpu", args.dtype).dtype)
@@ -463,6 +465,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     init_from_env()  # no-op unless started by torchrun
+    # transformers' own bars ("Loading weights" ...) on every command would bury bitplan's output
+    # and break its one-line errors; bitplan shows its own progress on long work.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     try:
         args.func(args)
     except BitplanError as err:

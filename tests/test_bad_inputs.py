@@ -130,3 +130,99 @@ def test_a_damaged_score_cache_heals(workspace, tmp_path, capsys):
     json.loads(cached.read_text())  # computed again and cached whole
     assert main(argv) == 0
     assert "warning" not in capsys.readouterr().err  # and read from the cache from then on
+
+
+def test_uniform_recipe_refuses_a_budget_before_loading(tmp_path, capsys):
+    argv = ["search", str(tmp_path / "absent"), "--options", "w2g32,w4g32", "--recipe",
+            "uniform", "--avg-bits", "5", "--out", str(tmp_path / "p")]  # fmt: skip
+    refused(argv, capsys, tmp_path, "takes no --avg-bits")
+
+
+def test_head_recipe_needs_a_budget_before_loading(tmp_path, capsys):
+    argv = ["search", str(tmp_path / "absent"), "--options", "w2g32,w4g32", "--recipe", "head",
+            "--out", str(tmp_path / "p")]  # fmt: skip
+    refused(argv, capsys, tmp_path, "needs --avg-bits")
+
+
+def test_missing_calibration_file_refused_before_loading(tmp_path, capsys):
+    argv = ["search", str(tmp_path / "absent"), "--options", "w2g32,w4g32", "--avg-bits", "3",
+            "--calib", str(tmp_path / "no-such.txt"), "--out", str(tmp_path / "p")]  # fmt: skip
+    refused(argv, capsys, tmp_path, "no-such.txt")
+
+
+@pytest.mark.parametrize("command", ["eval", "compare"])
+def test_unknown_task_refused_before_loading(tmp_path, capsys, command):
+    argv = [command, str(tmp_path / "absent"), "--tasks", "hellaswag,no_such_task"]
+    refused(argv, capsys, tmp_path, "no_such_task")
+
+
+def test_quantize_refuses_an_existing_file_as_out_before_loading(workspace, tmp_path, capsys):
+    model, plan = workspace
+    (tmp_path / "mine.bin").write_text("mine")
+    argv = ["quantize", str(tmp_path / "absent"), "--plan", str(plan), "--format", "fake",
+            "--out", str(tmp_path / "mine.bin")]  # fmt: skip
+    refused(argv, capsys, tmp_path, "mine.bin")
+
+
+def test_an_unwritable_out_is_refused_before_loading(workspace, tmp_path, capsys):
+    model, plan = workspace
+    argv = ["quantize", str(model), "--plan", str(plan), "--format", "fake",
+            "--out", "/proc/bitplan-export"]  # fmt: skip
+    refused(argv, capsys, tmp_path, "cannot write")
+
+
+def test_the_current_folder_is_never_an_export_destination(
+    workspace, tmp_path, capsys, monkeypatch
+):
+    model, plan = workspace
+    monkeypatch.chdir(tmp_path)
+    argv = ["quantize", str(model), "--plan", str(plan), "--format", "fake", "--out", ".",
+            "--force"]  # fmt: skip
+    refused(argv, capsys, tmp_path, "read from")
+
+
+def test_a_plan_missing_a_layer_is_refused(workspace, tmp_path, capsys):
+    model, plan = workspace
+    data = json.loads(plan.read_text())
+    del data["layer_formats"][next(iter(data["layer_formats"]))]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(data))
+    argv = ["quantize", str(model), "--plan", str(broken), "--format", "fake",
+            "--out", str(tmp_path / "q")]  # fmt: skip
+    refused(argv, capsys, tmp_path, "does not cover")
+
+
+def test_a_plan_contradicting_its_fusion_groups_is_refused(workspace, tmp_path, capsys):
+    model, plan = workspace
+    data = json.loads(plan.read_text())
+    layers = data["layer_formats"]
+    q = next(name for name in layers if name.endswith("q_proj"))
+    k = q.replace("q_proj", "k_proj")
+    layers[q], layers[k] = "w2g32", "w4g32"
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(data))
+    argv = ["quantize", str(model), "--plan", str(broken), "--format", "fake",
+            "--out", str(tmp_path / "q")]  # fmt: skip
+    refused(argv, capsys, tmp_path, "fusion group")
+
+
+@pytest.mark.parametrize("keep", [0, 100, 5000])
+def test_a_truncated_model_file_is_one_line(workspace, tmp_path, capsys, keep):
+    model, _ = workspace
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:keep])
+    argv = ["search", str(model), "--options", "w2g32,w4g32", "--avg-bits", "3",
+            "--n-samples", "4", "--seq-len", "32", "--out", str(tmp_path / "p")]  # fmt: skip
+    refused(argv, capsys, tmp_path, ".safetensors")
+    refused([*argv, "--stream"], capsys, tmp_path, "model.safetensors")
+
+
+@pytest.mark.parametrize("keep", [0, 3, 100, 20000])
+def test_a_truncated_gguf_is_one_line(tmp_path, capsys, keep):
+    from bitplan.model.bundled import DEFAULT
+
+    with DEFAULT.gguf_path().open("rb") as f:
+        (tmp_path / "cut.gguf").write_bytes(f.read(keep))
+    argv = ["info", str(tmp_path / "cut.gguf")]
+    refused(argv, capsys, tmp_path, "cut.gguf")

@@ -207,8 +207,12 @@ def test_compressed_tensors_refuses_a_split_fusion_group(tiny, tmp_path):
     with pytest.raises(BitplanError, match=r"splits fusion group model\.layers\.0\.self_attn"):
         export_model(tiny, plan, tmp_path / "ct", "compressed-tensors")
     assert list(tmp_path.iterdir()) == []
-    # A group half in the plan is split too (k, v unplanned = unquantized).
-    plan.layer_formats = {n: f for n, f in plan.layer_formats.items() if "q_proj" in n}
+    # A group half quantized is split too (k, v left unquantized, as bf16).
+    plan.layer_formats = {
+        n: f if "q_proj" in n else "bf16" if "_proj" in n and "self_attn" in n else f
+        for n, f in plan.layer_formats.items()
+    }
+    plan.group_formats = {}
     with pytest.raises(BitplanError, match="q_proj=w4g32, k_proj=dense"):
         export_model(tiny, plan, tmp_path / "ct", "compressed-tensors")
 

@@ -18,6 +18,24 @@ from bitplan.errors import BitplanError
 TEXT_COLUMNS = ("text", "content", "passage", "story", "document", "article")
 
 
+_JSONL = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
+
+
+def check_text_source(source: str | Path) -> Path:
+    """``source`` as a path, refused at once if it is missing or of a kind ``read_texts`` cannot
+    read (without reading it: a cheap check before long work)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise BitplanError(f"text source {path} does not exist")
+    name = path.name.lower()
+    if not (path.is_dir() or name.endswith((".arrow", ".txt", *_JSONL)) or "." not in name):
+        raise BitplanError(
+            f"cannot read text from {path}: expected a .txt file, a .jsonl file with a "
+            "'text' field, a .arrow file, or a folder saved with datasets' save_to_disk"
+        )
+    return path
+
+
 def read_texts(source: str | Path, column: str | None = None) -> list[str]:
     """Documents from a user-supplied source, in file order; empty documents are dropped.
 
@@ -26,21 +44,14 @@ def read_texts(source: str | Path, column: str | None = None) -> list[str]:
     ``.arrow`` file, or a folder written by ``datasets``' ``save_to_disk`` (the ``column``
     column; by default ``text`` or another usual text column).
     """
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise BitplanError(f"text source {path} does not exist")
+    path = check_text_source(source)
     name = path.name.lower()
     if path.is_dir() or name.endswith(".arrow"):
         texts = _read_arrow(path, column)
-    elif name.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")):
+    elif name.endswith(_JSONL):
         texts = _read_jsonl(path, column or "text")
-    elif name.endswith(".txt") or "." not in name:
-        texts = [path.read_text(encoding="utf-8")]
     else:
-        raise BitplanError(
-            f"cannot read text from {path}: expected a .txt file, a .jsonl file with a "
-            "'text' field, a .arrow file, or a folder saved with datasets' save_to_disk"
-        )
+        texts = [path.read_text(encoding="utf-8")]
     return [t for t in texts if t and t.strip()]
 
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from bitplan.data.offline_tasks import DEFAULT_TASKS
+from bitplan.atomic import check_output_file
+from bitplan.data.offline_tasks import DEFAULT_TASKS, resolve_tasks
 from bitplan.errors import BitplanError
 from bitplan.evaluate.harness import (
     DEFAULT_BATCH_SIZE,
@@ -57,6 +58,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="show lm-eval's own log messages")
 
 
+def check_eval_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad `bitplan eval` arguments before the model is loaded: unknown tasks, a batch
+    size below 1, an --output that cannot be written."""
+    resolve_tasks(args.tasks)
+    if args.batch_size < 1:
+        raise BitplanError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.output:
+        check_output_file(args.output, force=True)
+
+
 def run_eval_command(
     args: argparse.Namespace,
     model: torch.nn.Module,
@@ -65,8 +76,7 @@ def run_eval_command(
 ) -> TaskResults:
     """Evaluate ``model`` as ``args`` say (computing in ``dtype``), print the table, write JSON
     if asked."""
-    if args.batch_size < 1:
-        raise BitplanError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_eval_arguments(args)
     results = evaluate_tasks(
         model,
         tokenizer,

@@ -93,4 +93,26 @@ def planned_formats(source: ExportSource, plan: Plan) -> dict[str, Format]:
         if not isinstance(module, nn.Linear):
             raise BitplanError(f"{name} is a {type(module).__name__}, not a Linear layer")
         formats[name] = parse_format(fmt_name)
+    _check_plan_covers(source, plan)
     return formats
+
+
+def _check_plan_covers(source: ExportSource, plan: Plan) -> None:
+    """A plan must cover every layer it budgets (an absent one would silently stay unquantized:
+    the model would not have the plan's bits) and agree with its own fusion groups."""
+    groups = source.layers.groups(plan.include_head)
+    missing = [layer.name for layers in groups.values() for layer in layers
+               if layer.name not in plan.layer_formats]  # fmt: skip
+    if missing:
+        raise BitplanError(
+            f"the plan does not cover {len(missing)} layer(s) of {source.name}, e.g. "
+            f"{missing[0]}; was it edited, or made for another model? (a layer meant to stay "
+            "unquantized is listed as bf16)"
+        )
+    for group, fmt_name in plan.group_formats.items():
+        for layer in groups.get(group, []):
+            if plan.layer_formats[layer.name] != fmt_name:
+                raise BitplanError(
+                    f"the plan gives {layer.name} {plan.layer_formats[layer.name]} but its "
+                    f"fusion group {group} {fmt_name}; was it edited? make the two agree"
+                )

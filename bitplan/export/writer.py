@@ -55,6 +55,8 @@ def check_destination(
         raise BitplanError(
             f"{out} is where the model is read from ({reading}); write the export elsewhere"
         )
+    if _holds(Path(out).expanduser(), Path.cwd()):
+        raise BitplanError(f"{out} is the current folder or holds it; write the export elsewhere")
     if backend.suffix is None:
         out = check_output_dir(out, force)
     else:

@@ -1,6 +1,16 @@
 from bitplan.model.layers import EmbeddingInfo, LayerInfo, LayerTable, build_layer_table
 from bitplan.model.loading import LoadedModel
-from bitplan.model.open import load_exported, load_model
+
+
+def __getattr__(name: str):
+    # open.py reads bitplan's exports (bitplan.export), whose plans need bitplan.model.layers:
+    # importing it only when asked for keeps `import bitplan.export` (or .plans) from a circle.
+    if name in ("load_model", "load_exported"):
+        from bitplan.model import open as opening
+
+        return getattr(opening, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "EmbeddingInfo",

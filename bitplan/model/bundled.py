@@ -110,11 +110,3 @@ def bundled_model(source: object) -> BundledModel | None:
     if key in BUNDLED and not Path(key).exists():
         return BUNDLED[key]
     return None
-
-
-def bundled_for_folder(folder: Path) -> BundledModel | None:
-    """The bundled model whose cached folder ``folder`` is, if any."""
-    for model in BUNDLED.values():
-        if folder.resolve() == model.folder().resolve():
-            return model
-    return None

@@ -5,18 +5,19 @@ bitplan's own exports)."""
 from __future__ import annotations
 
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils.quantization_config import GgufConfig
 
 from bitplan.atomic import user_mode
 from bitplan.errors import BitplanError
-from bitplan.model.bundled import bundled_for_folder
 from bitplan.model.fingerprint import model_fingerprint
 from bitplan.model.layers import LayerTable, build_layer_table
 from bitplan.model.moe import unfuse_experts
@@ -34,6 +35,8 @@ class LoadedModel:
     expert_grouping: str = "block"  # how MoE experts are grouped (see layers.EXPERT_GROUPINGS)
     # Reads a tensor by name, for weights still on the meta device (a streamed model's blocks).
     weight_reader: Callable[[str], torch.Tensor] | None = None
+    # The GGUF a converted model came from (a bundled model's), found when first asked for.
+    find_gguf: Callable[[], Path] | None = None
     layers: LayerTable = field(init=False)
     _identity: str | None = field(default=None, init=False, repr=False)
 
@@ -56,8 +59,7 @@ class LoadedModel:
         source = Path(self.source)
         if source.suffix == ".gguf" and source.is_file():
             return source
-        bundled = bundled_for_folder(source)
-        return bundled.gguf_path() if bundled is not None else None
+        return self.find_gguf() if self.find_gguf is not None else None
 
 
 def convert_gguf_to_folder(gguf_path: Path, folder: Path) -> None:
@@ -78,6 +80,10 @@ def convert_gguf_to_folder(gguf_path: Path, folder: Path) -> None:
         raise
 
 
+#: What transformers raises for a model file that is cut short, damaged or of another kind.
+_UNREADABLE = (ValueError, KeyError, OSError, struct.error, SafetensorError)
+
+
 def load_gguf_file(gguf_path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
     """A .gguf file's model, dequantized into plain ``dtype`` tensors, and its tokenizer."""
     folder, name = str(gguf_path.parent), gguf_path.name
@@ -89,7 +95,7 @@ def load_gguf_file(gguf_path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel
             quantization_config=GgufConfig(gguf_file=name, dequantize=True),
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except (ValueError, KeyError, OSError, NotImplementedError) as err:
+    except (*_UNREADABLE, NotImplementedError) as err:
         raise BitplanError(f"cannot load {gguf_path} as a causal language model: {err}") from err
     # The weights are now plain dense tensors: forget that they came from a GGUF.
     if hasattr(module.config, "quantization_config"):
@@ -103,6 +109,10 @@ def load_folder(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, object
     try:
         module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (ValueError, KeyError, OSError) as err:
+    except SafetensorError as err:
+        raise BitplanError(
+            f"cannot load {path}: a .safetensors file there is damaged or cut short ({err})"
+        ) from None
+    except _UNREADABLE as err:
         raise BitplanError(f"cannot load {path} as a causal language model: {err}") from err
     return module, tokenizer

@@ -55,7 +55,14 @@ def load_model(
             return load_exported(path, dtype=dtype)
         module, tokenizer = load_folder(path, dtype)
     module.eval()
-    return LoadedModel(module=module, tokenizer=tokenizer, name=name, source=str(path), note=note)
+    return LoadedModel(
+        module=module,
+        tokenizer=tokenizer,
+        name=name,
+        source=str(path),
+        note=note,
+        find_gguf=bundled.gguf_path if bundled is not None else None,
+    )
 
 
 def load_exported(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -25,19 +25,34 @@ from bitplan.model.layers import find_blocks
 from bitplan.model.loading import LoadedModel
 
 
+def _tensor_names(file: Path) -> list[str]:
+    """The tensors a safetensors file holds; a missing, cut short or damaged file is a one-line
+    error (safetensors checks the header against the file's size)."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as err:
+        raise BitplanError(f"cannot read {file}: {err}; is it complete?") from None
+
+
 class SafetensorsStore:
     """Reads single tensors by name from a Hugging Face folder's safetensors file(s)."""
 
     def __init__(self, folder: Path):
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise BitplanError(f"cannot read {index}: {err}") from None
             self.file_of = {name: folder / file for name, file in weight_map.items()}
         elif (folder / "model.safetensors").is_file():
-            with safe_open(folder / "model.safetensors", framework="pt") as f:
-                self.file_of = dict.fromkeys(f.keys(), folder / "model.safetensors")
+            self.file_of = dict.fromkeys(_tensor_names(folder / "model.safetensors"),
+                                         folder / "model.safetensors")  # fmt: skip
         else:
             raise BitplanError(f"{folder} has no safetensors weights; streaming needs them")
+        for file in set(self.file_of.values()) - {folder / "model.safetensors"}:
+            _tensor_names(file)  # every shard's header read now: a damaged file fails here
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
@@ -117,5 +132,6 @@ def load_streaming(
         source=str(folder),
         note=note,
         weight_reader=store.get,
+        find_gguf=bundled.gguf_path if bundled is not None else None,
     )
     return loaded, BlockLoader(module, store, dtype)

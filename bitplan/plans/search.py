@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bitplan.compute import ComputeDtype, choose_dtype
 from bitplan.data.calibration import calibration_samples
+from bitplan.data.text import check_text_source
 from bitplan.distributed import is_main
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format_list
@@ -70,6 +71,15 @@ class SearchConfig:
             raise BitplanError(
                 f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}"
             )
+        if self.recipe == "uniform" and self.budgets:
+            raise BitplanError(
+                "--recipe uniform puts every layer in the cheapest option and takes no "
+                "--avg-bits; drop --avg-bits, or use --recipe head or tail for a budget"
+            )
+        if self.recipe not in (None, "uniform") and not self.budgets:
+            raise BitplanError(f"--recipe {self.recipe} needs --avg-bits")
+        if self.calib is not None:
+            check_text_source(self.calib)
 
     @property
     def options_label(self) -> str:
@@ -115,8 +125,6 @@ def run_search(
     budgets = list(config.budgets)
 
     if config.recipe is not None:
-        if config.recipe != "uniform" and not budgets:
-            raise BitplanError(f"--recipe {config.recipe} needs --avg-bits")
         plans = [
             recipe_plan(space, config.recipe, budget, model.identity)
             for budget in (budgets or [None])
