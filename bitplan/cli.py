@@ -460,24 +460,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(build_parser().parse_args(argv))
+    except BitplanError as err:
+        print(f"bitplan: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # also while torch and transformers are still being imported
+        print("bitplan: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     from bitplan.distributed import init_from_env
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     init_from_env()  # no-op unless started by torchrun
     # transformers' own bars ("Loading weights" ...) on every command would bury bitplan's output
     # and break its one-line errors; bitplan shows its own progress on long work.
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    try:
-        args.func(args)
-    except BitplanError as err:
-        print(f"bitplan: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bitplan: interrupted", file=sys.stderr)
-        return 130
+    args.func(args)
     return 0
 
 

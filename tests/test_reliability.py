@@ -121,3 +121,13 @@ def test_two_searches_started_together_score_once(tiny_folder, tmp_path):
     assert [run.returncode for run in runs] == [0, 0], outputs
     from_cache = [out for out, _ in outputs if "(from cache)" in out]
     assert len(from_cache) == 1, outputs  # the other waited for the first one's scores
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    """SIGINT while bitplan is still importing torch and transformers."""
+    child = _bitplan("info", str(tmp_path / "absent"))
+    time.sleep(0.5)  # the imports take seconds
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    assert err.strip() == "bitplan: interrupted", err

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from common import add_model_argument
 from scipy import stats
 from torch import nn
 
+import bitplan.score.fisher as fisher
 from bitplan.data.calibration import calibration_samples
 from bitplan.formats import parse_format_list
 from bitplan.model import load_model
@@ -31,7 +33,6 @@ from bitplan.model.logits import logits_from_hidden
 from bitplan.plans import PlanSpace
 from bitplan.quantize import FakeQuantLinear, apply_formats
 from bitplan.score import SCORERS, score
-from bitplan.score.fisher import fisher_scores
 from bitplan.score.replay import final_norm, record_block_inputs, run_block
 from bitplan.score.scores import Scores
 
@@ -136,6 +137,12 @@ def measure(model, tokens, low, high, saved: dict, out: Path) -> dict[str, float
     return measured
 
 
+def _probe(model, hidden, input_ids, generator):
+    from variants import probe_gradient  # sets nothing up on import
+
+    return probe_gradient(model, hidden, input_ids, generator)
+
+
 def _stats(measured: list[float], predicted: list[float]) -> str:
     if len(measured) < 3:
         return "n/a"
@@ -175,11 +182,21 @@ def main() -> None:
     predictions = {}
     for scorer in args.scorers.split(","):
         if scorer in SCORERS:
-            values = score(model, [low, high], tokens, scorer=scorer, progress=False).values
+            values = score(model, [low, high], tokens, scorer=scorer, progress=False).layer_scores
+        elif scorer == "fisher-probe":  # KL-Hessian probes instead of the loss gradient
+            generator = torch.Generator().manual_seed(0)
+            saved_gradient = fisher.loss_gradient
+            fisher.loss_gradient = partial(_probe, generator=generator)
+            try:
+                values = fisher.fisher_scores(
+                    model.module, model.layers.selected(False), [low, high], tokens
+                )
+            finally:
+                fisher.loss_gradient = saved_gradient
         else:  # fisher-token, fisher-split: another form of the fisher estimate
             form = scorer.removeprefix("fisher-")
             layers = model.layers.selected(False)
-            values = fisher_scores(model.module, layers, [low, high], tokens, form=form)
+            values = fisher.fisher_scores(model.module, layers, [low, high], tokens, form=form)
         predictions[scorer] = {
             group: sum(
                 values[layer.name][low.name] - values[layer.name][high.name] for layer in layers
@@ -204,6 +221,14 @@ def main() -> None:
             for pred in predictions.values()
         ]
         print(f"| {subset} | {len(members)} | " + " | ".join(cells) + " |")
+    print("\nPer block: measured increase (sum of its groups), and predicted ÷ measured")
+    print("| block | measured | " + " | ".join(predictions) + " |")
+    print("|---:|---:|" + "---:|" * len(predictions))
+    for block in range(blocks):
+        members = [g for g, ls in groups.items() if ls[0].block == block]
+        total = sum(measured[g] for g in members)
+        ratios = [f"{sum(pred[g] for g in members) / total:.1f}" for pred in predictions.values()]
+        print(f"| {block} | {total:.4f} | " + " | ".join(ratios) + " |")
     space = PlanSpace.build(model.layers, [low, high], include_scales=False)
     budgets = [float(b) for b in args.budgets.split(",")]
     print("\nGroups left low by each plan; measured cost = sum of their measured increases")
