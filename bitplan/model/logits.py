@@ -15,19 +15,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-#: The most logits (tokens x vocabulary) held at once: 64 MB in float32 ...
+#: The most logits (tokens x vocabulary) held at once: 64 MB in float32.
 LOGITS_PER_CHUNK = 1 << 24
-#: ... unless that is fewer tokens than this: each chunk reads the whole head from memory, and
-#: with fewer tokens the matmul waits on memory (Gemma-3's 262k vocabulary would give 64-token
-#: chunks: docs/BENCHMARKS.md). A chunk then holds 256 x vocabulary logits.
-MIN_CHUNK_TOKENS = 256
 
 
-def token_chunks(n_tokens: int, vocab_size: int, max_logits: int | None = None) -> Iterator[slice]:
-    """Consecutive slices of ``range(n_tokens)`` with at most ``max_logits`` logits each (by
-    default ``LOGITS_PER_CHUNK``, or ``MIN_CHUNK_TOKENS`` tokens if that is more)."""
-    if max_logits is None:
-        max_logits = max(LOGITS_PER_CHUNK, MIN_CHUNK_TOKENS * vocab_size)
+def token_chunks(
+    n_tokens: int, vocab_size: int, max_logits: int = LOGITS_PER_CHUNK
+) -> Iterator[slice]:
+    """Consecutive slices of ``range(n_tokens)`` with at most ``max_logits`` logits each."""
     step = max(1, max_logits // max(1, vocab_size))
     for start in range(0, n_tokens, step):
         yield slice(start, min(start + step, n_tokens))

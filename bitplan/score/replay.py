@@ -19,7 +19,7 @@ from torch import nn
 
 from bitplan.errors import BitplanError
 from bitplan.model.layers import find_blocks
-from bitplan.model.logits import logits_from_hidden, token_chunks
+from bitplan.model.logits import LOGITS_PER_CHUNK, logits_from_hidden, token_chunks
 
 
 @dataclass
@@ -105,7 +105,7 @@ def loss_gradient(
     model: nn.Module,
     final_hidden: torch.Tensor,
     input_ids: torch.Tensor,
-    max_logits: int | None = None,
+    max_logits: int = LOGITS_PER_CHUNK,
     through_final_norm: bool = True,
     loss_scale: float = 1.0,
 ) -> torch.Tensor:
