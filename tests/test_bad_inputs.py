@@ -226,3 +226,14 @@ def test_a_truncated_gguf_is_one_line(tmp_path, capsys, keep):
         (tmp_path / "cut.gguf").write_bytes(f.read(keep))
     argv = ["info", str(tmp_path / "cut.gguf")]
     refused(argv, capsys, tmp_path, "cut.gguf")
+
+
+def test_a_recipe_search_into_an_old_folder_drops_other_options_scores(workspace, capsys):
+    model, plan = workspace  # plan's folder holds scores.json and front.json of w2g32,w4g32
+    folder = plan.parent
+    argv = ["search", str(model), "--options", "w4g32,w8g32", "--recipe", "uniform",
+            "--out", str(folder)]  # fmt: skip
+    assert main(argv) == 0
+    assert "removed" in capsys.readouterr().out
+    assert not (folder / "scores.json").exists() and not (folder / "front.json").exists()
+    assert plan.is_file()  # the earlier plans stay: they say which options they chose from

@@ -27,6 +27,7 @@ from bitplan.data.text import check_text_source
 from bitplan.distributed import is_main
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format_list
+from bitplan.jsonio import write_json_atomic
 from bitplan.model.layers import LayerTable
 from bitplan.model.loading import LoadedModel
 from bitplan.model.streaming import BlockLoader
@@ -198,6 +199,22 @@ def plan_file_name(plan: Plan) -> str:
     return f"plan_{plan.recipe}_{budget_label(plan.budget_avg_bits)}.json"
 
 
+def _remove_other_searches_scores(out: Path, options: list[str]) -> None:
+    """A recipe writes no scores: scores and front an earlier search of other options left in
+    ``out`` would be read as this search's, so they go (with a note)."""
+    old = out / "scores.json"
+    try:
+        stale = old.is_file() and json.loads(old.read_text()).get("options") != options
+    except (OSError, ValueError, AttributeError):
+        stale = True
+    if stale:
+        for name in ("scores.json", "front.json"):
+            (out / name).unlink(missing_ok=True)
+        print(
+            f"note: removed {out}/scores.json and front.json of an earlier search of other options"
+        )
+
+
 def write_search_outputs(result: SearchResult, out: str | os.PathLike) -> list[Path]:
     """Write one plan file per plan, and for a scored search ``front.json`` and
     ``scores.json``, then ``bits_per_layer.png``. Returns the plan files' paths."""
@@ -212,7 +229,9 @@ def write_search_outputs(result: SearchResult, out: str | os.PathLike) -> list[P
         paths.append(path)
     if result.scores is not None:
         front = [{"avg_bits": b, "predicted_loss": s} for b, s in result.front]
-        (out / "front.json").write_text(json.dumps(front, indent=1) + "\n")
+        write_json_atomic(out / "front.json", front)
         result.scores.save(out / "scores.json")
+    else:
+        _remove_other_searches_scores(out, result.plans[0].options)
     plot_bits_per_layer(result.plans, result.table, out / "bits_per_layer.png")
     return paths
