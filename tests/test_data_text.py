@@ -29,6 +29,28 @@ def test_packing_separates_documents_with_eos(tiny_tokenizer):
     assert samples.flatten()[: len(ids) + 1].tolist() == [*ids, eos]
 
 
+class _BosTokenizer:
+    """A tokenizer that starts every text with BOS (id 1), as Gemma's and Llama-3's do."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def __call__(self, texts, add_special_tokens=True):
+        many = [texts] if isinstance(texts, str) else texts
+        ids = [[1] * add_special_tokens + [10 + ord(c) for c in text] for text in many]
+        return {"input_ids": ids[0] if isinstance(texts, str) else ids}
+
+
+def test_windows_start_with_bos_when_the_tokenizer_adds_one(tiny_tokenizer):
+    samples = pack_tokens(["abcdef"] * 10, _BosTokenizer(), n_samples=3, seq_len=5)
+    assert samples.shape == (3, 5)
+    assert samples[:, 0].tolist() == [1, 1, 1]
+    assert 1 not in samples[:, 1:].flatten().tolist()  # the stream itself holds no BOS
+    assert samples[0, 1:].tolist() == [10 + ord(c) for c in "abcd"]
+    # A tokenizer that adds none (SmolLM2's, the tiny one) gets plain windows.
+    plain = pack_tokens(["ab", "cd"] * 10, tiny_tokenizer, n_samples=2, seq_len=5)
+    assert plain[0, 0] != getattr(tiny_tokenizer, "bos_token_id", None)
+
+
 def test_user_sources_txt_jsonl_arrow(tmp_path, tiny_tokenizer):
     import datasets
 
