@@ -22,33 +22,44 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from bitplan.errors import BitplanError
 
 
 def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
-    """Refuse an existing ``out`` unless ``force``; call it before long work so that the user
-    learns at once. Returns ``out`` as a Path."""
-    out = Path(out).expanduser()
-    if out.is_symlink() or out.is_file():
-        raise BitplanError(f"{out} exists and is not a folder; choose another output path")
-    if out.exists() and not force:
-        raise BitplanError(f"{out} exists; pass --force to replace it")
+    """Refuse an existing ``out`` unless ``force``, or one that cannot be created; call it before
+    long work so that the user learns at once. Returns ``out`` as a Path."""
+    out = _refuse_existing_dir(out, force)
     _check_can_create(out)
     return out
 
 
 def check_output_file(out: str | os.PathLike, force: bool = False) -> Path:
     """Like ``check_output_dir`` for an output that is one file (a .gguf)."""
+    out = _refuse_existing_file(out, force)
+    _check_can_create(out)
+    return out
+
+
+def _refuse_existing_dir(out: str | os.PathLike, force: bool) -> Path:
+    out = Path(out).expanduser()
+    if out.is_symlink() or out.is_file():
+        raise BitplanError(f"{out} exists and is not a folder; choose another output path")
+    if out.exists() and not force:
+        raise BitplanError(f"{out} exists; pass --force to replace it")
+    return out
+
+
+def _refuse_existing_file(out: str | os.PathLike, force: bool) -> Path:
     out = Path(out).expanduser()
     if out.is_dir():
         raise BitplanError(f"{out} is a folder; give a file name")
     if out.exists() and not force:
         raise BitplanError(f"{out} exists; pass --force to replace it")
-    _check_can_create(out)
     return out
 
 
@@ -75,10 +86,8 @@ def atomic_file(path: str | os.PathLike, force: bool = True) -> Iterator[Path]:
     An existing ``path`` is refused unless ``force`` (the default, for files that are meant to
     be rewritten: plans, caches). The file gets the user's usual permissions (umask).
     """
-    path = check_output_file(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP}")
+    path = _refuse_existing_file(path, force)
+    fd, tmp = _create_temporary(path, tempfile.mkstemp)
     fcntl.flock(fd, fcntl.LOCK_EX)  # "in use": remove_stale_temporaries leaves it alone
     try:
         yield Path(tmp)
@@ -104,10 +113,8 @@ def atomic_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
     With ``force`` an existing ``out`` is moved aside, the new folder renamed in, and the old
     one deleted, so that ``out`` is only ever missing for the instant between two renames.
     """
-    out = check_output_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}{_TMP}"))
+    out = _refuse_existing_dir(out, force)
+    tmp = Path(_create_temporary(out, tempfile.mkdtemp))
     fd = os.open(tmp, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
@@ -125,6 +132,17 @@ def atomic_folder(out: str | os.PathLike, force: bool = False) -> Iterator[Path]
 
 
 _TMP, _OLD = ".tmp-", ".old-"  # the temporaries' infixes: .NAME.tmp-XXXX, .NAME.old-XXXX
+
+
+def _create_temporary(out: Path, make: Callable) -> Any:
+    """``make`` (``mkstemp`` or ``mkdtemp``) a temporary beside ``out``, after removing stale
+    ones; an output that cannot be created is a one-line error (creating it is the probe)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        return make(dir=out.parent, prefix=f".{out.name}{_TMP}")
+    except OSError as err:
+        raise BitplanError(f"cannot write {out}: {err.strerror} in {out.parent}") from None
 
 
 def user_mode(directory: bool) -> int:
