@@ -4,9 +4,7 @@ bitplan's own exports)."""
 
 from __future__ import annotations
 
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +14,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils.quantization_config import GgufConfig
 
-from bitplan.atomic import user_mode
+from bitplan.atomic import atomic_folder
 from bitplan.errors import BitplanError
 from bitplan.model.fingerprint import model_fingerprint
 from bitplan.model.layers import LayerTable, build_layer_table
@@ -65,19 +63,13 @@ class LoadedModel:
 def convert_gguf_to_folder(gguf_path: Path, folder: Path) -> None:
     """Dequantize a GGUF file into a bf16 Hugging Face folder, atomically."""
     module, tokenizer = load_gguf_file(gguf_path, torch.bfloat16)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
-        module.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if folder.exists():  # another process finished first; keep theirs
-            shutil.rmtree(tmp)
-            return
-        tmp.chmod(user_mode(directory=True))  # mkdtemp makes it private
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_folder(folder) as tmp:
+            module.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except BitplanError:
+        if not (folder / "config.json").is_file():
+            raise  # not another process's finished conversion (those are kept, as equal)
 
 
 #: What transformers raises for a model file that is cut short, damaged or of another kind.
