@@ -195,8 +195,7 @@ class _SharedInput:
         """[X | Q(X) − X] under option ``k``: the error computed in float32, both halves stored
         side by side in the compute dtype."""
         if k not in self._joint:
-            rows = self.x.reshape(-1, self.x.shape[-1]).float()
-            error = self.options[k].quantize_activation(rows) - rows
+            rows, error = self._rows_and_error(k)
             self._joint[k] = torch.cat([rows, error], dim=1).to(self.dtype)
         return self._joint[k]
 
@@ -204,9 +203,13 @@ class _SharedInput:
     def error(self, k: int) -> torch.Tensor:
         """Q(X) − X under option ``k``, float32 (the "split" form)."""
         if k not in self._errors:
-            rows = self.x.reshape(-1, self.x.shape[-1]).float()
-            self._errors[k] = self.options[k].quantize_activation(rows) - rows
+            self._errors[k] = self._rows_and_error(k)[1]
         return self._errors[k]
+
+    def _rows_and_error(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """X as float32 rows, and Q(X) − X under option ``k``."""
+        rows = self.x.reshape(-1, self.x.shape[-1]).float()
+        return rows, self.options[k].quantize_activation(rows) - rows
 
     def done(self) -> None:
         self.readers -= 1
