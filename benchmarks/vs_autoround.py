@@ -325,6 +325,7 @@ def phase_data(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from bitplan.data.calibration import calibration_samples
+    from bitplan.data.text import leading_bos
 
     out = args.out / "data"
     check_path = out / "data_check.json"
@@ -340,9 +341,11 @@ def phase_data(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.save(tokens, out / "calib_tokens.pt")
     lines, mismatched = [], 0
+    # A window that starts with BOS is written without it: auto-round's tokenizer adds it back.
+    skip = int(leading_bos(tokenizer) is not None)
     for i in range(n):
         ids = tokens[i].tolist()
-        text = tokenizer.decode(ids + stream[i + 1, :TAIL_TOKENS].tolist())
+        text = tokenizer.decode(ids[skip:] + stream[i + 1, skip : skip + TAIL_TOKENS].tolist())
         again = tokenizer(text, truncation=True, max_length=length)["input_ids"]
         mismatched += again != ids
         lines.append(json.dumps({"text": text}))

@@ -150,7 +150,7 @@ def pack_tokens(
     """
     if n_samples < 1 or seq_len < 2:
         raise BitplanError(f"need n_samples >= 1 and seq_len >= 2, got {n_samples} and {seq_len}")
-    bos = _leading_bos(tokenizer)
+    bos = leading_bos(tokenizer)
     body = seq_len - (bos is not None)
     needed = n_samples * body
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -179,7 +179,7 @@ def pack_tokens(
     return torch.cat([torch.full((n_samples, 1), bos, dtype=torch.long), windows], dim=1)
 
 
-def _leading_bos(tokenizer: Any) -> int | None:
+def leading_bos(tokenizer: Any) -> int | None:
     """The BOS token id if the tokenizer starts every text with it, else None."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
