@@ -47,7 +47,9 @@ def check_output_file(out: str | os.PathLike, force: bool = False) -> Path:
 
 def _refuse_existing_dir(out: str | os.PathLike, force: bool) -> Path:
     out = Path(out).expanduser()
-    if out.is_symlink() or out.is_file():
+    if out.is_symlink():  # replacing it would replace the link, not what it points to
+        raise BitplanError(f"{out} is a symbolic link; give a real path, or another output path")
+    if out.is_file():
         raise BitplanError(f"{out} exists and is not a folder; choose another output path")
     if out.exists() and not force:
         raise BitplanError(f"{out} exists; pass --force to replace it")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -206,6 +208,33 @@ def test_a_plan_contradicting_its_fusion_groups_is_refused(workspace, tmp_path, 
     refused(argv, capsys, tmp_path, "fusion group")
 
 
+def test_a_plan_whose_bits_were_edited_is_refused(workspace, tmp_path, capsys):
+    model, plan = workspace
+    data = json.loads(plan.read_text())
+    # every layer (and group) moved to the larger option: consistent, but not the plan's bits
+    for table in (data["layer_formats"], data["group_formats"]):
+        table.update(dict.fromkeys(table, "w4g32"))
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(data))
+    argv = ["quantize", str(model), "--plan", str(edited), "--format", "fake",
+            "--out", str(tmp_path / "q")]  # fmt: skip
+    refused(argv, capsys, tmp_path, "average bits but its layers cost")
+
+
+def test_a_plan_over_its_budget_is_refused(workspace, tmp_path, capsys):
+    model, _ = workspace
+    assert main(["search", str(model), "--options", "w4g32", "--recipe", "uniform",
+                 "--out", str(tmp_path / "u")]) == 0  # fmt: skip
+    uniform = next((tmp_path / "u").glob("plan_*.json"))
+    data = json.loads(uniform.read_text())
+    data["budget_avg_bits"] = 3.0  # a budget its (all 4-bit) layers exceed
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(data))
+    argv = ["quantize", str(model), "--plan", str(edited), "--format", "fake",
+            "--out", str(tmp_path / "q")]  # fmt: skip
+    refused(argv, capsys, tmp_path, "over its budget of 3")
+
+
 @pytest.mark.parametrize("keep", [0, 100, 5000])
 def test_a_truncated_model_file_is_one_line(workspace, tmp_path, capsys, keep):
     model, _ = workspace
@@ -237,3 +266,132 @@ def test_a_recipe_search_into_an_old_folder_drops_other_options_scores(workspace
     assert "removed" in capsys.readouterr().out
     assert not (folder / "scores.json").exists() and not (folder / "front.json").exists()
     assert plan.is_file()  # the earlier plans stay: they say which options they chose from
+
+
+# Odd inputs beyond the list, as a fuzzer would try them: each builds its input under
+# tmp_path and returns the command line, and the match its one-line error must contain.
+def _file(path: Path, data: bytes | str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return str(path)
+
+
+def _model_with_config(tmp: Path, config: bytes) -> str:
+    _file(tmp / "bad-model" / "config.json", config)
+    return str(tmp / "bad-model")
+
+
+def _search(model: str, *extra: str, options: str = "w2g32,w4g32", bits: str = "3") -> list[str]:
+    return ["search", model, "--options", options, "--avg-bits", bits, "--n-samples", "4",
+            "--seq-len", "32", *extra, "--out", "OUT"]  # fmt: skip
+
+
+def _plan_edit(plan: Path, tmp: Path, **fields) -> str:
+    data = json.loads(plan.read_text())
+    data.update(fields)
+    return _file(tmp / "edited.json", json.dumps(data))
+
+
+_ODD_INPUTS = {
+    "empty budget": (lambda m, p, t: _search(m, bits=""), "invalid float value"),
+    "budget list with a gap": (lambda m, p, t: _search(m, bits="3,,4"), "invalid float value"),
+    "hex budget": (lambda m, p, t: _search(m, bits="0x10"), "invalid float value"),
+    "fractional sequence length": (
+        lambda m, p, t: [*_search(m)[:-2], "--seq-len", "1.5", "--out", "OUT"],
+        "invalid int value",
+    ),
+    "huge group size": (lambda m, p, t: _search(m, options="w2g" + "9" * 20), "larger than"),
+    "config.json of odd bytes": (
+        lambda m, p, t: _search(_model_with_config(t, b"\x00\xff\xfe")),
+        "not a model configuration",
+    ),
+    "config.json an array": (
+        lambda m, p, t: _search(_model_with_config(t, b"[]")),
+        "a JSON array",
+    ),
+    "random bytes as .gguf": (
+        lambda m, p, t: _search(_file(t / "r.gguf", bytes(range(256)) * 8)),
+        "r.gguf",
+    ),
+    "GGUF magic then noise": (
+        lambda m, p, t: _search(_file(t / "n.gguf", b"GGUF" + bytes(range(60)))),
+        "n.gguf",
+    ),
+    "calibration text of odd bytes": (
+        lambda m, p, t: _search(m, "--calib", _file(t / "c.txt", b"\xb3\x00\xff" * 100)),
+        "not UTF-8",
+    ),
+    "plan of odd bytes": (
+        lambda m, p, t: ["quantize", m, "--plan", _file(t / "x.json", b"\xe8\x01" * 50)],
+        "not a plan file",
+    ),
+    "plan null": (lambda m, p, t: ["quantize", m, "--plan", _file(t / "x.json", "null")], "null"),
+    "plan layers a list": (
+        lambda m, p, t: ["quantize", m, "--plan", _plan_edit(p, t, layer_formats=[])],
+        "layer_formats",
+    ),
+    "plan bits a string": (
+        lambda m, p, t: ["quantize", m, "--plan", _plan_edit(p, t, avg_bits="3")],
+        "avg_bits",
+    ),
+    "plan bits true": (
+        lambda m, p, t: ["quantize", m, "--plan", _plan_edit(p, t, avg_bits=True)],
+        "avg_bits",
+    ),
+    "plan bits NaN": (
+        lambda m, p, t: ["quantize", m, "--plan", _plan_edit(p, t, avg_bits=float("nan"))],
+        "says nan average bits",
+    ),
+    "plan budget -inf": (
+        lambda m, p, t: ["quantize", m, "--plan", _plan_edit(p, t, budget_avg_bits=-math.inf)],
+        "over its budget",
+    ),
+    "unknown export format": (
+        lambda m, p, t: ["quantize", m, "--plan", str(p), "--format", "zip"],
+        "invalid choice",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_ODD_INPUTS))
+def test_an_odd_input_is_one_line(workspace, tmp_path, capsys, case):
+    model, plan = workspace
+    build, match = _ODD_INPUTS[case]
+    argv = build(str(model), plan, tmp_path / "inputs")
+    if argv[0] == "quantize" and "--out" not in argv:
+        argv += ["--out", "OUT"]
+    if "--format" not in argv and argv[0] == "quantize":
+        argv += ["--format", "fake"]
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    refused(argv, capsys, tmp_path, match)
+
+
+def test_force_never_follows_a_symbolic_link(workspace, tmp_path, capsys):
+    model, plan = workspace
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("keep")
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
+    argv = ["quantize", str(model), "--plan", str(plan), "--format", "fake",
+            "--out", str(tmp_path / "link"), "--force"]  # fmt: skip
+    refused(argv, capsys, tmp_path, "symbolic link")
+
+
+def test_paths_with_spaces_unicode_and_links_work(workspace, tmp_path):
+    model, plan = workspace
+    odd = tmp_path / "mödel 日本 with spaces"
+    shutil.copytree(model, odd)
+    (tmp_path / "link").symlink_to(odd)
+    for source in (odd, tmp_path / "link"):
+        out = tmp_path / f"ausgabe ü {source.name}"
+        assert main(_search(str(source))[:-1] + [str(out / "plans")]) == 0
+        assert main(["quantize", str(source), "--plan", str(out / "plans" / plan.name),
+                     "--format", "fake", "--out", str(out / "model")]) == 0  # fmt: skip
+        assert (out / "model" / "config.json").is_file()
+
+
+def test_a_huge_budget_gives_the_largest_plan(workspace, tmp_path, capsys):
+    model, _ = workspace
+    assert main(_search(str(model), bits="1e308")[:-1] + [str(tmp_path / "p")]) == 0
+    assert "above" in capsys.readouterr().out
+    plan = json.loads(next((tmp_path / "p").glob("plan_*.json")).read_text())
+    assert set(plan["layer_formats"].values()) == {"w4g32"}

@@ -19,7 +19,7 @@ from bitplan.export.report import safetensors_layout
 from bitplan.formats import parse_format
 from bitplan.model import load_exported, load_model
 from bitplan.model.loading import LoadedModel
-from bitplan.plans import Plan
+from bitplan.plans import Plan, build_plan
 from bitplan.quantize import FakeQuantLinear, apply_plan
 
 # By role (q, k, v share "qkv"; gate, up share "gate_up"), per block: every family of format.
@@ -31,16 +31,14 @@ MIXED = [
 
 def make_plan(model: LoadedModel, choose, include_head: bool = False) -> Plan:
     """A plan over the model's decoder layers (and head): ``choose(layer) -> format name``."""
-    formats = {layer.name: choose(layer) for layer in model.layers.selected(include_head)}
-    return Plan(
-        model=model.name,
-        recipe="test",
-        options=sorted(set(formats.values())),
-        layer_formats=formats,
-        budget_avg_bits=None,
-        avg_bits=0.0,
-        avg_bits_with_scales=0.0,
-        avg_bits_without_scales=0.0,
+    layers = model.layers.selected(include_head)
+    formats = {layer.name: parse_format(choose(layer)) for layer in layers}
+    return build_plan(
+        model.name,
+        "test",
+        layers,
+        formats,
+        options=sorted({fmt.name for fmt in formats.values()}),
         include_scales=True,
         include_head=include_head,
     )
@@ -208,11 +206,7 @@ def test_compressed_tensors_refuses_a_split_fusion_group(tiny, tmp_path):
         export_model(tiny, plan, tmp_path / "ct", "compressed-tensors")
     assert list(tmp_path.iterdir()) == []
     # A group half quantized is split too (k, v left unquantized, as bf16).
-    plan.layer_formats = {
-        n: f if "q_proj" in n else "bf16" if "_proj" in n and "self_attn" in n else f
-        for n, f in plan.layer_formats.items()
-    }
-    plan.group_formats = {}
+    plan = make_plan(tiny, lambda layer: "bf16" if layer.role in ("k", "v", "o") else "w4g32")
     with pytest.raises(BitplanError, match="q_proj=w4g32, k_proj=dense"):
         export_model(tiny, plan, tmp_path / "ct", "compressed-tensors")
 

@@ -9,7 +9,7 @@ from bitplan.cli import main
 from bitplan.formats import parse_format
 from bitplan.model import load_model
 from bitplan.model.streaming import load_streaming
-from bitplan.plans import Plan
+from bitplan.plans import Plan, build_plan
 from bitplan.score.fisher import fisher_scores
 
 OPTIONS = [parse_format("mxfp4"), parse_format("w4g32")]
@@ -77,17 +77,13 @@ def test_streamed_export_in_shards_equals_in_memory_export(tiny_folder, tmp_path
     layers = in_memory.layers.decoder_layers()
     # w4g32 on every layer but the MLPs, which get mxfp4 (both exportable in all three formats)
     formats = {layer.name: "mxfp4" if "mlp" in layer.name else "w4g32" for layer in layers}
-    plan = Plan(
-        model=in_memory.identity,
+    plan = build_plan(
+        in_memory.identity,
+        "test",
+        layers,
+        {name: parse_format(fmt) for name, fmt in formats.items()},
         options=["w4g32", "mxfp4"],
-        recipe="test",
-        budget_avg_bits=None,
-        avg_bits=4.0,
-        avg_bits_with_scales=4.0,
-        avg_bits_without_scales=4.0,
         include_scales=True,
-        include_head=False,
-        layer_formats=formats,
     )
     whole = export_model(in_memory, plan, tmp_path / "whole", export_format)
     streamed, _ = load_streaming(tiny_folder)

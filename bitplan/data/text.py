@@ -46,12 +46,19 @@ def read_texts(source: str | Path, column: str | None = None) -> list[str]:
     """
     path = check_text_source(source)
     name = path.name.lower()
-    if path.is_dir() or name.endswith(".arrow"):
-        texts = _read_arrow(path, column)
-    elif name.endswith(_JSONL):
-        texts = _read_jsonl(path, column or "text")
-    else:
-        texts = [path.read_text(encoding="utf-8")]
+    try:
+        if path.is_dir() or name.endswith(".arrow"):
+            texts = _read_arrow(path, column)
+        elif name.endswith(_JSONL):
+            texts = _read_jsonl(path, column or "text")
+        else:
+            texts = [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError as err:
+        raise BitplanError(
+            f"{path} is not UTF-8 text (byte {err.start} cannot be decoded); save it as UTF-8"
+        ) from err
+    except (gzip.BadGzipFile, EOFError) as err:
+        raise BitplanError(f"{path} is not a complete gzip file: {err}") from err
     return [t for t in texts if t and t.strip()]
 
 

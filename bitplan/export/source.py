@@ -8,6 +8,7 @@ from ``bitplan.model``; ``ExportSource.of(model)`` takes the parts from a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from bitplan.accounting import average_bits
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
 from bitplan.plans import Plan
@@ -94,6 +96,7 @@ def planned_formats(source: ExportSource, plan: Plan) -> dict[str, Format]:
             raise BitplanError(f"{name} is a {type(module).__name__}, not a Linear layer")
         formats[name] = parse_format(fmt_name)
     _check_plan_covers(source, plan)
+    _check_plan_bits(source, plan, formats)
     return formats
 
 
@@ -116,3 +119,22 @@ def _check_plan_covers(source: ExportSource, plan: Plan) -> None:
                     f"the plan gives {layer.name} {plan.layer_formats[layer.name]} but its "
                     f"fusion group {group} {fmt_name}; was it edited? make the two agree"
                 )
+
+
+def _check_plan_bits(source: ExportSource, plan: Plan, formats: dict[str, Format]) -> None:
+    """The plan's layers must cost what the plan says and stay within its budget: an edited plan
+    would otherwise export a model of other bits than the one the plan file reports."""
+    budgeted = source.layers.selected(plan.include_head)
+    bits = average_bits(budgeted, formats, include_scales=plan.include_scales)
+    counted = "with" if plan.include_scales else "without"
+    if not math.isclose(bits, plan.avg_bits, rel_tol=1e-9, abs_tol=1e-9):
+        raise BitplanError(
+            f"the plan says {plan.avg_bits:.4f} average bits but its layers cost {bits:.4f} on "
+            f"{source.name} (scales counted: {counted}); was it edited, or made for another model?"
+        )
+    budget = plan.budget_avg_bits
+    if budget is not None and bits > budget + 1e-9:
+        raise BitplanError(
+            f"the plan's layers average {bits:.4f} bits, over its budget of {budget:g}; was it "
+            "edited? search again, or make a plan with a larger budget"
+        )

@@ -140,6 +140,10 @@ class IntegerWeights(BlockScaledFormat):
         return BlockScales(scale, zeros.view(out_features, groups, 1).float())
 
 
+# Rows longer than this are unheard of; a larger group is a typo, and would pad every row to it.
+MAX_GROUP_SIZE = 1 << 20
+
+
 @dataclass(frozen=True)
 class IntFormat(IntegerWeights):
     """Integer weight-only format; activations stay in high precision.
@@ -164,6 +168,11 @@ class IntFormat(IntegerWeights):
             raise BitplanError(
                 f"group size must be a positive integer (or None for per-channel), "
                 f"not {self.group_size!r}"
+            )
+        if self.group_size is not None and self.group_size > MAX_GROUP_SIZE:
+            raise BitplanError(
+                f"group size {self.group_size} is larger than any layer's rows "
+                f"(at most {MAX_GROUP_SIZE}); for one scale per row write w{self.bits}"
             )
 
     @property

@@ -16,6 +16,7 @@ import torch
 
 from bitplan.errors import BitplanError
 from bitplan.export.load import export_kind, read_export
+from bitplan.jsonio import read_json_object
 from bitplan.model.bundled import BUNDLED, bundled_model
 from bitplan.model.loading import LoadedModel, load_folder, load_gguf_file
 
@@ -51,6 +52,7 @@ def load_model(
     else:
         if not (path / "config.json").is_file():
             raise BitplanError(f"{path} has no config.json; it is not a Hugging Face model folder")
+        read_json_object(path / "config.json", "a model configuration")
         if export_kind(path) is not None:  # a bitplan packed/fake export: re-apply its formats
             return load_exported(path, dtype=dtype)
         module, tokenizer = load_folder(path, dtype)

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from bitplan.errors import BitplanError
+from bitplan.jsonio import read_json_object
 from bitplan.model.bundled import bundled_model
 from bitplan.model.layers import find_blocks
 from bitplan.model.loading import LoadedModel
@@ -113,6 +114,7 @@ def load_streaming(
                 f"streaming needs a Hugging Face folder with config.json and safetensors; {folder} "
                 "is not one (a .gguf file must be converted first)"
             )
+        read_json_object(folder / "config.json", "a model configuration")
     store = SafetensorsStore(folder)
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights(include_buffers=False):  # buffers (rotary tables) stay real

@@ -6,13 +6,12 @@ the file's meaning changes.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bitplan.errors import BitplanError
-from bitplan.jsonio import write_json_atomic
+from bitplan.jsonio import read_json_object, write_json_atomic
 
 PLAN_VERSION = 1
 
@@ -51,7 +50,33 @@ class Plan:
             raise BitplanError(
                 f"plan format version {version} is not supported (expected {PLAN_VERSION})"
             )
-        return cls(**data)
+        plan = cls(**data)
+        plan._check_types()
+        return plan
+
+    def _check_types(self) -> None:
+        """Raise TypeError for a field of the wrong kind (a plan file edited by hand)."""
+        number = (int, float)
+        expected = {
+            "model": (self.model, str),
+            "recipe": (self.recipe, str),
+            "avg_bits": (self.avg_bits, number),
+            "budget_avg_bits": (self.budget_avg_bits, (*number, type(None))),
+            "include_scales": (self.include_scales, bool),
+            "include_head": (self.include_head, bool),
+        }
+        for name, (value, kind) in expected.items():
+            # bool is an int to Python, but not a number of bits
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+                raise TypeError(f"{name} is {value!r}")
+        for name in ("layer_formats", "group_formats"):
+            table = getattr(self, name)
+            if not isinstance(table, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in table.items()
+            ):
+                raise TypeError(f"{name} is not a mapping of names to format names")
+        if not isinstance(self.options, list) or not all(isinstance(o, str) for o in self.options):
+            raise TypeError("options is not a list of format names")
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as JSON, atomically."""
@@ -62,10 +87,7 @@ class Plan:
         path = Path(path)
         if not path.is_file():
             raise BitplanError(f"no plan file at {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise BitplanError(f"{path} is not a plan file (invalid JSON: {err})") from err
+        data = read_json_object(path, "a plan file")
         try:
             return cls.from_dict(data)
         except TypeError as err:

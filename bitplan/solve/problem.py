@@ -95,7 +95,9 @@ class Problem:
         return low, high
 
     def check_reachable(self, avg_bits: float | int | Fraction) -> int:
-        """The budget in bits, or a BitplanError saying the reachable range if it is too low."""
+        """The budget in bits, or a BitplanError saying the reachable range if it is too low. A
+        budget above the range is the range's top: every choice fits in either (and a huge one
+        would overflow the solver's integer arithmetic)."""
         budget = self.budget_bits(avg_bits)
         low, high = self.cost_range()
         if budget < low:
@@ -105,7 +107,7 @@ class Problem:
                 f"target {avg_bits} bits is below what these options can reach "
                 f"({_format_bits(lo, avg_bits)} to {hi:.2f} bits{pins})"
             )
-        return budget
+        return min(budget, high)
 
     def require_scores(self) -> None:
         """Raise unless every allowed option of every unit has a finite score."""
