@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from typing import NoReturn
 
 from bitplan.errors import BitplanError
 
@@ -256,6 +257,14 @@ def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other error of bitplan (argparse
+    would print the whole usage first); its sub-command parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"bitplan: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bitplan.data.offline_tasks import DEFAULT_TASKS
     from bitplan.evaluate.command import add_eval_arguments, parse_limit
@@ -264,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export_formats = _export_formats()
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bitplan",
         description=(
             "Choose a quantization format for every layer of an LLM under an average-bits "
@@ -312,8 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--scorer",
         default="fisher",
         choices=SCORERS,
-        help="fisher: one pass, second-order on layer outputs (default); delta-loss: the "
-        "reference's |gradient x error|, one pass per option",
+        help="fisher: one pass, second-order on layer outputs (default); fisher-kl: the same "
+        "with random probes of the KL Hessian in place of the loss gradient (predicts the KL "
+        "from the unquantized model); delta-loss: the reference's |gradient x error|, one pass "
+        "per option",
     )
     search.add_argument(
         "--recipe",
@@ -461,7 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return _run(build_parser().parse_args(argv))
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as done:  # --help, or an argument error already printed on one line
+            return done.code if isinstance(done.code, int) else 0
+        return _run(args)
     except BitplanError as err:
         print(f"bitplan: error: {err}", file=sys.stderr)
         return 2
