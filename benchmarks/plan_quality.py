@@ -1,8 +1,8 @@
 """Plan quality on a bundled model (the embedded default or --model gemma3-270m): KL divergence of the fake-quantized model per recipe.
 
 For MXFP4+MXFP8 at 4.5, 5 and 6 bits and W2G128+W4G128 at 3 bits (scale bits ignored, as the
-reference's tables), measures KL(base || quantized) on held-out text for: our plan (fisher
-scorer), the delta-loss plan (the reference's estimator, same solver), uniform, head and tail.
+reference's tables), measures KL(base || quantized) on held-out text for: our plans (the fisher
+and fisher-kl scorers), the delta-loss plan (the reference's estimator, same solver), uniform, head and tail.
 
     .venv/bin/python benchmarks/plan_quality.py [--model gemma3-270m] [--json out.json]
 """
@@ -41,6 +41,12 @@ def main() -> None:
         default=",".join(SETTINGS.keys()).replace(",w2", ";w2"),
         help="option sets to run, separated by ';' (default: both)",
     )
+    parser.add_argument(
+        "--baselines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the head, tail and uniform recipes (--no-baselines: the scorers' only)",
+    )
     args = parser.parse_args()
 
     model = load_model(args.model)
@@ -64,14 +70,14 @@ def main() -> None:
             print(
                 f"{options}: {scorer} scores in {seconds:.0f} s (cached: {'cache_hit' in scores.extra})"
             )
-            label = "bitplan" if scorer == "fisher" else "delta-loss"
             for plan in space.solve(scores, budgets, model.identity):
-                plans[(label, plan.budget_avg_bits)] = plan
-        for budget in budgets:
-            for recipe in BUDGETED_RECIPES:
-                plans[(recipe, budget)] = recipe_plan(space, recipe, budget, model.identity)
-        uniform = recipe_plan(space, "uniform", None, model.identity)
-        plans[("uniform", uniform.avg_bits)] = uniform
+                plans[(scorer, plan.budget_avg_bits)] = plan
+        if args.baselines:
+            for budget in budgets:
+                for recipe in BUDGETED_RECIPES:
+                    plans[(recipe, budget)] = recipe_plan(space, recipe, budget, model.identity)
+            uniform = recipe_plan(space, "uniform", None, model.identity)
+            plans[("uniform", uniform.avg_bits)] = uniform
         for (recipe, budget), plan in plans.items():
             quantized = apply_plan(model.module, plan)
             div = base.compare(quantized)
@@ -92,13 +98,14 @@ def main() -> None:
                 f"KL {div.kl:.4f} top1 {div.top1_agreement:.3f} ppl {div.ppl:.2f}",
                 flush=True,
             )
-    recipes = [r for r in ("bitplan", "delta-loss") if r in {row["recipe"] for row in rows}]
-    recipes += BUDGETED_RECIPES
+    present = {row["recipe"] for row in rows}
+    recipes = [r for r in (*SCORERS, *BUDGETED_RECIPES) if r in present]
     print(f"\n| options | budget | {' | '.join(recipes)} | uniform |")
     print("|---|---|" + "---|" * (len(recipes) + 1))
     for options, budgets in settings.items():
         uniform_kl = next(
-            r["kl"] for r in rows if r["options"] == options and r["recipe"] == "uniform"
+            (r["kl"] for r in rows if r["options"] == options and r["recipe"] == "uniform"),
+            float("nan"),
         )
         for budget in budgets:
             kl = {

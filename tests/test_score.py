@@ -143,6 +143,65 @@ def test_chunked_loss_gradient_equals_unchunked(tiny_model, tokens, max_logits):
     assert torch.count_nonzero(chunked[:, -1]) == 0  # the last position predicts nothing
 
 
+def test_kl_probes_have_the_kl_hessian_as_covariance(tiny_model, tokens):
+    """E[g gᵀ] of the pulled-back probe equals Jᵀ (diag p − ppᵀ) J, the Hessian of KL(p ‖ q) with
+    respect to the hidden state, for a position that predicts (and is zero at one that does
+    not)."""
+    from bitplan.model.logits import logits_from_hidden
+    from bitplan.score.replay import final_norm, kl_probe_gradient
+
+    record = record_block_inputs(tiny_model, tokens[:1, :2])
+    hidden = record.final_hidden.detach()  # (1, 2, 96): position 0 predicts, 1 does not
+
+    def logits_of(h):
+        return logits_from_hidden(tiny_model, final_norm(tiny_model)(h)).float()
+
+    with torch.no_grad():
+        jacobian = torch.autograd.functional.jacobian(logits_of, hidden[0, 0])  # (320, 96)
+        p = logits_of(hidden[0, 0]).softmax(-1)
+        expected = jacobian.T @ (torch.diag(p) - torch.outer(p, p)) @ jacobian
+    samples = torch.stack([kl_probe_gradient(tiny_model, hidden, seed) for seed in range(3000)])
+    assert torch.count_nonzero(samples[:, 0, 1]) == 0
+    g = samples[:, 0, 0]
+    # The diagonal (what the "diag" form uses) and the quadratic form along a few directions
+    # (what the "token" form uses), to Monte Carlo precision.
+    diagonal = g.square().mean(0)
+    assert torch.linalg.norm(diagonal - expected.diag()) < 0.05 * torch.linalg.norm(expected.diag())
+    directions = torch.randn(4, 96, generator=torch.Generator().manual_seed(0))
+    along = (g @ directions.T).square().mean(0)
+    assert torch.allclose(
+        along, torch.einsum("ki,ij,kj->k", directions, expected, directions), rtol=0.1
+    )
+
+
+@pytest.mark.parametrize("max_logits", [320, 5 * 320])
+def test_chunked_kl_probes_equal_unchunked(tiny_model, tokens, max_logits):
+    from bitplan.score.replay import kl_probe_gradient
+
+    hidden = record_block_inputs(tiny_model, tokens).final_hidden
+    whole = kl_probe_gradient(tiny_model, hidden, seed=3, max_logits=10**9)
+    chunked = kl_probe_gradient(tiny_model, hidden, seed=3, max_logits=max_logits)
+    assert torch.allclose(chunked, whole, atol=1e-6, rtol=1e-5)
+
+
+def test_fisher_kl_predicts_the_measured_kl_of_a_small_error(tiny_model, tokens):
+    """For a small quantization error (8-bit MX) of one layer, the KL-probe estimate is the
+    second-order term of the measured KL(unquantized ‖ quantized) per predicted token."""
+    table = build_layer_table(tiny_model)
+    layer = next(lay for lay in table.decoder_layers() if lay.role == "down")
+    fmt = parse_format("mxfp8")
+    many = torch.randint(0, 320, (16, 24), generator=torch.Generator().manual_seed(2))
+    predicted = fisher_scores(
+        tiny_model, [layer], [fmt], many, progress=False, dtype=torch.float32, gradient="kl"
+    )[layer.name][fmt.name]
+    with torch.no_grad():
+        base = tiny_model(many).logits[:, :-1].log_softmax(-1)
+        quantized = apply_formats(tiny_model, {layer.name: fmt})
+        low = quantized(many).logits[:, :-1].log_softmax(-1)
+    measured = float((base.exp() * (base - low)).sum(-1).mean())
+    assert predicted == pytest.approx(measured, rel=0.25)
+
+
 def test_float32_and_bfloat16_scores_choose_the_same_plan(tiny_model, tokens):
     """Computing in float32 (CPUs without bfloat16) or bfloat16 picks the same formats."""
     from bitplan.plans import solve_plans
@@ -156,3 +215,20 @@ def test_float32_and_bfloat16_scores_choose_the_same_plan(tiny_model, tokens):
         plans[dtype] = solve_plans(table, OPTIONS, scores, [4.5, 5.0, 6.0], "tiny", False, False)
     for low, high in zip(plans[torch.bfloat16], plans[torch.float32], strict=True):
         assert low.layer_formats == high.layer_formats
+
+
+def test_the_fisher_kl_scorer_is_cached_apart_and_repeatable(tiny_folder, tmp_path):
+    """``score(..., scorer="fisher-kl")`` gives the same numbers on every run (the probes are
+    seeded) and never those of the loss-gradient scorer (a separate cache key)."""
+    from bitplan.model import load_model
+    from bitplan.score import score
+
+    model = load_model(tiny_folder)
+    calib = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(5))
+    first = score(model, OPTIONS, calib, scorer="fisher-kl", cache=False, progress=False)
+    again = score(model, OPTIONS, calib, scorer="fisher-kl", cache=False, progress=False)
+    loss = score(model, OPTIONS, calib, scorer="fisher", cache=tmp_path, progress=False)
+    kl = score(model, OPTIONS, calib, scorer="fisher-kl", cache=tmp_path, progress=False)
+    assert first.layer_scores == again.layer_scores
+    assert kl.layer_scores == first.layer_scores and "cache_hit" not in kl.extra
+    assert kl.layer_scores != loss.layer_scores

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -137,12 +136,6 @@ def measure(model, tokens, low, high, saved: dict, out: Path) -> dict[str, float
     return measured
 
 
-def _probe(model, hidden, input_ids, generator):
-    from variants import probe_gradient  # sets nothing up on import
-
-    return probe_gradient(model, hidden, input_ids, generator)
-
-
 def _stats(measured: list[float], predicted: list[float]) -> str:
     if len(measured) < 3:
         return "n/a"
@@ -183,16 +176,6 @@ def main() -> None:
     for scorer in args.scorers.split(","):
         if scorer in SCORERS:
             values = score(model, [low, high], tokens, scorer=scorer, progress=False).layer_scores
-        elif scorer == "fisher-probe":  # KL-Hessian probes instead of the loss gradient
-            generator = torch.Generator().manual_seed(0)
-            saved_gradient = fisher.loss_gradient
-            fisher.loss_gradient = partial(_probe, generator=generator)
-            try:
-                values = fisher.fisher_scores(
-                    model.module, model.layers.selected(False), [low, high], tokens
-                )
-            finally:
-                fisher.loss_gradient = saved_gradient
         else:  # fisher-token, fisher-split: another form of the fisher estimate
             form = scorer.removeprefix("fisher-")
             layers = model.layers.selected(False)

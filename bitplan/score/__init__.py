@@ -1,7 +1,8 @@
 """Layer sensitivity scores: for every layer and option, the predicted loss increase.
 
-``score(model, options, tokens)`` runs one of the estimators (``fisher``, the default, or the
-reference's ``delta-loss``) and caches the result on disk, keyed by the model's weights, the
+``score(model, options, tokens)`` runs one of the estimators (``fisher``, the default;
+``fisher-kl``, the same with KL-Hessian probes in place of the loss gradient; or the reference's
+``delta-loss``) and caches the result on disk, keyed by the model's weights, the
 calibration tokens, the options and the estimator's settings.
 """
 
@@ -28,7 +29,7 @@ from bitplan.score.delta_loss import delta_loss_scores
 from bitplan.score.fisher import fisher_scores
 from bitplan.score.scores import Scores
 
-SCORERS = ("fisher", "delta-loss")
+SCORERS = ("fisher", "fisher-kl", "delta-loss")
 
 __all__ = ["SCORERS", "Scores", "delta_loss_scores", "fisher_scores", "score", "tokens_id"]
 
@@ -62,7 +63,7 @@ def score(
         raise BitplanError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
     formats = [fmt if isinstance(fmt, Format) else parse_format(fmt) for fmt in options]
     layers = model.layers.selected(include_head)
-    if loader is not None and scorer != "fisher":
+    if loader is not None and scorer == "delta-loss":
         raise BitplanError("streaming works with the fisher scorer only; drop --stream")
     model_id = model.identity
     data_id = tokens_id(tokens)
@@ -107,7 +108,7 @@ def _run_scorer(
     start = time.perf_counter()
     local = shard(tokens)  # this rank's samples under torchrun; all of them otherwise
     progress = progress and is_main()
-    if scorer == "fisher":
+    if scorer in ("fisher", "fisher-kl"):
         values = fisher_scores(
             model.module,
             layers,
@@ -118,6 +119,7 @@ def _run_scorer(
             loader=loader,
             device=device,
             dtype=compute.dtype,
+            gradient="kl" if scorer == "fisher-kl" else "loss",
         )
     else:
         if device != "cpu":

@@ -31,6 +31,7 @@ from bitplan.model.layers import LayerInfo, find_blocks
 from bitplan.model.streaming import BlockLoader
 from bitplan.score.replay import (
     final_norm,
+    kl_probe_gradient,
     linear_weights_in,
     loss_gradient,
     record_block_inputs,
@@ -45,6 +46,12 @@ from bitplan.score.scores import fill_unrouted_experts
 #: ½ Σ G² (X·ΔWᵀ)² + ½ Σ (G·Q(W))² ΔX² (an input error spreads over every output, so its
 #: output errors are not independent: the diagonal at the input is where they are).
 FORMS = ("diag", "token", "split")
+
+#: What stands for the loss's gradient at the logits: "loss" the gradient of the calibration
+#: text's next-token loss (the empirical Fisher, the default); "kl" a random probe of the KL
+#: Hessian at the unquantized model's predictions (``replay.kl_probe_gradient``), which makes
+#: the estimate one of KL(unquantized ‖ quantized), the divergence bitplan measures.
+GRADIENTS = ("loss", "kl")
 
 
 class _OutputErrorMeter:
@@ -231,8 +238,10 @@ def fisher_scores(
     loader: BlockLoader | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    gradient: str = "loss",
 ) -> dict[str, dict[str, float]]:
-    """Layer name -> option name -> predicted increase of the mean per-token loss.
+    """Layer name -> option name -> predicted increase of the mean per-token loss (or, with
+    ``gradient="kl"``, of the mean per-token KL from the unquantized model: ``GRADIENTS``).
 
     ``tokens`` is a (n_samples, seq_len) LongTensor of calibration text (this rank's share when
     run under torchrun); ``layers`` the layers to score (decoder Linear layers, plus lm_head if
@@ -243,6 +252,8 @@ def fisher_scores(
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, not {form!r}")
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, not {gradient!r}")
     device = torch.device(device)
     if dtype is None:
         dtype = choose_dtype(device).dtype
@@ -279,10 +290,13 @@ def fisher_scores(
         if head_name in wanted:
             meter = _OutputErrorMeter({head_name: head}, options, form, dtype)
         with linear_weights_in(tail, dtype):  # cast once for all batches
-            for record in records:
+            for k, record in enumerate(records):
                 hidden = record.final_hidden.to(device)
                 with compute:
-                    grad = loss_gradient(model, hidden, record.input_ids.to(device))
+                    if gradient == "kl":  # seeded by batch: the same scores every run
+                        grad = kl_probe_gradient(model, hidden, seed=k)
+                    else:
+                        grad = loss_gradient(model, hidden, record.input_ids.to(device))
                 grads.append(grad.cpu())
                 record.final_hidden = None
                 bar.update()

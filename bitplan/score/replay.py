@@ -110,31 +110,78 @@ def loss_gradient(
     loss_scale: float = 1.0,
 ) -> torch.Tensor:
     """Gradient of the summed next-token loss with respect to the last block's output (or, with
-    ``through_final_norm=False``, to the final norm's output that the head reads), of the loss times ``loss_scale``.
-
-    The logits over the whole vocabulary (and their gradient) are the largest tensors of the
-    whole scoring pass, so they are made a chunk of tokens at a time (``model.logits``): at most
-    ``max_logits`` of them exist at once, whatever the vocabulary. The result is the same as
-    one pass over everything, the loss being a sum over tokens that each depend on their own
-    hidden state alone (the final norm and the head act per token)."""
-    batch, length, width = final_hidden.shape
-    hidden = final_hidden.detach().reshape(-1, width)
+    ``through_final_norm=False``, to the final norm's output that the head reads), of the loss
+    times ``loss_scale``."""
+    batch, length, _ = final_hidden.shape
     # Position t predicts token t + 1; the last position of each sequence predicts nothing.
     targets = torch.full((batch, length), -100, dtype=torch.long, device=input_ids.device)
     targets[:, :-1] = input_ids[:, 1:]
     targets = targets.reshape(-1)
+
+    def loss(part: slice, logits: torch.Tensor) -> torch.Tensor:
+        total = nn.functional.cross_entropy(
+            logits.float(), targets[part], ignore_index=-100, reduction="sum"
+        )
+        return total * loss_scale if loss_scale != 1.0 else total
+
+    return _pulled_back(model, final_hidden, loss, max_logits, through_final_norm)
+
+
+def kl_probe_gradient(
+    model: nn.Module, final_hidden: torch.Tensor, seed: int, max_logits: int = LOGITS_PER_CHUNK
+) -> torch.Tensor:
+    """A random vector at the logits, pulled back to the last block's output, whose outer
+    product is in expectation the Hessian of KL(p ‖ q) at the unquantized model's logits,
+    diag(p) − ppᵀ: v = √p ⊙ r − p (√p · r) for a Rademacher vector r (signs from ``seed``).
+
+    In place of the loss gradient it makes the fisher estimate predict the KL from the
+    unquantized model's own predictions (what bitplan reports), instead of the loss on the
+    calibration text's next tokens (the empirical Fisher, which weighs each token by how wrong
+    the model already is). The last position of each sequence gets none, as in the loss."""
+    batch, length, _ = final_hidden.shape
+    predicts = torch.ones(batch, length, dtype=torch.bool, device=final_hidden.device)
+    predicts[:, -1] = False
+    predicts = predicts.reshape(-1)
+    generator = torch.Generator(device=final_hidden.device).manual_seed(seed)
+
+    def probe(part: slice, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        with torch.no_grad():
+            prob = logits.softmax(-1)
+            signs = torch.randint(
+                0, 2, prob.shape, generator=generator, device=prob.device, dtype=prob.dtype
+            )
+            root_signed = prob.sqrt() * (signs * 2 - 1)
+            vector = root_signed - prob * root_signed.sum(-1, keepdim=True)
+            vector *= predicts[part, None]
+        return (logits * vector).sum()
+
+    return _pulled_back(model, final_hidden, probe, max_logits, through_final_norm=True)
+
+
+def _pulled_back(
+    model: nn.Module,
+    final_hidden: torch.Tensor,
+    objective,
+    max_logits: int,
+    through_final_norm: bool,
+) -> torch.Tensor:
+    """The gradient of Σ_chunks ``objective(part, logits)`` with respect to ``final_hidden``.
+
+    The logits over the whole vocabulary (and their gradient) are the largest tensors of the
+    whole scoring pass, so they are made a chunk of tokens at a time (``model.logits``): at most
+    ``max_logits`` of them exist at once, whatever the vocabulary. The result is the same as
+    one pass over everything, the objective being a sum over tokens that each depend on their
+    own hidden state alone (the final norm and the head act per token)."""
+    batch, length, width = final_hidden.shape
+    hidden = final_hidden.detach().reshape(-1, width)
     norm = final_norm(model) if through_final_norm else nn.Identity()
     vocab = model.get_output_embeddings().weight.shape[0]
     grad = torch.zeros_like(hidden)
     for part in token_chunks(hidden.shape[0], vocab, max_logits):
         chunk = hidden[part].requires_grad_(True)
         logits = logits_from_hidden(model, norm(chunk))
-        loss = nn.functional.cross_entropy(
-            logits.float(), targets[part], ignore_index=-100, reduction="sum"
-        )
-        if loss_scale != 1.0:
-            loss = loss * loss_scale
-        (grad[part],) = torch.autograd.grad(loss, chunk)
+        (grad[part],) = torch.autograd.grad(objective(part, logits), chunk)
     return grad.reshape(batch, length, width)
 
 
