@@ -322,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="fisher",
         choices=SCORERS,
         help="fisher: one pass, second-order on layer outputs (default); fisher-kl: the same "
-        "with random probes of the KL Hessian in place of the loss gradient (predicts the KL "
-        "from the unquantized model); delta-loss: the reference's |gradient x error|, one pass "
+        "with next tokens drawn from the model's own predictions instead of the text's (it "
+        "predicts the KL from the unquantized model); delta-loss: the reference's |gradient x error|, one pass "
         "per option",
     )
     search.add_argument(

@@ -143,12 +143,12 @@ def test_chunked_loss_gradient_equals_unchunked(tiny_model, tokens, max_logits):
     assert torch.count_nonzero(chunked[:, -1]) == 0  # the last position predicts nothing
 
 
-def test_kl_probes_have_the_kl_hessian_as_covariance(tiny_model, tokens):
-    """E[g gᵀ] of the pulled-back probe equals Jᵀ (diag p − ppᵀ) J, the Hessian of KL(p ‖ q) with
+def test_sampled_label_gradients_have_the_kl_hessian_as_covariance(tiny_model, tokens):
+    """E[g gᵀ] of the pulled-back gradient equals Jᵀ (diag p − ppᵀ) J, the Hessian of KL(p ‖ q) with
     respect to the hidden state, for a position that predicts (and is zero at one that does
     not)."""
     from bitplan.model.logits import logits_from_hidden
-    from bitplan.score.replay import final_norm, kl_probe_gradient
+    from bitplan.score.replay import final_norm, sampled_label_gradient
 
     record = record_block_inputs(tiny_model, tokens[:1, :2])
     hidden = record.final_hidden.detach()  # (1, 2, 96): position 0 predicts, 1 does not
@@ -160,7 +160,9 @@ def test_kl_probes_have_the_kl_hessian_as_covariance(tiny_model, tokens):
         jacobian = torch.autograd.functional.jacobian(logits_of, hidden[0, 0])  # (320, 96)
         p = logits_of(hidden[0, 0]).softmax(-1)
         expected = jacobian.T @ (torch.diag(p) - torch.outer(p, p)) @ jacobian
-    samples = torch.stack([kl_probe_gradient(tiny_model, hidden, seed) for seed in range(3000)])
+    samples = torch.stack(
+        [sampled_label_gradient(tiny_model, hidden, seed) for seed in range(3000)]
+    )
     assert torch.count_nonzero(samples[:, 0, 1]) == 0
     g = samples[:, 0, 0]
     # The diagonal (what the "diag" form uses) and the quadratic form along a few directions
@@ -175,17 +177,17 @@ def test_kl_probes_have_the_kl_hessian_as_covariance(tiny_model, tokens):
 
 
 @pytest.mark.parametrize("max_logits", [320, 5 * 320])
-def test_chunked_kl_probes_equal_unchunked(tiny_model, tokens, max_logits):
-    from bitplan.score.replay import kl_probe_gradient
+def test_chunked_sampled_label_gradient_equals_unchunked(tiny_model, tokens, max_logits):
+    from bitplan.score.replay import sampled_label_gradient
 
     hidden = record_block_inputs(tiny_model, tokens).final_hidden
-    whole = kl_probe_gradient(tiny_model, hidden, seed=3, max_logits=10**9)
-    chunked = kl_probe_gradient(tiny_model, hidden, seed=3, max_logits=max_logits)
+    whole = sampled_label_gradient(tiny_model, hidden, seed=3, max_logits=10**9)
+    chunked = sampled_label_gradient(tiny_model, hidden, seed=3, max_logits=max_logits)
     assert torch.allclose(chunked, whole, atol=1e-6, rtol=1e-5)
 
 
 def test_fisher_kl_predicts_the_measured_kl_of_a_small_error(tiny_model, tokens):
-    """For a small quantization error (8-bit MX) of one layer, the KL-probe estimate is the
+    """For a small quantization error (8-bit MX) of one layer, the sampled-label estimate is the
     second-order term of the measured KL(unquantized ‖ quantized) per predicted token."""
     table = build_layer_table(tiny_model)
     layer = next(lay for lay in table.decoder_layers() if lay.role == "down")

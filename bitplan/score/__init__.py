@@ -1,7 +1,7 @@
 """Layer sensitivity scores: for every layer and option, the predicted loss increase.
 
 ``score(model, options, tokens)`` runs one of the estimators (``fisher``, the default;
-``fisher-kl``, the same with KL-Hessian probes in place of the loss gradient; or the reference's
+``fisher-kl``, the same with next tokens drawn from the model's own predictions; or the reference's
 ``delta-loss``) and caches the result on disk, keyed by the model's weights, the
 calibration tokens, the options and the estimator's settings.
 """

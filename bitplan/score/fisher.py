@@ -31,12 +31,12 @@ from bitplan.model.layers import LayerInfo, find_blocks
 from bitplan.model.streaming import BlockLoader
 from bitplan.score.replay import (
     final_norm,
-    kl_probe_gradient,
     linear_weights_in,
     loss_gradient,
     record_block_inputs,
     record_block_inputs_streaming,
     run_block,
+    sampled_label_gradient,
     to_device,
 )
 from bitplan.score.scores import fill_unrouted_experts
@@ -48,9 +48,10 @@ from bitplan.score.scores import fill_unrouted_experts
 FORMS = ("diag", "token", "split")
 
 #: What stands for the loss's gradient at the logits: "loss" the gradient of the calibration
-#: text's next-token loss (the empirical Fisher, the default); "kl" a random probe of the KL
-#: Hessian at the unquantized model's predictions (``replay.kl_probe_gradient``), which makes
-#: the estimate one of KL(unquantized ‖ quantized), the divergence bitplan measures.
+#: text's next-token loss (the empirical Fisher, the default); "kl" the same loss with each next
+#: token drawn from the unquantized model's prediction (``replay.sampled_label_gradient``, the
+#: true Fisher), which makes the estimate one of KL(unquantized ‖ quantized), what bitplan
+#: measures.
 GRADIENTS = ("loss", "kl")
 
 
@@ -294,7 +295,7 @@ def fisher_scores(
                 hidden = record.final_hidden.to(device)
                 with compute:
                     if gradient == "kl":  # seeded by batch: the same scores every run
-                        grad = kl_probe_gradient(model, hidden, seed=k)
+                        grad = sampled_label_gradient(model, hidden, seed=k)
                     else:
                         grad = loss_gradient(model, hidden, record.input_ids.to(device))
                 grads.append(grad.cpu())

@@ -127,36 +127,39 @@ def loss_gradient(
     return _pulled_back(model, final_hidden, loss, max_logits, through_final_norm)
 
 
-def kl_probe_gradient(
+def sampled_label_gradient(
     model: nn.Module, final_hidden: torch.Tensor, seed: int, max_logits: int = LOGITS_PER_CHUNK
 ) -> torch.Tensor:
-    """A random vector at the logits, pulled back to the last block's output, whose outer
-    product is in expectation the Hessian of KL(p ‖ q) at the unquantized model's logits,
-    diag(p) − ppᵀ: v = √p ⊙ r − p (√p · r) for a Rademacher vector r (signs from ``seed``).
+    """The gradient of the next-token loss, as ``loss_gradient``, but with every next token drawn
+    from the unquantized model's own prediction p (seeded by ``seed``) instead of read from the
+    text. Its outer product at the logits, (p − e_y)(p − e_y)ᵀ, is in expectation
+    diag(p) − ppᵀ: the Hessian of KL(p ‖ q) at q = p (the true Fisher, where the text's own
+    tokens give the empirical Fisher).
 
-    In place of the loss gradient it makes the fisher estimate predict the KL from the
-    unquantized model's own predictions (what bitplan reports), instead of the loss on the
-    calibration text's next tokens (the empirical Fisher, which weighs each token by how wrong
-    the model already is). The last position of each sequence gets none, as in the loss."""
+    In place of the loss gradient it makes the fisher estimate one of the KL from the
+    unquantized model's predictions, what bitplan measures, instead of the loss on the
+    calibration text (which weighs each token by how wrong the model already is). One uniform
+    number per token, drawn by inverting p's cumulative sum: no random vector over the whole
+    vocabulary. The last position of each sequence gets none, as in the loss."""
     batch, length, _ = final_hidden.shape
     predicts = torch.ones(batch, length, dtype=torch.bool, device=final_hidden.device)
     predicts[:, -1] = False
     predicts = predicts.reshape(-1)
     generator = torch.Generator(device=final_hidden.device).manual_seed(seed)
 
-    def probe(part: slice, logits: torch.Tensor) -> torch.Tensor:
+    def loss_on_sampled_labels(part: slice, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         with torch.no_grad():
-            prob = logits.softmax(-1)
-            signs = torch.randint(
-                0, 2, prob.shape, generator=generator, device=prob.device, dtype=prob.dtype
+            cumulative = logits.softmax(-1).cumsum(-1)
+            uniform = (
+                torch.rand(len(cumulative), 1, generator=generator, device=logits.device)
+                * cumulative[:, -1:]
             )
-            root_signed = prob.sqrt() * (signs * 2 - 1)
-            vector = root_signed - prob * root_signed.sum(-1, keepdim=True)
-            vector *= predicts[part, None]
-        return (logits * vector).sum()
+            labels = torch.searchsorted(cumulative, uniform).squeeze(-1)
+            labels = labels.clamp_(max=logits.shape[-1] - 1).masked_fill_(~predicts[part], -100)
+        return nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
-    return _pulled_back(model, final_hidden, probe, max_logits, through_final_norm=True)
+    return _pulled_back(model, final_hidden, loss_on_sampled_labels, max_logits, True)
 
 
 def _pulled_back(
