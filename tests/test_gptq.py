@@ -1,0 +1,122 @@
+"""GPTQ rounding (``bitplan.quantize.gptq``) against round-to-nearest and a plain reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bitplan.errors import BitplanError
+from bitplan.formats import parse_format
+from bitplan.formats.blocks import to_blocks
+from bitplan.quantize.gptq import Hessian, gptq_quantize
+
+# One of each family and scale rule: integer sym / asym, ragged groups, per-channel, MX, FP8 rows.
+FORMATS = ["w4g32", "w2g64", "w3g128_asym", "w4", "int8", "mxfp4", "mxfp6", "mxfp8", "fp8"]
+
+
+def layer(seed: int, out_features: int = 12, in_features: int = 80, tokens: int = 400):
+    """A random weight and correlated inputs (real activations are far from white)."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    mix = torch.randn(in_features, in_features, generator=gen) / in_features**0.5
+    inputs = torch.randn(tokens, in_features, generator=gen) @ mix
+    hessian = Hessian(in_features)
+    hessian.add(inputs)
+    return weight, inputs, hessian.matrix
+
+
+def output_error(weight, quantized, inputs) -> float:
+    return float(((weight - quantized) @ inputs.T).square().sum())
+
+
+def reference_gptq(weight, hessian, fmt, damp=0.01):
+    """GPTQ as first written (optimal brain surgeon, one column at a time): round a column, move
+    its error onto the later columns with H⁻¹, then remove that column from H⁻¹."""
+    w = weight.double().clone()
+    h = hessian.double().clone()
+    h.diagonal().add_(damp * h.diagonal().mean())
+    inverse = torch.linalg.inv(h)
+    group = fmt.block_size(w.shape[1])
+    out = torch.zeros_like(w)
+    for j in range(w.shape[1]):
+        if j % group == 0:
+            scales = fmt.find_scales(to_blocks(w[:, j : j + group].float(), group))
+        column = w[:, j : j + 1].float().unsqueeze(1)
+        out[:, j] = scales.dequantize(fmt.round(column, scales)).reshape(-1).double()
+        error = (w[:, j] - out[:, j]) / inverse[j, j]
+        w[:, j + 1 :] -= torch.outer(error, inverse[j, j + 1 :])
+        inverse -= torch.outer(inverse[:, j], inverse[j, :]) / inverse[j, j]
+    return out.float()
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_gptq_equals_the_one_column_reference(name):
+    fmt = parse_format(name)
+    weight, _, hessian = layer(0)
+    ours = gptq_quantize(weight, hessian, fmt)
+    reference = reference_gptq(weight, hessian, fmt)
+    # The same rounding almost everywhere: a value at a rounding boundary may fall either way
+    # in float32, so allow a rare element one step apart.
+    differ = ~torch.isclose(ours, reference, atol=1e-5, rtol=1e-4)
+    assert differ.float().mean() < 0.01, name
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_gptq_with_white_inputs_is_round_to_nearest(name):
+    """With H = I there is nothing to compensate: GPTQ rounds exactly as RTN does."""
+    fmt = parse_format(name)
+    weight, _, _ = layer(1)
+    rounded = gptq_quantize(weight, torch.eye(weight.shape[1]), fmt, damp=0.0)
+    assert torch.equal(rounded, fmt.quantize_weight(weight))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    seed=st.integers(0, 10**6),
+    name=st.sampled_from(FORMATS),
+    out_features=st.integers(16, 32),
+    in_features=st.integers(32, 96),
+)
+def test_gptq_output_error_is_at_most_rtns(seed, name, out_features, in_features):
+    """GPTQ is greedy, not a theorem per row: on a single row of 8 inputs it can lose to RTN
+    (found by this test: 26.8 against 23.3). Summed over a layer's rows it should not."""
+    fmt = parse_format(name)
+    weight, inputs, hessian = layer(seed, out_features, in_features)
+    rtn = output_error(weight, fmt.quantize_weight(weight), inputs)
+    gptq = output_error(weight, gptq_quantize(weight, hessian, fmt), inputs)
+    assert gptq <= rtn * (1 + 1e-6) + 1e-9
+
+
+def test_lazy_block_width_changes_nothing():
+    fmt = parse_format("w4g32")
+    weight, _, hessian = layer(2, in_features=200)
+    wide = gptq_quantize(weight, hessian, fmt, block_columns=128)
+    narrow = gptq_quantize(weight, hessian, fmt, block_columns=32)
+    assert torch.allclose(wide, narrow, atol=1e-6)
+
+
+def test_hessian_accumulates_batches_like_one():
+    _, inputs, whole = layer(3)
+    parts = Hessian(inputs.shape[1])
+    for chunk in inputs.split(64):
+        parts.add(chunk.reshape(8, -1, inputs.shape[1]))
+    assert torch.allclose(parts.matrix, whole, atol=1e-5)
+    assert torch.allclose(whole, 2 * inputs.T @ inputs / len(inputs), atol=1e-5)
+
+
+def test_a_dead_input_leaves_its_weights_at_zero():
+    weight, inputs, _ = layer(4)
+    inputs[:, 5] = 0.0
+    hessian = Hessian(inputs.shape[1])
+    hessian.add(inputs)
+    rounded = gptq_quantize(weight, hessian.matrix, parse_format("w4g32"))
+    assert torch.count_nonzero(rounded[:, 5]) == 0 and torch.isfinite(rounded).all()
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "q4_k"])
+def test_formats_gptq_cannot_round_yet_are_refused(name):
+    weight, _, hessian = layer(5, in_features=256)
+    with pytest.raises(BitplanError, match="not available"):
+        gptq_quantize(weight, hessian, parse_format(name))
