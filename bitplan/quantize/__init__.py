@@ -25,12 +25,17 @@ class FakeQuantLinear(nn.Linear):
     fmt: Format
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: Format) -> FakeQuantLinear:
+    def from_linear(
+        cls, linear: nn.Linear, fmt: Format, rounded: torch.Tensor | None = None
+    ) -> FakeQuantLinear:
+        """``linear`` under ``fmt``: its weight rounded to nearest, or ``rounded`` if given (a
+        quantize-dequantized weight rounded otherwise, e.g. by GPTQ)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         with torch.no_grad():
-            new.weight = nn.Parameter(fmt.quantize_weight(linear.weight.data), requires_grad=False)
+            weight = fmt.quantize_weight(linear.weight.data) if rounded is None else rounded
+            new.weight = nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
         new.bias = linear.bias
         new.fmt = fmt
         return new

@@ -47,6 +47,20 @@ class Hessian:
         self.rows = total
 
 
+def check_gptq_format(fmt: Format) -> None:
+    """Raise BitplanError unless GPTQ can round ``fmt``: a block-scaled format whose scales are
+    all per block. (NVFP4's per-tensor global scale would have to be fixed before the sweep;
+    GGUF's super-blocks are another layout.)"""
+    if not isinstance(fmt, BlockScaledFormat):
+        raise BitplanError(f"GPTQ rounding is not available for {fmt.name} yet")
+    probe = fmt.find_scales(torch.ones(1, 1, fmt.block_size(fmt.block_size(1 << 20))))
+    if probe.global_scale is not None:
+        raise BitplanError(
+            f"GPTQ rounding is not available for {fmt.name} yet (its global scale would have to "
+            "be fixed before the sweep)"
+        )
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -62,8 +76,7 @@ def gptq_quantize(
     free, as in the reference implementation. ``block_columns`` is the width of the lazy
     updates (rounded to whole groups): it changes the speed, not the result (up to float
     rounding)."""
-    if not isinstance(fmt, BlockScaledFormat):
-        raise BitplanError(f"GPTQ rounding is not available for {fmt.name} yet")
+    check_gptq_format(fmt)
     w = weight.detach().float().clone()
     out_features, in_features = w.shape
     h = hessian.float().clone()
@@ -88,11 +101,6 @@ def gptq_quantize(
         for i in range(end - start):
             if i % group == 0:  # a group starts: its scales, from its weights as updated so far
                 scales = fmt.find_scales(to_blocks(block[:, i : i + group], group))
-                if scales.global_scale is not None:
-                    raise BitplanError(
-                        f"GPTQ rounding is not available for {fmt.name} yet (its global scale "
-                        "would have to be fixed before the sweep)"
-                    )
             value = block[:, i : i + 1]
             rounded = scales.dequantize_(fmt.round(value.unsqueeze(1), scales)).squeeze(1)
             quantized[:, start + i : start + i + 1] = rounded
