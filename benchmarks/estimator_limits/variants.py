@@ -1,6 +1,6 @@
 """Plans from other forms of the fisher estimate: the loss gradient at the logits (default) or
-Rademacher probes whose covariance is the KL Hessian diag(p) - ppᵀ; the diagonal form or the
-per-token form ½ Σ_t (G_t · ΔY_t)².
+the gradient with next tokens sampled from the model ("probe": its covariance is the KL Hessian
+diag(p) - ppᵀ; the fisher-kl scorer); the diagonal form or the per-token form ½ Σ_t (G_t · ΔY_t)².
 
     .venv/bin/python benchmarks/estimator_limits/variants.py --grad probe --form diag
 """
