@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--grad", choices=["loss", "probe"], default="loss")
     parser.add_argument("--form", choices=["diag", "token"], default="diag")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--seed", type=int, default=0, help="of the sampled tokens (probe)")
     add_model_argument(parser)
     args = parser.parse_args()
     model, tokens, heldout = setup(args.model)
@@ -34,9 +35,10 @@ def main() -> None:
         progress=False,
         dtype=getattr(torch, args.dtype),
         gradient="kl" if args.grad == "probe" else "loss",
+        seed=args.seed,
     )
     print(f"scored in {time.perf_counter() - start:.0f} s")
-    plan_kls(model, heldout, values, f"{args.grad} {args.form} {args.dtype}")
+    plan_kls(model, heldout, values, f"{args.grad} {args.form} {args.dtype} seed {args.seed}")
 
 
 if __name__ == "__main__":

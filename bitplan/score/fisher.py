@@ -240,9 +240,11 @@ def fisher_scores(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     gradient: str = "loss",
+    seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Layer name -> option name -> predicted increase of the mean per-token loss (or, with
-    ``gradient="kl"``, of the mean per-token KL from the unquantized model: ``GRADIENTS``).
+    ``gradient="kl"``, of the mean per-token KL from the unquantized model: ``GRADIENTS``; its
+    sampled tokens depend on ``seed`` and the batch only, so a run is repeatable).
 
     ``tokens`` is a (n_samples, seq_len) LongTensor of calibration text (this rank's share when
     run under torchrun); ``layers`` the layers to score (decoder Linear layers, plus lm_head if
@@ -295,7 +297,7 @@ def fisher_scores(
                 hidden = record.final_hidden.to(device)
                 with compute:
                     if gradient == "kl":  # seeded by batch: the same scores every run
-                        grad = sampled_label_gradient(model, hidden, seed=k)
+                        grad = sampled_label_gradient(model, hidden, seed=(seed << 20) + k)
                     else:
                         grad = loss_gradient(model, hidden, record.input_ids.to(device))
                 grads.append(grad.cpu())
