@@ -323,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SCORERS,
         help="fisher: one pass, second-order on layer outputs (default); fisher-kl: the same "
         "with next tokens drawn from the model's own predictions instead of the text's (it "
-        "predicts the KL from the unquantized model); delta-loss: the reference's |gradient x error|, one pass "
-        "per option",
+        "predicts the KL from the unquantized model); delta-loss: the reference's "
+        "|gradient x error|, one pass per option",
     )
     search.add_argument(
         "--recipe",

@@ -31,6 +31,9 @@ from bitplan.score.scores import Scores
 
 SCORERS = ("fisher", "fisher-kl", "delta-loss")
 
+#: The fisher scorers and what stands for the loss gradient in each (``fisher.GRADIENTS``).
+_FISHER_GRADIENT = {"fisher": "loss", "fisher-kl": "kl"}
+
 __all__ = ["SCORERS", "Scores", "delta_loss_scores", "fisher_scores", "score", "tokens_id"]
 
 
@@ -63,7 +66,7 @@ def score(
         raise BitplanError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
     formats = [fmt if isinstance(fmt, Format) else parse_format(fmt) for fmt in options]
     layers = model.layers.selected(include_head)
-    if loader is not None and scorer == "delta-loss":
+    if loader is not None and scorer not in _FISHER_GRADIENT:
         raise BitplanError("streaming works with the fisher scorer only; drop --stream")
     model_id = model.identity
     data_id = tokens_id(tokens)
@@ -108,7 +111,7 @@ def _run_scorer(
     start = time.perf_counter()
     local = shard(tokens)  # this rank's samples under torchrun; all of them otherwise
     progress = progress and is_main()
-    if scorer in ("fisher", "fisher-kl"):
+    if scorer in _FISHER_GRADIENT:
         values = fisher_scores(
             model.module,
             layers,
@@ -119,7 +122,7 @@ def _run_scorer(
             loader=loader,
             device=device,
             dtype=compute.dtype,
-            gradient="kl" if scorer == "fisher-kl" else "loss",
+            gradient=_FISHER_GRADIENT[scorer],
         )
     else:
         if device != "cpu":

@@ -9,7 +9,7 @@ block boundaries.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from inspect import signature
@@ -166,7 +166,7 @@ def sampled_label_gradient(
 def _pulled_back(
     model: nn.Module,
     final_hidden: torch.Tensor,
-    objective,
+    objective: Callable[[slice, torch.Tensor], torch.Tensor],
     max_logits: int,
     through_final_norm: bool,
 ) -> torch.Tensor:
