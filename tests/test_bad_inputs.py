@@ -44,6 +44,16 @@ def refused(argv: list[str], capsys, root: Path, match: str) -> None:
     assert tree_state(root) == before
 
 
+def plan_refused(model: Path, data: dict, capsys, root: Path, match: str) -> None:
+    """``bitplan quantize`` with the plan ``data`` (written beside, as an edited plan file) is
+    ``refused``."""
+    edited = root / "edited.json"
+    edited.write_text(json.dumps(data))
+    argv = ["quantize", str(model), "--plan", str(edited), "--format", "fake",
+            "--out", str(root / "q")]  # fmt: skip
+    refused(argv, capsys, root, match)
+
+
 @pytest.mark.parametrize("fmt", ["fake", "packed"])
 def test_force_never_replaces_the_model_being_read(workspace, tmp_path, capsys, fmt):
     model, plan = workspace
@@ -187,11 +197,7 @@ def test_a_plan_missing_a_layer_is_refused(workspace, tmp_path, capsys):
     model, plan = workspace
     data = json.loads(plan.read_text())
     del data["layer_formats"][next(iter(data["layer_formats"]))]
-    broken = tmp_path / "broken.json"
-    broken.write_text(json.dumps(data))
-    argv = ["quantize", str(model), "--plan", str(broken), "--format", "fake",
-            "--out", str(tmp_path / "q")]  # fmt: skip
-    refused(argv, capsys, tmp_path, "does not cover")
+    plan_refused(model, data, capsys, tmp_path, "does not cover")
 
 
 def test_a_plan_contradicting_its_fusion_groups_is_refused(workspace, tmp_path, capsys):
@@ -201,11 +207,7 @@ def test_a_plan_contradicting_its_fusion_groups_is_refused(workspace, tmp_path, 
     q = next(name for name in layers if name.endswith("q_proj"))
     k = q.replace("q_proj", "k_proj")
     layers[q], layers[k] = "w2g32", "w4g32"
-    broken = tmp_path / "broken.json"
-    broken.write_text(json.dumps(data))
-    argv = ["quantize", str(model), "--plan", str(broken), "--format", "fake",
-            "--out", str(tmp_path / "q")]  # fmt: skip
-    refused(argv, capsys, tmp_path, "fusion group")
+    plan_refused(model, data, capsys, tmp_path, "fusion group")
 
 
 def test_a_plan_whose_bits_were_edited_is_refused(workspace, tmp_path, capsys):
@@ -214,11 +216,7 @@ def test_a_plan_whose_bits_were_edited_is_refused(workspace, tmp_path, capsys):
     # every layer (and group) moved to the larger option: consistent, but not the plan's bits
     for table in (data["layer_formats"], data["group_formats"]):
         table.update(dict.fromkeys(table, "w4g32"))
-    edited = tmp_path / "edited.json"
-    edited.write_text(json.dumps(data))
-    argv = ["quantize", str(model), "--plan", str(edited), "--format", "fake",
-            "--out", str(tmp_path / "q")]  # fmt: skip
-    refused(argv, capsys, tmp_path, "average bits but its layers cost")
+    plan_refused(model, data, capsys, tmp_path, "average bits but its layers cost")
 
 
 def test_a_plan_over_its_budget_is_refused(workspace, tmp_path, capsys):
@@ -228,11 +226,7 @@ def test_a_plan_over_its_budget_is_refused(workspace, tmp_path, capsys):
     uniform = next((tmp_path / "u").glob("plan_*.json"))
     data = json.loads(uniform.read_text())
     data["budget_avg_bits"] = 3.0  # a budget its (all 4-bit) layers exceed
-    edited = tmp_path / "edited.json"
-    edited.write_text(json.dumps(data))
-    argv = ["quantize", str(model), "--plan", str(edited), "--format", "fake",
-            "--out", str(tmp_path / "q")]  # fmt: skip
-    refused(argv, capsys, tmp_path, "over its budget of 3")
+    plan_refused(model, data, capsys, tmp_path, "over its budget of 3")
 
 
 @pytest.mark.parametrize("keep", [0, 100, 5000])
