@@ -21,13 +21,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from bitplan.atomic import write_json_atomic
+from bitplan.atomic import file_lock, write_json_atomic
 from bitplan.cache import cache_dir
 from bitplan.errors import BitplanError
 
@@ -121,23 +123,48 @@ def cpu_matmul_speeds() -> dict:
     """Seconds of the micro-benchmark matmul in float32 and under bfloat16 autocast, on this
     machine: measured once and cached, since it takes about a second."""
     cpu = cpu_description()
+    path, identity = speeds_cache_file(cpu)
+    cached = _read_speeds(path, identity)
+    if cached is not None:
+        return cached
+    # One process measures, the others wait and read its result: two measuring at once slow each
+    # other down, could choose different dtypes and so miss each other's cached scores.
+    with file_lock(path.with_suffix(".lock"), enabled=_writable(path.parent)):
+        cached = _read_speeds(path, identity)
+        if cached is not None:
+            return cached
+        result = {**cpu, **_measure(), "threads": torch.get_num_threads()}
+        result.update(torch=torch.__version__, identity=identity, cache_file=str(path))
+        with contextlib.suppress(OSError):
+            write_json_atomic(path, result)
+        return result
+
+
+def speeds_cache_file(cpu: dict[str, str]) -> tuple[Path, str]:
+    """Where this machine's micro-benchmark is cached, and the identity stored in it."""
     identity = json.dumps(
         [_BENCH_VERSION, cpu, torch.__version__, torch.get_num_threads()], sort_keys=True
     )
     digest = hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()
-    path = cache_dir() / "machine" / f"cpu-dtype-{digest}.json"
+    return cache_dir() / "machine" / f"cpu-dtype-{digest}.json", identity
+
+
+def _writable(folder: Path) -> bool:
+    """Whether ``folder`` exists or can be made, and can be written (a read-only cache only costs
+    a re-measurement later)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def _read_speeds(path: Path, identity: str) -> dict | None:
     try:
         cached = json.loads(path.read_text())
-        if cached.get("identity") == identity:
-            return cached
     except (OSError, ValueError):
-        pass  # missing or damaged: measure again
-    result = {**cpu, **_measure(), "threads": torch.get_num_threads(), "torch": torch.__version__}
-    result["identity"] = identity
-    result["cache_file"] = str(path)
-    with contextlib.suppress(OSError):  # a read-only cache only costs a re-measurement later
-        write_json_atomic(path, result)
-    return result
+        return None  # missing or damaged: measure again
+    return cached if isinstance(cached, dict) and cached.get("identity") == identity else None
 
 
 def _measure(repeats: int = 5) -> dict[str, float]:

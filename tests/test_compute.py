@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from bitplan import compute
+from bitplan.atomic import file_lock, write_json_atomic
 from bitplan.errors import BitplanError
 
 
@@ -68,3 +73,27 @@ def test_autocast_is_off_for_float32():
         assert not torch.is_autocast_enabled("cpu")
     with compute.autocast("cpu", torch.bfloat16):
         assert torch.is_autocast_enabled("cpu")
+
+
+def test_a_second_process_waits_for_the_first_ones_measurement(cache):
+    """Two runs started together must choose the same dtype, or neither finds the other's cached
+    scores: the second waits for the first one's measurement instead of measuring under load."""
+    child_code = (
+        "import sys; from bitplan import compute; "
+        "path, identity = compute.speeds_cache_file(compute.cpu_description()); "
+        "print(path, flush=True); print(identity, flush=True); sys.stdin.readline(); "
+        "print(compute.cpu_matmul_speeds()['float32_s'], flush=True)"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", child_code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    path = Path(child.stdout.readline().strip())
+    identity = child.stdout.readline().strip()
+    with file_lock(path.with_suffix(".lock")):  # as a first process measuring
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        time.sleep(1.0)  # the child finds no cached result and waits (or, unlocked, measures)
+        write_json_atomic(path, {"float32_s": 123.0, "bfloat16_s": 1.0, "identity": identity})
+    out, _ = child.communicate(timeout=60)
+    assert child.returncode == 0
+    assert float(out) == 123.0  # the first one's result, not a second measurement
