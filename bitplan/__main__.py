@@ -1,5 +1,3 @@
-import sys
+from bitplan.cli import run
 
-from bitplan.cli import main
-
-sys.exit(main())
+run()

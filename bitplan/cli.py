@@ -7,6 +7,7 @@ Each sub-command lives in a function ``cmd_<name>(args)``; errors the user can f
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from typing import NoReturn
@@ -498,5 +499,18 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run() -> NoReturn:
+    """The ``bitplan`` program: ``main`` with its exit code. An interrupt exits with 130 through
+    ``os._exit``: CPython kills itself with SIGINT at exit when a KeyboardInterrupt went
+    unhandled through any code it ran for an extension (it happened while torch was being
+    imported), even though ``main`` caught it and printed its one line."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
