@@ -94,7 +94,7 @@ def search(
 
     ``settings`` are the other fields of ``bitplan.plans.search.SearchConfig`` (``recipe``,
     ``pins``, ``include_head``, ``include_scales``, ``scorer``, ``calib``, ``n_samples``,
-    ``seq_len``, ``batch_size``, ``cache``, ``device``, ``dtype``) and ``run_search``'s
+    ``seq_len``, ``batch_size``, ``cache``, ``device``, ``dtype``, ``rounding``) and ``run_search``'s
     ``loader``, ``log`` and ``progress``."""
     from bitplan.plans.search import SearchConfig, run_search
 
@@ -104,11 +104,31 @@ def search(
     return run_search(model, config, **run_options)
 
 
-def apply(model: LoadedModel, plan: Plan) -> torch.nn.Module:
-    """A fake-quantized copy of the model's torch module (the original is left as it is)."""
-    from bitplan.quantize import apply_plan
+def apply(
+    model: LoadedModel,
+    plan: Plan,
+    rounding: str | None = None,
+    tokens: torch.Tensor | None = None,
+    n_samples: int = 16,
+    seq_len: int = 256,
+    calib: str | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> torch.nn.Module:
+    """A fake-quantized copy of the model's torch module (the original is left as it is),
+    rounded as ``rounding`` says (``rtn`` or ``gptq``; default: the plan's own ``rounding``).
 
-    return apply_plan(model.module, plan)
+    GPTQ rounds block by block on calibration ``tokens`` (default: ``n_samples`` x ``seq_len``
+    tokens of ``calib``, the shipped text unless given). Its codes and scales go to an export
+    with ``bitplan.export.export_model(..., rounded=bitplan.quantize.rounded_weights(module))``.
+    """
+    from bitplan.data.calibration import calibration_samples
+    from bitplan.quantize.sequential import quantize_model
+
+    rounding = rounding or plan.rounding
+    if rounding == "gptq" and tokens is None:
+        tokens = calibration_samples(model.tokenizer, n_samples, seq_len, source=calib)
+    return quantize_model(model.module, plan, rounding, tokens, batch_size, progress)
 
 
 def _budget_list(avg_bits: float | Sequence[float]) -> list[float]:

@@ -116,6 +116,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         cache=not args.no_cache,
         device=args.device,
         dtype=args.dtype,
+        rounding=args.rounding,
     )
     if args.quantize is not None:
         if args.format is None:
@@ -127,6 +128,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             )
         if args.stream and args.format == "gguf":
             raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
+        _check_rounding(args.rounding, args.format, args.stream)
         # Fail now, not after scoring, when the export would hit an existing path.
         from bitplan.export import check_destination
 
@@ -160,7 +162,9 @@ def cmd_search(args: argparse.Namespace) -> None:
         )
     print(f"wrote {len(result.plans)} plan(s), bits_per_layer.png to {out}/")
     if args.quantize is not None:
-        print(_export(model, result.plans[0], args.quantize, args.format, args.force).summary())
+        print(
+            _export(model, result.plans[0], args.quantize, args.format, args.force, args).summary()
+        )
 
 
 def _compute_dtype(device: str, requested: str):
@@ -174,13 +178,37 @@ def _compute_dtype(device: str, requested: str):
     return choice
 
 
-def _export(model, plan, out: str, fmt: str, force: bool, embedding_type=None, output_type=None):
-    """Write ``model`` quantized by ``plan`` to ``out`` in export format ``fmt``."""
+def _check_rounding(rounding: str, fmt: str, stream: bool) -> None:
+    """Refuse, before any loading, what GPTQ rounding cannot do yet."""
+    if rounding != "gptq":
+        return
+    if stream:
+        raise BitplanError("--rounding gptq needs the model in memory; drop --stream")
+    from bitplan.export.writer import get_backend
+
+    if not get_backend(fmt).stores_rounded:
+        raise BitplanError(
+            f"the {fmt} export cannot store GPTQ-rounded weights yet; use --rounding rtn"
+        )
+
+
+def _export(model, plan, out: str, fmt: str, force: bool, args: argparse.Namespace):
+    """Write ``model`` quantized by ``plan`` to ``out`` in export format ``fmt``, rounded as
+    ``args.rounding`` says (default: the plan's rounding)."""
     from bitplan.export import export_model
 
-    # --embedding-type and --output-type are gguf's options; the other formats ignore them.
-    options = {"embedding_type": embedding_type, "output_type": output_type}
-    return export_model(model, plan, out, fmt, force=force, **(options if fmt == "gguf" else {}))
+    rounded = None
+    if (args.rounding or plan.rounding) == "gptq":
+        import bitplan
+        from bitplan.quantize import rounded_weights
+
+        calibration = {k: getattr(args, k) for k in ("calib", "n_samples", "seq_len", "batch_size")}
+        rounded = rounded_weights(bitplan.apply(model, plan, "gptq", **calibration))
+    # --embedding-type and --output-type are gguf's options; the other formats have none.
+    options = {}
+    if fmt == "gguf":
+        options = {k: getattr(args, k, None) for k in ("embedding_type", "output_type")}
+    return export_model(model, plan, out, fmt, force=force, rounded=rounded, **options)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -189,14 +217,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     plan = Plan.load(args.plan)
     if args.stream and args.format == "gguf":
         raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
+    _check_rounding(args.rounding or plan.rounding, args.format, args.stream)
     from bitplan.export import check_destination
 
     check_destination(args.out, args.format, args.force, reading=args.model)  # before loading
     model, _ = _load(args.model, args.stream)
-    result = _export(
-        model, plan, args.out, args.format, args.force, args.embedding_type, args.output_type
-    )
-    print(result.summary())
+    print(_export(model, plan, args.out, args.format, args.force, args).summary())
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -233,6 +259,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         heldout_samples=args.heldout_samples,
         heldout_len=args.heldout_len,
         calib=args.calib,
+        rounding=args.rounding,
     )
     _compute_dtype("cpu", args.dtype)
     model = load_model(args.model)
@@ -256,6 +283,31 @@ def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
         f"it at least {BFLOAT16_MIN_SPEEDUP}x faster than float32 there (CPUs with AVX512-BF16 "
         "or AMX), else float32; on CUDA, bfloat16 where supported, else float16",
     )
+
+
+def add_calibration_arguments(parser: argparse.ArgumentParser, purpose: str = "") -> None:
+    """--calib, --n-samples, --seq-len, --batch-size: the calibration tokens of a pass."""
+    parser.add_argument(
+        "--calib",
+        help=f"{purpose}calibration text: a .txt, .jsonl or arrow folder "
+        "(default: text shipped in installed packages)",
+    )
+    parser.add_argument("--n-samples", type=int, default=16, help="calibration sequences (16)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (256)")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per pass (4)")
+
+
+def add_rounding_argument(parser: argparse.ArgumentParser, default: str | None) -> None:
+    from bitplan.plans.plan import ROUNDINGS
+
+    if default is None:
+        what = "how to round the weights: rtn (to nearest) or gptq (GPTQ, block by block on "
+        what += "calibration text; exports store its codes); default: the plan's own rounding"
+    else:
+        what = "the rounding the model will get, which the scores assume and the plans record: "
+        what += "rtn (to nearest, default) or gptq (each option scored by the output error GPTQ "
+        what += "leaves; costs a GPTQ pass per option)"
+    parser.add_argument("--rounding", choices=ROUNDINGS, default=default, help=what)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -354,14 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="count element bits only, as the reference's tables do (default: scales and zero "
         "points counted)",
     )
-    search.add_argument(
-        "--calib",
-        help="calibration text: a .txt, .jsonl or arrow folder "
-        "(default: text shipped in installed packages)",
-    )
-    search.add_argument("--n-samples", type=int, default=16, help="calibration sequences (16)")
-    search.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (256)")
-    search.add_argument("--batch-size", type=int, default=4, help="sequences per pass (4)")
+    add_calibration_arguments(search)
+    add_rounding_argument(search, "rtn")
     search.add_argument("--no-cache", action="store_true", help="recompute scores even if cached")
     search.add_argument(
         "--stream",
@@ -410,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("--embedding-type", help="gguf only: type of the token embedding")
     quantize.add_argument("--output-type", help="gguf only: type of the output tensor")
+    add_rounding_argument(quantize, None)
+    add_calibration_arguments(quantize, "for --rounding gptq: ")
     quantize.set_defaults(func=cmd_quantize)
 
     evaluate = sub.add_parser(
@@ -467,6 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--heldout-samples", type=int, default=8, help="KL sequences (8)")
     compare.add_argument("--heldout-len", type=int, default=512, help="KL sequence length (512)")
     add_dtype_argument(compare)
+    compare.add_argument(
+        "--rounding",
+        choices=("rtn", "gptq"),
+        default="rtn",
+        help="rtn: every plan rounded to nearest (default); gptq: our plans scored for GPTQ "
+        "rounding and every plan, baselines included, GPTQ-rounded on the calibration tokens",
+    )
     compare.set_defaults(func=cmd_compare)
     return parser
 

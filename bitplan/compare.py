@@ -28,7 +28,7 @@ from bitplan.formats import parse_format_list
 from bitplan.jsonio import write_json_atomic
 from bitplan.model.loading import LoadedModel
 from bitplan.plans import BUDGETED_RECIPES, RECIPES, Plan, PlanSpace, recipe_plan
-from bitplan.quantize import apply_plan
+from bitplan.quantize.sequential import quantize_model
 from bitplan.score import score
 
 RESULTS_VERSION = 1
@@ -82,6 +82,7 @@ class CompareConfig:
     heldout_samples: int = 8
     heldout_len: int = 512
     calib: str | None = None
+    rounding: str = "rtn"  # every plan scored for, and rounded by: rtn or gptq
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,7 +120,13 @@ def build_variants(
         high = max(formats, key=lambda f: f.bits_per_weight((4096, 4096), False))
         high_bits = f"{high.bits_per_weight((4096, 4096), False):g}-bit"
         scores = score(
-            model, formats, calibration, scorer=config.scorer, progress=progress, dtype=config.dtype
+            model,
+            formats,
+            calibration,
+            scorer=config.scorer,
+            progress=progress,
+            dtype=config.dtype,
+            rounding=config.rounding,
         )
         space = PlanSpace.build(model.layers, formats, include_scales=config.include_scales)
         for plan in space.solve(scores, setting.budgets, model.identity):
@@ -185,7 +192,9 @@ def run_compare(
     }
     if results_path.is_file():
         previous = json.loads(results_path.read_text())
-        if previous.get("config") == results["config"] and previous.get("model") == model.identity:
+        # Results written before compare had --rounding were rounded to nearest.
+        previous_config = {"rounding": "rtn", **previous.get("config", {})}
+        if previous_config == results["config"] and previous.get("model") == model.identity:
             results = previous
             if progress:
                 done = len(results["variants"])
@@ -214,7 +223,11 @@ def run_compare(
     for variant in todo:
         bar.set_postfix_str(f"{variant.options or ''} {variant.label}".strip())
         t0 = time.perf_counter()
-        measured = model.module if variant.plan is None else apply_plan(model.module, variant.plan)
+        measured = model.module
+        if variant.plan is not None:
+            measured = quantize_model(
+                model.module, variant.plan, config.rounding, calibration, progress=False
+            )
         divergence = base.compare(measured, compute_dtype=compute.dtype)
         tasks = None
         if config.tasks:

@@ -18,6 +18,13 @@ from bitplan.model.layers import LayerTable  # noqa: E402
 from bitplan.plans import BUDGETED_RECIPES, Plan  # noqa: E402
 from bitplan.plots import plot_bits_per_layer  # noqa: E402
 
+#: How the report says each rounding (compare --rounding).
+_ROUNDING_NOTE = {
+    "rtn": "round-to-nearest for every plan",
+    "gptq": "GPTQ for every plan (block by block on the calibration tokens); our plans scored "
+    "for it (--rounding gptq)",
+}
+
 
 def _avg(variant: dict) -> float | None:
     tasks = variant.get("tasks")
@@ -143,6 +150,7 @@ def write_report(results: dict, out: Path, table: LayerTable, command: str = "")
     lines += [
         f"- Scorer: {config['scorer']}; calibration {config['n_samples']} x {config['seq_len']} "
         f"tokens ({config['calib'] or 'shipped default'}); scale/zero-point bits {scale}",
+        f"- Rounding: {_ROUNDING_NOTE[config.get('rounding', 'rtn')]}",
         f"- Tasks: {', '.join(tasks) or 'none'} (lm-eval, offline data; "
         f"{'all documents' if limit is None else f'limit {limit} per task / MMLU subject'}); "
         "average = mean of `acc`",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+import bitplan
 from bitplan.cli import main
 from bitplan.model import load_model
 from bitplan.plans import Plan
@@ -45,3 +46,38 @@ def test_search_quantize_chains_search_and_export(tmp_path, tiny_folder, capsys)
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         assert torch.allclose(reloaded.module(ids).logits, fake(ids).logits, atol=1e-5)
+
+
+def test_search_and_quantize_with_gptq_rounding(tmp_path, tiny_folder, capsys):
+    """A GPTQ-aware search records its rounding; quantize applies it by default and the export
+    reloads to the GPTQ model of the same calibration tokens; what GPTQ cannot do is refused
+    before any loading."""
+    folder, plans = tiny_folder, tmp_path / "plans"
+    calibration = ["--n-samples", "4", "--seq-len", "32"]
+    search = ["search", str(folder), "--options", "w2g32,w4g32", "--avg-bits", "3", *calibration]
+    assert main([*search, "--rounding", "gptq", "--out", str(plans)]) == 0
+    assert "rounding=gptq" not in capsys.readouterr().err
+    plan_path = plans / "plan_bitplan_3.json"
+    plan = Plan.load(plan_path)
+    assert plan.rounding == "gptq"
+    out = tmp_path / "packed"
+    argv = ["quantize", str(folder), "--plan", str(plan_path), *calibration]
+    assert main([*argv, "--format", "packed", "--out", str(out)]) == 0
+    model = load_model(folder)
+    tuned = bitplan.apply(model, plan, n_samples=4, seq_len=32, progress=False)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.equal(load_model(out).module(ids).logits, tuned(ids).logits)
+        assert not torch.equal(tuned(ids).logits, apply_plan(model.module, plan)(ids).logits)
+    for refused, message in [
+        (["--format", "gguf", "--out", str(tmp_path / "m.gguf")], "cannot store GPTQ"),
+        (["--format", "packed", "--out", str(tmp_path / "s"), "--stream"], "drop --stream"),
+    ]:
+        assert main([*argv, *refused]) == 2
+        assert message in capsys.readouterr().err
+    assert (
+        main([*argv, "--format", "packed", "--out", str(tmp_path / "r"), "--rounding", "rtn"]) == 0
+    )
+    with torch.no_grad():
+        rtn = apply_plan(model.module, plan)(ids).logits
+        assert torch.allclose(load_model(tmp_path / "r").module(ids).logits, rtn, atol=1e-5)

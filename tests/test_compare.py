@@ -74,3 +74,24 @@ def test_compare_end_to_end(tiny_folder, tmp_path, capsys):
     again_results = json.loads((out / "results.json").read_text())
     for key, v in variants.items():
         assert again_results["variants"][key]["seconds"] == v["seconds"]
+
+
+def test_compare_with_gptq_rounding(tiny_folder, tmp_path):
+    """--rounding gptq: our plans scored for GPTQ, every plan GPTQ-rounded before measuring."""
+    out = tmp_path / "report"
+    argv = [
+        "compare", str(tiny_folder), "--setting", "w2g32,w4g32:3:head", "--no-tasks",
+        "--n-samples", "4", "--seq-len", "32", "--heldout-samples", "2", "--heldout-len", "32",
+        "--rounding", "gptq", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    variants = json.loads((out / "results.json").read_text())["variants"]
+    model = load_model(tiny_folder)
+    dtype = choose_dtype("cpu").dtype
+    tokens = heldout_samples(model.tokenizer, 2, 32)
+    base = BaseLogits.compute(model.module, tokens, compute_dtype=dtype)
+    for key in ("w2g32,w4g32|bitplan|3", "w2g32,w4g32|head|3"):
+        plan = Plan.from_dict(variants[key]["plan"])
+        rtn = base.compare(apply_plan(model.module, plan), compute_dtype=dtype).kl
+        assert variants[key]["divergence"]["kl"] != pytest.approx(rtn, rel=1e-3), key
+    assert "Rounding: GPTQ for every plan" in (out / "report.md").read_text()

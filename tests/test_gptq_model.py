@@ -9,9 +9,17 @@ from torch import nn
 from bitplan.errors import BitplanError
 from bitplan.formats import parse_format
 from bitplan.model.layers import build_layer_table
+from bitplan.model.loading import LoadedModel
 from bitplan.quantize import FakeQuantLinear, apply_formats
-from bitplan.quantize.gptq import Hessian, gptq_quantize
+from bitplan.quantize.gptq import Hessian, gptq_round
 from bitplan.quantize.sequential import gptq_model
+from bitplan.score import fisher, score
+from bitplan.score.replay import record_block_inputs
+
+
+@pytest.fixture()
+def tiny(tiny_model, tiny_tokenizer) -> LoadedModel:
+    return LoadedModel(module=tiny_model, tokenizer=tiny_tokenizer, name="tiny", source="memory")
 
 
 @pytest.fixture()
@@ -51,7 +59,7 @@ def reference_gptq_model(model, formats, tokens):
             hessian = Hessian(modules[name].in_features)
             for x in inputs[name]:
                 hessian.add(fmt.quantize_activation(x) if fmt.quantizes_activations else x)
-            rounded = gptq_quantize(modules[name].weight.data, hessian.matrix, fmt)
+            rounded = gptq_round(modules[name].weight.data, hessian.matrix, fmt)
             parent, _, child = name.rpartition(".")
             setattr(
                 modules[parent], child, FakeQuantLinear.from_linear(modules[name], fmt, rounded)
@@ -95,3 +103,43 @@ def test_formats_gptq_cannot_round_are_refused_before_any_work(tiny_model, token
         gptq_model(tiny_model, formats, tokens[:0], progress=False)
     assert all(not isinstance(m, FakeQuantLinear) for m in tiny_model.modules())
     assert isinstance(tiny_model.model.layers[0].mlp.down_proj, nn.Linear)
+
+
+def test_gptq_aware_scoring_rounds_block_0_as_gptq_model_does(tiny_model, tokens):
+    """Block 0 sees the same inputs in both (no quantized block before it), so the weights the
+    scorer measures must be the ones the GPTQ model will have."""
+    options = [parse_format(name) for name in ("w2g32", "mxfp4")]
+    prefix = "model.layers.0."
+    modules = {
+        name: module
+        for name, module in tiny_model.named_modules()
+        if name.startswith(prefix) and isinstance(module, nn.Linear)
+    }
+    with torch.no_grad():
+        records = [record_block_inputs(tiny_model, batch) for batch in tokens.split(4)]
+    inputs = [(record.hidden[0], record.kwargs[0]) for record in records]
+    block = tiny_model.model.layers[0]
+    tuned = fisher._gptq_weights(block, modules, prefix, options, inputs)
+    for k, fmt in enumerate(options):
+        model = gptq_model(tiny_model, dict.fromkeys(modules, fmt), tokens, progress=False)
+        for name in modules:
+            assert torch.equal(tuned[name][k], model.get_submodule(name).weight.float()), name
+
+
+def test_gptq_aware_scores_are_lower_where_gptq_helps(tiny, tokens):
+    options = ["w2g32", "w4g32"]
+    rtn = score(tiny, options, tokens, cache=False, progress=False, dtype="float32")
+    tuned = score(
+        tiny, options, tokens, cache=False, progress=False, dtype="float32", rounding="gptq"
+    )
+    assert (
+        tuned.extra["rounding"] == "gptq" and tuned.layer_scores.keys() == rtn.layer_scores.keys()
+    )
+    for option in options:
+        before = sum(s[option] for s in rtn.layer_scores.values())
+        after = sum(s[option] for s in tuned.layer_scores.values())
+        assert after < 0.9 * before, option
+    with pytest.raises(BitplanError, match="fisher scorers only"):
+        score(tiny, options, tokens, scorer="delta-loss", cache=False, rounding="gptq")
+    with pytest.raises(BitplanError, match="nvfp4"):
+        score(tiny, ["nvfp4", "w4g32"], tokens, cache=False, rounding="gptq")

@@ -32,6 +32,8 @@ class Backend:
     # Whether an existing file at the destination is an earlier export of this back end, which
     # --force may replace (a one-file format; folder exports are recognised by their plan file).
     is_own_file: Callable[[Path], bool] | None = None
+    # Whether it stores tuned (e.g. GPTQ) codes and scales as given (``ExportSource.rounded``).
+    stores_rounded: bool = True
 
     @property
     def options(self) -> list[str]:

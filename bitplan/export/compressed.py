@@ -116,14 +116,13 @@ def _quantization_scheme(layer: _LayerScheme, targets: list[str]):
 
 
 def _uncompressed_state(
-    weight: torch.Tensor, layer: _LayerScheme
+    parts: dict[str, torch.Tensor], shape: tuple[int, int], layer: _LayerScheme
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The per-module state a compressor takes (fake-quantized weight, bitplan's scales in the
-    stored group layout), and the fake-quantized weight itself."""
+    stored group layout) from bitplan's stored ``parts``, and the fake-quantized weight itself."""
     fmt = layer.fmt
-    parts = fmt.encode(weight)
-    fake = fmt.decode(parts, tuple(weight.shape))
-    return {"weight": fake, **_HANDLERS.lookup(fmt).state(parts, layer, tuple(weight.shape))}, fake
+    fake = fmt.decode(parts, shape)
+    return {"weight": fake, **_HANDLERS.lookup(fmt).state(parts, layer, shape)}, fake
 
 
 @_HANDLERS.register(IntFormat, Int8W8A8Format)
@@ -324,7 +323,8 @@ def write_compressed(
     kind_of: dict[str, str] = {}
     for name, layer in layer_schemes.items():
         scheme = schemes[layer]
-        local, fake = _uncompressed_state(source.layer_weight(name), layer)
+        shape = tuple(modules[name].weight.shape)
+        local, fake = _uncompressed_state(source.encoded(name, layer.fmt), shape, layer)
         compressed = _compressor(layer.compression).compress(local, scheme)
         if not torch.equal(_decompress(compressed, scheme, exact_scales=True), fake):
             raise BitplanError(

@@ -47,12 +47,13 @@ def write_fake(
     shards.add_all(dense_tensors(source, skip=set(keys.values())))
     for name, fmt in formats.items():
         # What FakeQuantLinear.from_linear holds: quantized in the model's dtype.
-        shards.add(keys[name], storage_tensor(fmt.quantize_weight(source.layer_weight(name))))
+        shards.add(keys[name], storage_tensor(source.quantized_weight(name, fmt)))
     shards.finish()
     record = {
         "export_format": "fake",
         "format_version": FORMAT_VERSION,
         "layer_formats": {name: fmt.name for name, fmt in formats.items()},
+        "rounding": source.rounding,
         "activation_formats": {
             name: fmt.name for name, fmt in formats.items() if fmt.quantizes_activations
         },

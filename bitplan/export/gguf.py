@@ -183,7 +183,9 @@ def is_bitplan_gguf(path: Path) -> bool:
         return False
 
 
-BACKEND = Backend("gguf", write_gguf, suffix=".gguf", is_own_file=is_bitplan_gguf)
+BACKEND = Backend(
+    "gguf", write_gguf, suffix=".gguf", is_own_file=is_bitplan_gguf, stores_rounded=False
+)
 
 
 def _plan_note(plan: Plan) -> str:

@@ -48,7 +48,7 @@ def write_packed(
     shards.add_all(dense_tensors(source, skip={f"{name}.weight" for name in formats}))
     kind_of: dict[str, str] = {}
     for name, fmt in formats.items():
-        for part, tensor in fmt.encode(source.layer_weight(name)).items():
+        for part, tensor in source.encoded(name, fmt).items():
             key = f"{name}.{part}"
             shards.add(key, tensor)
             kind_of[key] = PART_KINDS[part]
@@ -59,6 +59,7 @@ def write_packed(
         "format_version": FORMAT_VERSION,
         "layers": {name: fmt.name for name, fmt in formats.items()},
         "include_scales": plan.include_scales,
+        "rounding": source.rounding,
         "avg_bits": plan.avg_bits,
         "plan_model": plan.model,
     }

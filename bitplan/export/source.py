@@ -9,8 +9,8 @@ from ``bitplan.model``; ``ExportSource.of(model)`` takes the parts from a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,7 @@ from torch import nn
 from bitplan.accounting import average_bits
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
+from bitplan.formats.block_scaled import RoundedWeight
 from bitplan.plans import Plan
 
 if TYPE_CHECKING:
@@ -45,6 +46,16 @@ class ExportSource:
     find_gguf: Callable[[], Path | None] = _no_gguf
     # The folder or file the model was read from: an export must never replace it.
     origin: str | None = None
+    # Layers rounded otherwise than to nearest (GPTQ): their codes and scales, stored as they
+    # are. Every other planned layer is rounded to nearest by the export.
+    rounded: Mapping[str, RoundedWeight] = field(default_factory=dict)
+
+    @property
+    def rounding(self) -> str:
+        """How the planned weights are rounded, as exports record it: ``rtn`` (to nearest),
+        ``gptq``, or several names joined by ``+``."""
+        methods = sorted({weight.method for weight in self.rounded.values()})
+        return "+".join(methods) if methods else "rtn"
 
     @classmethod
     def of(cls, model: object) -> ExportSource:
@@ -74,6 +85,20 @@ class ExportSource:
     def layer_weight(self, name: str) -> torch.Tensor:
         """The weight of Linear layer ``name`` (read from disk if streamed)."""
         return self.read(f"{name}.weight", self.module.get_submodule(name).weight)
+
+    def quantized_weight(self, name: str, fmt: Format) -> torch.Tensor:
+        """Layer ``name``'s quantize-dequantized weight under ``fmt``, in the weight's dtype:
+        what ``FakeQuantLinear`` holds."""
+        weight = self.layer_weight(name)
+        rounded = self.rounded.get(name)
+        return fmt.quantize_weight(weight) if rounded is None else rounded.values().to(weight.dtype)
+
+    def encoded(self, name: str, fmt: Format) -> dict[str, torch.Tensor]:
+        """The stored parts of layer ``name`` under ``fmt`` (``Format.encode``)."""
+        rounded = self.rounded.get(name)
+        if rounded is None:
+            return fmt.encode(self.layer_weight(name))
+        return fmt.encode_rounded(rounded)
 
     def head_name(self) -> str | None:
         head = self.layers.head()

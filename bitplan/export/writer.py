@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from bitplan.export.backend import Backend
 from bitplan.export.folder import PLAN_FILE
 from bitplan.export.report import ExportReport
 from bitplan.export.source import ExportSource, planned_formats
+from bitplan.formats import Format
+from bitplan.formats.block_scaled import RoundedWeight
 from bitplan.plans import Plan
 
 #: Every back end, by the name ``--format`` takes, in the order help texts list them.
@@ -74,6 +77,22 @@ def check_destination(
     return out
 
 
+def check_rounded(source: ExportSource, formats: dict[str, Format], backend: Backend) -> None:
+    """Tuned weights must be of the plan's layers and formats, and the back end must store
+    them (GGUF has its own super-block layout that GPTQ does not round for yet)."""
+    for name, weight in source.rounded.items():
+        fmt = formats.get(name)
+        if fmt is None:
+            raise BitplanError(f"a tuned weight is given for {name}, which the plan does not list")
+        if weight.block_size != fmt.block_size(weight.elements.shape[-1]):
+            raise BitplanError(f"the tuned weight of {name} was not rounded as {fmt.name}")
+    if source.rounded and not backend.stores_rounded:
+        raise BitplanError(
+            f"the {backend.name} export cannot store {source.rounding}-rounded weights yet; "
+            "export with round-to-nearest (--rounding rtn) or choose another --format"
+        )
+
+
 def _holds(out: Path, model_path: Path) -> bool:
     """Whether replacing ``out`` would replace ``model_path`` (the same path, or a folder
     holding it)."""
@@ -97,6 +116,7 @@ def export_model(
     out: str | os.PathLike,
     format: str,
     force: bool = False,
+    rounded: Mapping[str, RoundedWeight] | None = None,
     **options: object,
 ) -> ExportReport:
     """Quantize ``model`` (a ``LoadedModel`` or an ``ExportSource``) with ``plan`` and write it
@@ -104,7 +124,9 @@ def export_model(
 
     An existing ``out`` is refused unless ``force`` (then replaced only once the new export is
     complete: a failure or an interrupt leaves nothing behind). ``model`` itself is not
-    modified. ``options`` go to the back end: ``max_shard_bytes`` for the folder formats (a
+    modified. ``rounded`` holds the codes and scales of layers rounded otherwise than to
+    nearest (``bitplan.quantize.rounded_weights`` of a GPTQ model): they are stored as they are.
+    ``options`` go to the back end: ``max_shard_bytes`` for the folder formats (a
     streamed model is read one tensor at a time and written in shards of at most that many
     bytes); ``embedding_type``, ``output_type``, ``importance``, ``metadata_from`` for gguf.
     """
@@ -114,7 +136,10 @@ def export_model(
         takes = ", ".join(backend.options) or "none"
         raise BitplanError(f"the {format} export has no option {unknown[0]} (it takes: {takes})")
     source = ExportSource.of(model)
+    if rounded:
+        source = dataclasses.replace(source, rounded=dict(rounded))
     formats = planned_formats(source, plan)  # fail on a wrong plan before creating anything
+    check_rounded(source, formats, backend)
     out = check_destination(out, format, force, reading=source.origin)
     with _destination(backend, out, force) as tmp:
         report = backend.write(source, plan, formats, tmp, **options)

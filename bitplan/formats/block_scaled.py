@@ -80,6 +80,26 @@ class BlockScales:
         return elements
 
 
+@dataclass(frozen=True, eq=False)
+class RoundedWeight:
+    """A 2-D weight already rounded onto a format's grid: its ``elements`` (out, in; what
+    ``round`` returns) and the ``scales`` of its blocks. Round-to-nearest gives one
+    (:meth:`BlockScaledFormat.round_weight`); tuned rounding (GPTQ) gives another with other
+    codes and scales, which exports store as they are (:meth:`BlockScaledFormat.encode_rounded`):
+    quantizing its dequantized values again would not give them back."""
+
+    elements: torch.Tensor
+    scales: BlockScales
+    block_size: int
+    method: str = "rtn"  # how it was rounded: "rtn" (to nearest) or "gptq"
+
+    def values(self) -> torch.Tensor:
+        """The float32 dequantized weight."""
+        length = self.elements.shape[-1]
+        blocks = to_blocks(self.elements, self.block_size)
+        return from_blocks(self.scales.dequantize(blocks), length)
+
+
 class BlockScaledFormat(Format):
     """A format of scaled blocks along the last dimension (see the module doc)."""
 
@@ -144,14 +164,26 @@ class BlockScaledFormat(Format):
         parts = self.part_bits(shape)
         return sum(parts.values()) if include_scales else parts["qweight"]
 
-    def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    def round_weight(self, weight: torch.Tensor) -> RoundedWeight:
+        """``weight`` (out, in) rounded to nearest: its elements and block scales."""
         w = as_float32(weight.detach())
         length = w.shape[-1]
-        blocks = to_blocks(w, self.block_size(length))
+        size = self.block_size(length)
+        blocks = to_blocks(w, size)
         scales = self.find_scales(blocks)
-        elements = from_blocks(self.round(blocks, scales), length)
-        codes = pack_bits(self.element_codes(elements), self.element_bits)
-        return {"qweight": codes, **self.pack_scales(scales)}
+        return RoundedWeight(from_blocks(self.round(blocks, scales), length), scales, size)
+
+    def encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.encode_rounded(self.round_weight(weight))
+
+    def encode_rounded(self, rounded: RoundedWeight) -> dict[str, torch.Tensor]:
+        """The stored parts of an already rounded weight (``encode`` of round-to-nearest)."""
+        if rounded.block_size != self.block_size(rounded.elements.shape[-1]):
+            raise ValueError(
+                f"a weight rounded in blocks of {rounded.block_size} is not {self.name}"
+            )
+        codes = pack_bits(self.element_codes(rounded.elements), self.element_bits)
+        return {"qweight": codes, **self.pack_scales(rounded.scales)}
 
     def decode(self, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         check_parts(self, parts, shape)

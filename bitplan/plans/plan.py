@@ -14,6 +14,9 @@ from bitplan.errors import BitplanError
 from bitplan.jsonio import read_json_object, write_json_atomic
 
 PLAN_VERSION = 1
+#: How a plan's weights are rounded: to nearest, or by GPTQ (bitplan/quantize/gptq.py). A plan
+#: records the rounding its scores assumed, and ``bitplan quantize`` applies it by default.
+ROUNDINGS = ("rtn", "gptq")
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Plan:
     scorer: str | None = None
     proven_optimal: bool = False
     group_formats: dict[str, str] = field(default_factory=dict)  # fusion group -> format
+    rounding: str = "rtn"  # ROUNDINGS: what the scores assumed, what quantize does by default
     version: int = PLAN_VERSION
 
     def format_counts(self) -> dict[str, int]:
@@ -64,6 +68,7 @@ class Plan:
             "budget_avg_bits": (self.budget_avg_bits, (*number, type(None))),
             "include_scales": (self.include_scales, bool),
             "include_head": (self.include_head, bool),
+            "rounding": (self.rounding, str),
         }
         for name, (value, kind) in expected.items():
             # bool is an int to Python, but not a number of bits
@@ -77,6 +82,8 @@ class Plan:
                 raise TypeError(f"{name} is not a mapping of names to format names")
         if not isinstance(self.options, list) or not all(isinstance(o, str) for o in self.options):
             raise TypeError("options is not a list of format names")
+        if self.rounding not in ROUNDINGS:
+            raise TypeError(f"rounding is {self.rounding!r}, not one of {', '.join(ROUNDINGS)}")
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as JSON, atomically."""

@@ -32,7 +32,7 @@ from bitplan.model.layers import LayerTable
 from bitplan.model.loading import LoadedModel
 from bitplan.model.streaming import BlockLoader
 from bitplan.plans.build import PlanSpace, resolve_pins
-from bitplan.plans.plan import Plan
+from bitplan.plans.plan import ROUNDINGS, Plan
 from bitplan.plans.recipes import RECIPES, recipe_plan
 from bitplan.score import Scores, score
 
@@ -55,6 +55,7 @@ class SearchConfig:
     cache: bool = True  # reuse cached scores
     device: str = "cpu"  # where blocks are computed
     dtype: str | ComputeDtype = "auto"  # what the passes compute in (bitplan.compute)
+    rounding: str = "rtn"  # ROUNDINGS: what the scores assume, recorded in the plans
     formats: list[Format] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +82,10 @@ class SearchConfig:
             raise BitplanError(f"--recipe {self.recipe} needs --avg-bits")
         if self.calib is not None:
             check_text_source(self.calib)
+        if self.rounding not in ROUNDINGS:
+            raise BitplanError(
+                f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}"
+            )
 
     @property
     def options_label(self) -> str:
@@ -130,7 +135,7 @@ def run_search(
             recipe_plan(space, config.recipe, budget, model.identity)
             for budget in (budgets or [None])
         ]
-        return SearchResult(plans, None, [], model.layers)
+        return SearchResult(_rounded(plans, config.rounding), None, [], model.layers)
 
     if not budgets:
         raise BitplanError("give one or more target budgets with --avg-bits, e.g. 4.5 5 6")
@@ -154,6 +159,7 @@ def run_search(
         loader=loader,
         device=config.device,
         dtype=compute,
+        rounding=config.rounding,
     )
     if log is not None:
         hit = " (from cache)" if scores.extra.get("cache_hit") else ""
@@ -161,8 +167,15 @@ def run_search(
             f"scored {len(scores.layer_scores)} layers x {len(formats)} options with "
             f"{scores.scorer} in {scores.seconds:.1f} s{hit}"
         )
-    plans = space.solve(scores, budgets, model.identity)
+    plans = _rounded(space.solve(scores, budgets, model.identity), config.rounding)
     return SearchResult(plans, scores, space.front(scores), model.layers)
+
+
+def _rounded(plans: list[Plan], rounding: str) -> list[Plan]:
+    """``plans`` recording the rounding they are meant for (what quantize applies by default)."""
+    for plan in plans:
+        plan.rounding = rounding
+    return plans
 
 
 def _check_budgets(

@@ -16,6 +16,7 @@ from torch import nn
 
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
+from bitplan.formats.block_scaled import RoundedWeight
 
 
 class FakeQuantLinear(nn.Linear):
@@ -23,21 +24,27 @@ class FakeQuantLinear(nn.Linear):
     on the fly when its format quantizes activations."""
 
     fmt: Format
+    #: The codes and scales behind the weight when it was rounded otherwise than to nearest
+    #: (GPTQ): what exports store. None for round-to-nearest.
+    rounded: RoundedWeight | None = None
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, fmt: Format, rounded: torch.Tensor | None = None
+        cls, linear: nn.Linear, fmt: Format, rounded: RoundedWeight | None = None
     ) -> FakeQuantLinear:
-        """``linear`` under ``fmt``: its weight rounded to nearest, or ``rounded`` if given (a
-        quantize-dequantized weight rounded otherwise, e.g. by GPTQ)."""
+        """``linear`` under ``fmt``: its weight rounded to nearest, or as ``rounded`` says (a
+        weight rounded otherwise, e.g. by GPTQ)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         with torch.no_grad():
-            weight = fmt.quantize_weight(linear.weight.data) if rounded is None else rounded
+            weight = (
+                fmt.quantize_weight(linear.weight.data) if rounded is None else rounded.values()
+            )
             new.weight = nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
         new.bias = linear.bias
         new.fmt = fmt
+        new.rounded = rounded
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +97,17 @@ def apply_formats(
         if isinstance(head, FakeQuantLinear):
             target.config.tie_word_embeddings = False
     return target
+
+
+def rounded_weights(model: nn.Module) -> dict[str, RoundedWeight]:
+    """Layer name -> the tuned codes and scales of every layer of a fake-quantized ``model``
+    that was rounded otherwise than to nearest (``sequential.gptq_model``): what
+    ``bitplan.export.export_model(..., rounded=...)`` stores."""
+    return {
+        name: module.rounded
+        for name, module in model.named_modules()
+        if isinstance(module, FakeQuantLinear) and module.rounded is not None
+    }
 
 
 def apply_plan(model: nn.Module, plan, inplace: bool = False) -> nn.Module:

@@ -25,7 +25,7 @@ import torch
 
 from bitplan.errors import BitplanError
 from bitplan.formats import Format
-from bitplan.formats.block_scaled import BlockScaledFormat
+from bitplan.formats.block_scaled import BlockScaledFormat, BlockScales, RoundedWeight
 from bitplan.formats.blocks import to_blocks
 
 
@@ -43,7 +43,8 @@ class Hessian:
         total = self.rows + len(x)
         self.matrix *= self.rows / total
         x = x * (2.0 / total) ** 0.5
-        self.matrix += x.T @ x
+        with torch.autocast("cpu", enabled=False):  # in float32 even inside a bfloat16 pass
+            self.matrix += x.T @ x
         self.rows = total
 
 
@@ -61,15 +62,16 @@ def check_gptq_format(fmt: Format) -> None:
         )
 
 
-def gptq_quantize(
+def gptq_round(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     fmt: Format,
     damp: float = 0.01,
     block_columns: int = 128,
-) -> torch.Tensor:
-    """The quantize-dequantized ``weight`` (out, in) under ``fmt``, rounded by GPTQ with the
-    inputs' ``hessian`` (in, in): the same shape and dtype as ``weight``.
+) -> RoundedWeight:
+    """``weight`` (out, in) rounded onto ``fmt``'s grid by GPTQ with the inputs' ``hessian``
+    (in, in): the elements and the scales chosen along the sweep, which exports store as they
+    are (``RoundedWeight.values()`` is the dequantized weight).
 
     ``damp`` times the mean of H's diagonal is added to the diagonal (H of real activations is
     often singular); inputs that are always zero (a zero diagonal) leave their columns' weights
@@ -92,7 +94,8 @@ def gptq_quantize(
     group = fmt.block_size(in_features)
     # Blocks of whole groups, so that a group's scales see all of its columns up to date.
     width = group * max(1, block_columns // group)
-    quantized = torch.zeros_like(w)
+    elements = torch.zeros_like(w)
+    group_scales: list[BlockScales] = []
     for start in range(0, in_features, width):
         end = min(start + width, in_features)
         block = w[:, start:end].clone()
@@ -101,11 +104,31 @@ def gptq_quantize(
         for i in range(end - start):
             if i % group == 0:  # a group starts: its scales, from its weights as updated so far
                 scales = fmt.find_scales(to_blocks(block[:, i : i + group], group))
+                group_scales.append(scales)
             value = block[:, i : i + 1]
-            rounded = scales.dequantize_(fmt.round(value.unsqueeze(1), scales)).squeeze(1)
-            quantized[:, start + i : start + i + 1] = rounded
+            element = fmt.round(value.unsqueeze(1), scales)
+            elements[:, start + i : start + i + 1] = element.squeeze(1)
+            rounded = scales.dequantize_(element).squeeze(1)
             error = (value - rounded) / factor[i, i]
             block[:, i:] -= error @ factor[i : i + 1, i:]
             errors[:, i : i + 1] = error
         w[:, end:] -= errors @ upper[start:end, end:]
-    return quantized.to(weight.dtype)
+    return RoundedWeight(elements, _joined(group_scales), group, method="gptq")
+
+
+def gptq_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, **options
+) -> torch.Tensor:
+    """The quantize-dequantized ``weight`` of :func:`gptq_round` (same arguments), in
+    ``weight``'s shape and dtype."""
+    return gptq_round(weight, hessian, fmt, **options).values().to(weight.dtype)
+
+
+def _joined(group_scales: list[BlockScales]) -> BlockScales:
+    """The scales of every group of a row, one ``BlockScales`` per group joined in order."""
+
+    def cat(field: str) -> torch.Tensor | None:
+        parts = [getattr(scales, field) for scales in group_scales]
+        return None if parts[0] is None else torch.cat(parts, dim=-2)
+
+    return BlockScales(cat("scale"), cat("zero_point"))

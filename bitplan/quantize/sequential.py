@@ -7,23 +7,25 @@ quantized, to give block i+1 its inputs. The block keyword arguments (rotary emb
 come from one recorded pass of the unquantized model: they do not depend on the weights.
 
 A layer whose format also quantizes activations takes its Hessian from the quantized inputs
-Q(X), the ones its rounded weight will multiply. Layers outside the blocks (lm_head) are rounded
-to nearest.
+Q(X), the ones its rounded weight will multiply. Layers outside the blocks (lm_head), and bf16
+layers, are rounded to nearest.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
+from bitplan.formats.bf16 import BF16Format
 from bitplan.model.layers import find_blocks
-from bitplan.quantize import FakeQuantLinear, apply_formats
-from bitplan.quantize.gptq import Hessian, check_gptq_format, gptq_quantize
+from bitplan.quantize import FakeQuantLinear, apply_formats, apply_plan
+from bitplan.quantize.gptq import Hessian, check_gptq_format, gptq_round
 from bitplan.score.replay import record_block_inputs, run_block
 
 
@@ -39,10 +41,15 @@ def gptq_model(
     decoder layers are GPTQ-rounded on the calibration ``tokens`` (n_samples, seq_len)."""
     resolved = {n: f if isinstance(f, Format) else parse_format(f) for n, f in formats.items()}
     for fmt in {f.name: f for f in resolved.values()}.values():
-        check_gptq_format(fmt)  # before any work
+        if not isinstance(fmt, BF16Format):  # bf16 layers are only rounded to bf16
+            check_gptq_format(fmt)  # before any work
     target = copy.deepcopy(model)
     blocks_path, blocks = find_blocks(target)
-    in_blocks = {n: f for n, f in resolved.items() if n.startswith(f"{blocks_path}.")}
+    in_blocks = {
+        n: f
+        for n, f in resolved.items()
+        if n.startswith(f"{blocks_path}.") and not isinstance(f, BF16Format)
+    }
     apply_formats(target, {n: f for n, f in resolved.items() if n not in in_blocks}, inplace=True)
     with torch.no_grad():
         records = [record_block_inputs(target, batch) for batch in tokens.split(batch_size)]
@@ -56,10 +63,12 @@ def gptq_model(
             for name, module in block.named_modules()
             if isinstance(module, nn.Linear) and prefix + name in in_blocks
         }
-        hessians = _collect_hessians(block, planned, in_blocks, prefix, hidden, records, index)
+        views = {name: [input_view(in_blocks[prefix + name])] for name in planned}
+        inputs = [(hidden[k], record.kwargs[index]) for k, record in enumerate(records)]
+        hessians = collect_hessians(block, planned, views, inputs)
         for name, linear in planned.items():
             fmt = in_blocks[prefix + name]
-            rounded = gptq_quantize(linear.weight.data, hessians[name].matrix, fmt, damp=damp)
+            rounded = gptq_round(linear.weight.data, hessians[name][0].matrix, fmt, damp=damp)
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
             setattr(parent, child, FakeQuantLinear.from_linear(linear, fmt, rounded))
@@ -71,25 +80,62 @@ def gptq_model(
     return target
 
 
-def _collect_hessians(block, planned, formats, prefix, hidden, records, index):
-    """Every planned layer's Hessian from one unhooked run of ``block`` on its current inputs."""
-    hessians = {name: Hessian(module.in_features) for name, module in planned.items()}
+def quantize_model(
+    model: nn.Module,
+    plan,
+    rounding: str | None = None,
+    tokens: torch.Tensor | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> nn.Module:
+    """A fake-quantized copy of ``model`` under ``plan``, rounded as ``rounding`` says (default:
+    the plan's own): ``rtn`` (``apply_plan``) or ``gptq`` (``gptq_model`` on calibration
+    ``tokens``, which it then needs)."""
+    rounding = rounding or plan.rounding
+    if rounding == "rtn":
+        return apply_plan(model, plan)
+    if rounding != "gptq":
+        raise BitplanError(f"unknown rounding {rounding!r}; choose rtn or gptq")
+    if tokens is None:
+        raise BitplanError("GPTQ rounding needs calibration tokens")
+    return gptq_model(model, plan.layer_formats, tokens, batch_size, progress=progress)
+
+
+#: An input a Hessian is taken of: the layer's input X itself (None), or Q(X) under a format.
+InputView = Format | None
+
+
+def collect_hessians(
+    block: nn.Module,
+    modules: Mapping[str, nn.Linear],
+    views: Mapping[str, Sequence[InputView]],
+    inputs: Iterable[tuple[torch.Tensor, dict]],
+) -> dict[str, list[Hessian]]:
+    """Each layer's Hessian of each of its input ``views``, from one unhooked forward run of
+    ``block`` per (hidden states, keyword arguments) in ``inputs``. ``modules`` are Linear layers
+    inside ``block``, by any names; ``views`` lists, under the same names, which inputs to take:
+    X (None) or Q(X) of a format that quantizes activations."""
+    hessians = {name: [Hessian(modules[name].in_features) for _ in views[name]] for name in modules}
 
     def hook(name):
-        fmt = formats[prefix + name]
-
         def add(_module, args):
             x = args[0]
-            hessians[name].add(fmt.quantize_activation(x) if fmt.quantizes_activations else x)
+            for view, hessian in zip(views[name], hessians[name], strict=True):
+                hessian.add(x if view is None else view.quantize_activation(x))
 
         return add
 
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in planned.items()]
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
     try:
         with torch.no_grad():
-            for k, record in enumerate(records):
-                run_block(block, hidden[k], record.kwargs[index])
+            for hidden, kwargs in inputs:
+                run_block(block, hidden, kwargs)
     finally:
         for handle in handles:
             handle.remove()
     return hessians
+
+
+def input_view(fmt: Format) -> InputView:
+    """The input a layer rounded to ``fmt`` multiplies: Q(X) if ``fmt`` quantizes activations."""
+    return fmt if fmt.quantizes_activations else None

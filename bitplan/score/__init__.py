@@ -55,16 +55,21 @@ def score(
     loader: BlockLoader | None = None,
     device: str = "cpu",
     dtype: str | ComputeDtype = "auto",
+    rounding: str = "rtn",
 ) -> Scores:
     """Score every budgeted layer of ``model`` for every option on calibration ``tokens``.
 
     ``loader`` (from ``load_streaming``) makes the fisher scorer read one block's weights at a
     time; ``device`` is where blocks are computed (``cuda``, ``cuda:1`` ...); ``dtype`` what the
     passes compute in: ``auto`` (chosen for the device, ``bitplan.compute``), ``float32``,
-    ``bfloat16`` or ``float16``. Scores computed in different dtypes are cached apart."""
+    ``bfloat16`` or ``float16``. Scores computed in different dtypes are cached apart.
+    ``rounding="gptq"`` scores the error GPTQ leaves instead of round-to-nearest's (fisher
+    scorers)."""
     if scorer not in SCORERS:
         raise BitplanError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
     formats = [fmt if isinstance(fmt, Format) else parse_format(fmt) for fmt in options]
+    if rounding != "rtn":
+        _check_tuned_scoring(rounding, scorer, formats)
     layers = model.layers.selected(include_head)
     if loader is not None and scorer not in _FISHER_GRADIENT:
         raise BitplanError("streaming works with the fisher scorer only; drop --stream")
@@ -73,9 +78,19 @@ def score(
     names = ",".join(fmt.name for fmt in formats)
     compute = dtype if isinstance(dtype, ComputeDtype) else choose_dtype(device, dtype)
     key = f"v1|{scorer}|{model_id}|{data_id}|{names}|head={include_head}|bs={batch_size}"
-    key += f"|{compute.name}"
+    key += f"|{compute.name}" + ("" if rounding == "rtn" else f"|rounding={rounding}")
     run = partial(
-        _run_scorer, model, formats, layers, tokens, scorer, batch_size, progress, loader, device
+        _run_scorer,
+        model,
+        formats,
+        layers,
+        tokens,
+        scorer,
+        batch_size,
+        progress,
+        loader,
+        device,
+        rounding,
     )
     if not cache:
         return run(compute, key)
@@ -105,6 +120,7 @@ def _run_scorer(
     progress: bool,
     loader: BlockLoader | None,
     device: str,
+    rounding: str,
     compute: ComputeDtype,
     key: str,
 ) -> Scores:
@@ -123,6 +139,7 @@ def _run_scorer(
             device=device,
             dtype=compute.dtype,
             gradient=_FISHER_GRADIENT[scorer],
+            rounding=rounding,
         )
     else:
         if device != "cpu":
@@ -144,9 +161,26 @@ def _run_scorer(
             "key": key,
             "dtype": compute.name,
             "dtype_reason": compute.reason,
+            "rounding": rounding,
         },
     )
     return result
+
+
+def _check_tuned_scoring(rounding: str, scorer: str, formats: list[Format]) -> None:
+    """Refuse, before any work, a tuned-rounding score that cannot be computed."""
+    from bitplan.formats.bf16 import BF16Format
+    from bitplan.quantize.gptq import check_gptq_format
+
+    if rounding != "gptq":
+        raise BitplanError(f"unknown rounding {rounding!r}; choose rtn or gptq")
+    if scorer not in _FISHER_GRADIENT:
+        raise BitplanError(f"--rounding gptq scores with the fisher scorers only, not {scorer}")
+    if world_size() > 1:
+        raise BitplanError("--rounding gptq does not run under torchrun yet; run one process")
+    for fmt in formats:
+        if not isinstance(fmt, BF16Format):
+            check_gptq_format(fmt)
 
 
 def _load_cached(path: Path) -> Scores | None:

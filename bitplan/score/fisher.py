@@ -64,7 +64,10 @@ class _OutputErrorMeter:
         options: Sequence[Format],
         form: str,
         dtype: torch.dtype = torch.float32,
+        tuned: dict[str, dict[int, torch.Tensor]] | None = None,
     ):
+        """``tuned``: layer name -> option index -> its weight as tuned rounding (GPTQ) leaves
+        it, quantize-dequantized; the other options are rounded to nearest."""
         self.options = list(options)
         self.form = form
         self.dtype = dtype
@@ -81,7 +84,9 @@ class _OutputErrorMeter:
                 weight = m.weight.float()
                 qweights, errors, joint = {}, {}, {}
                 for k, fmt in enumerate(self.options):
-                    quantized = fmt.quantize_weight(m.weight).float()
+                    quantized = (tuned or {}).get(name, {}).get(k)
+                    if quantized is None:
+                        quantized = fmt.quantize_weight(m.weight).float()
                     if not fmt.quantizes_activations:
                         errors[k] = (quantized - weight).to(dtype)
                     elif form == "split":  # weight error on the output, Q(W) for G_X = G·Q(W)
@@ -241,6 +246,7 @@ def fisher_scores(
     dtype: torch.dtype | None = None,
     gradient: str = "loss",
     seed: int = 0,
+    rounding: str = "rtn",
 ) -> dict[str, dict[str, float]]:
     """Layer name -> option name -> predicted increase of the mean per-token loss (or, with
     ``gradient="kl"``, of the mean per-token KL from the unquantized model: ``GRADIENTS``; its
@@ -252,6 +258,10 @@ def fisher_scores(
     is worked on and dropped after; ``device`` is where each block is computed (recorded
     activations stay on the CPU). ``dtype`` is what the passes compute in (autocast; the
     weights are not converted); None chooses for ``device`` (``bitplan.compute.choose_dtype``).
+    With ``rounding="gptq"`` each decoder layer's options are GPTQ-rounded first (its Hessian
+    from one extra forward run of its block on the recorded inputs, shared by all options of
+    the same input), so that ΔY is the error GPTQ leaves; lm_head stays rounded to nearest, as
+    ``bitplan.quantize.sequential.gptq_model`` leaves it.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, not {form!r}")
@@ -314,7 +324,15 @@ def fisher_scores(
             block = loader.load(index, device) if loader else blocks[index].to(device)
             prefix = f"{blocks_path}.{index}."
             block_modules = {n: modules[n] for n in wanted if n.startswith(prefix)}
-            meter = _OutputErrorMeter(block_modules, options, form, dtype)
+            tuned = None
+            if rounding == "gptq":
+                inputs = [
+                    (record.hidden[index].to(device), to_device(record.kwargs[index], device))
+                    for record in records
+                ]
+                with compute:
+                    tuned = _gptq_weights(block, block_modules, prefix, options, inputs)
+            meter = _OutputErrorMeter(block_modules, options, form, dtype, tuned)
             with linear_weights_in([block], dtype):  # after the meter read the weights
                 for k, record in enumerate(records):
                     hidden = record.hidden[index].to(device).requires_grad_(True)
@@ -336,6 +354,35 @@ def fisher_scores(
         for p, flag in saved_flags:
             p.requires_grad_(flag)
     return normalised_totals(totals, calls, options, tokens)
+
+
+def _gptq_weights(
+    block: nn.Module,
+    modules: dict[str, nn.Linear],
+    prefix: str,
+    options: Sequence[Format],
+    inputs: list[tuple[torch.Tensor, dict]],
+) -> dict[str, dict[int, torch.Tensor]]:
+    """Layer name -> option index -> the layer's weight GPTQ-rounded to that option (float32,
+    dequantized), with Hessians from one forward run of ``block`` on ``inputs``. Options GPTQ
+    does not round (bf16) are left out: they are rounded to nearest."""
+    # Imported here: bitplan.quantize.sequential imports this package's replay module.
+    from bitplan.formats.bf16 import BF16Format
+    from bitplan.quantize.gptq import gptq_round
+    from bitplan.quantize.sequential import collect_hessians, input_view
+
+    tuned_options = {k: fmt for k, fmt in enumerate(options) if not isinstance(fmt, BF16Format)}
+    views = list(dict.fromkeys(input_view(fmt) for fmt in tuned_options.values()))
+    local = {name[len(prefix) :]: module for name, module in modules.items()}
+    hessians = collect_hessians(block, local, dict.fromkeys(local, views), inputs)
+    tuned: dict[str, dict[int, torch.Tensor]] = {}
+    for name, module in local.items():
+        weight = module.weight.detach()
+        tuned[prefix + name] = {
+            k: gptq_round(weight, hessians[name][views.index(input_view(fmt))].matrix, fmt).values()
+            for k, fmt in tuned_options.items()
+        }
+    return tuned
 
 
 def normalised_totals(
