@@ -10,10 +10,11 @@ from hypothesis import strategies as st
 from bitplan.errors import BitplanError
 from bitplan.formats import parse_format
 from bitplan.formats.blocks import to_blocks
-from bitplan.quantize.gptq import Hessian, gptq_quantize
+from bitplan.quantize import gptq as gptq_module
+from bitplan.quantize.gptq import Hessian, clipped_scales, gptq_quantize, gptq_round
 
 # One of each family and scale rule: integer sym / asym, ragged groups, per-channel, MX, FP8 rows.
-FORMATS = ["w4g32", "w2g64", "w3g128_asym", "w4", "int8", "mxfp4", "mxfp6", "mxfp8", "fp8"]
+FORMATS = ["w4g32", "w2g64", "w3g128_asym", "w4", "int8", "mxfp4", "mxfp6", "mxfp8", "nvfp4", "fp8"]
 
 
 def layer(seed: int, out_features: int = 12, in_features: int = 80, tokens: int = 400):
@@ -39,10 +40,11 @@ def reference_gptq(weight, hessian, fmt, damp=0.01):
     h.diagonal().add_(damp * h.diagonal().mean())
     inverse = torch.linalg.inv(h)
     group = fmt.block_size(w.shape[1])
+    rule = fmt.group_scale_rule(to_blocks(weight.float(), group))
     out = torch.zeros_like(w)
     for j in range(w.shape[1]):
         if j % group == 0:
-            scales = fmt.find_scales(to_blocks(w[:, j : j + group].float(), group))
+            scales = rule(to_blocks(w[:, j : j + group].float(), group))
         column = w[:, j : j + 1].float().unsqueeze(1)
         out[:, j] = scales.dequantize(fmt.round(column, scales)).reshape(-1).double()
         error = (w[:, j] - out[:, j]) / inverse[j, j]
@@ -115,8 +117,30 @@ def test_a_dead_input_leaves_its_weights_at_zero():
     assert torch.count_nonzero(rounded[:, 5]) == 0 and torch.isfinite(rounded).all()
 
 
-@pytest.mark.parametrize("name", ["nvfp4", "q4_k"])
+@pytest.mark.parametrize("name", ["q4_k", "q6_k"])
 def test_formats_gptq_cannot_round_yet_are_refused(name):
     weight, _, hessian = layer(5, in_features=256)
     with pytest.raises(BitplanError, match="not available"):
         gptq_quantize(weight, hessian, parse_format(name))
+
+
+@pytest.mark.parametrize("name", ["w2g32", "w3g128_asym", "w4", "mxfp4", "nvfp4", "fp8"])
+def test_clipping_search_never_rounds_a_block_worse_and_clips_outliers(name):
+    fmt = parse_format(name)
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(16, 128, generator=gen)
+    weight[:, 3] *= 6  # an outlier in every row: worth clipping at low bits
+    size = fmt.block_size(128)
+    blocks = to_blocks(weight, size)
+    plain, clipped = fmt.find_scales(blocks), clipped_scales(fmt, blocks)
+    error_plain = gptq_module._rounding_error(fmt, blocks, plain)
+    error_clipped = gptq_module._rounding_error(fmt, blocks, clipped)
+    assert bool((error_clipped <= error_plain).all())
+    if name == "w2g32":
+        assert bool((error_clipped < error_plain).any())
+        assert bool((clipped.scale <= plain.scale).all())
+    # GPTQ with the search: its own scales are stored, so decode gives its weight back.
+    hessian = Hessian(128)
+    hessian.add(torch.randn(400, 128, generator=gen))
+    rounded = gptq_round(weight, hessian.matrix, fmt, clip=True)
+    assert torch.equal(fmt.decode(fmt.encode_rounded(rounded), (16, 128)), rounded.values())

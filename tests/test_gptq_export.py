@@ -16,7 +16,6 @@ from bitplan.export import export_model
 from bitplan.export.compressed import decompress_export
 from bitplan.formats import parse_format
 from bitplan.model import load_model
-from bitplan.model.loading import LoadedModel
 from bitplan.plans import Plan
 from bitplan.quantize import FakeQuantLinear, apply_plan, rounded_weights
 from bitplan.quantize.gptq import Hessian, gptq_round
@@ -26,11 +25,6 @@ GPTQ_MIXED = [
     {"qkv": "w4g64_asym", "o": "w3g128", "gate_up": "mxfp4", "down": "w2g128"},
     {"qkv": "mxfp8", "o": "fp8", "gate_up": "w8g32", "down": "int8"},
 ]
-
-
-@pytest.fixture()
-def tiny(tiny_model, tiny_tokenizer) -> LoadedModel:
-    return LoadedModel(module=tiny_model, tokenizer=tiny_tokenizer, name="tiny", source="memory")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +41,7 @@ def logits(module, tokens):
         return module(tokens).logits
 
 
-@pytest.mark.parametrize("name", ["w4g32", "w3g128_asym", "w4g48", "mxfp4", "fp8", "int8"])
+@pytest.mark.parametrize("name", ["w4g32", "w3g128_asym", "w4g48", "mxfp4", "nvfp4", "fp8", "int8"])
 def test_rounded_weight_is_what_encode_and_quantize_weight_store(name):
     fmt = parse_format(name)
     weight = torch.randn(6, 100, generator=torch.Generator().manual_seed(1))

@@ -9,17 +9,11 @@ from torch import nn
 from bitplan.errors import BitplanError
 from bitplan.formats import parse_format
 from bitplan.model.layers import build_layer_table
-from bitplan.model.loading import LoadedModel
 from bitplan.quantize import FakeQuantLinear, apply_formats
 from bitplan.quantize.gptq import Hessian, gptq_round
 from bitplan.quantize.sequential import gptq_model
 from bitplan.score import fisher, score
 from bitplan.score.replay import record_block_inputs
-
-
-@pytest.fixture()
-def tiny(tiny_model, tiny_tokenizer) -> LoadedModel:
-    return LoadedModel(module=tiny_model, tokenizer=tiny_tokenizer, name="tiny", source="memory")
 
 
 @pytest.fixture()
@@ -98,8 +92,8 @@ def test_gptq_model_rounds_differently_from_rtn_but_on_a_grid_of_the_format(tiny
 
 
 def test_formats_gptq_cannot_round_are_refused_before_any_work(tiny_model, tokens):
-    formats = dict.fromkeys(plan_for(tiny_model), "nvfp4")
-    with pytest.raises(BitplanError, match="nvfp4"):
+    formats = dict.fromkeys(plan_for(tiny_model), "q4_k")
+    with pytest.raises(BitplanError, match="q4_k"):
         gptq_model(tiny_model, formats, tokens[:0], progress=False)
     assert all(not isinstance(m, FakeQuantLinear) for m in tiny_model.modules())
     assert isinstance(tiny_model.model.layers[0].mlp.down_proj, nn.Linear)
@@ -141,5 +135,5 @@ def test_gptq_aware_scores_are_lower_where_gptq_helps(tiny, tokens):
         assert after < 0.9 * before, option
     with pytest.raises(BitplanError, match="fisher scorers only"):
         score(tiny, options, tokens, scorer="delta-loss", cache=False, rounding="gptq")
-    with pytest.raises(BitplanError, match="nvfp4"):
-        score(tiny, ["nvfp4", "w4g32"], tokens, cache=False, rounding="gptq")
+    with pytest.raises(BitplanError, match="q4_k"):
+        score(tiny, ["q4_k", "w4g32"], tokens, cache=False, rounding="gptq")

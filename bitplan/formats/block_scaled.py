@@ -112,6 +112,12 @@ class BlockScaledFormat(Format):
         """The scales of float32 ``blocks`` shaped ``(..., blocks, block_size)`` (GPTQ's
         ``find_params``)."""
 
+    def group_scale_rule(self, blocks: torch.Tensor) -> Callable[[torch.Tensor], BlockScales]:
+        """The rule for the scales of some of ``blocks`` (a whole weight's) on their own, as tuned
+        rounding finds them group by group: ``find_scales``, unless the format also has a scale
+        of the whole tensor, which it then fixes from ``blocks`` first (NVFP4)."""
+        return self.find_scales
+
     @abstractmethod
     def round(self, x: torch.Tensor, scales: BlockScales) -> torch.Tensor:
         """Round float32 ``x`` (broadcastable against ``scales``) onto the element grid with the

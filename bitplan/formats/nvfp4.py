@@ -26,6 +26,7 @@ Stored (``storage.py``): ``qweight`` the E2M1 codes bit-packed; ``scales`` the b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +57,17 @@ class NVFP4Format(MinifloatBlockFormat):
         """
         block_amax = blocks.abs().amax(dim=-1, keepdim=True)
         global_scale = block_amax.max() / (E2M1.max_normal * E4M3.max_normal)
-        safe_global = torch.where(global_scale > 0, global_scale, 1.0)  # all-zero tensor
-        block_scale = quantize_to_minifloat(block_amax / E2M1.max_normal / safe_global, E4M3)
-        return BlockScales(block_scale, global_scale=global_scale)
+        return _under_global_scale(block_amax, global_scale)
+
+    def group_scale_rule(self, blocks: torch.Tensor) -> Callable[[torch.Tensor], BlockScales]:
+        """Block scales under the global scale of the whole ``blocks``, fixed (a block that
+        grows past the tensor's amax gets the largest E4M3 scale and clips)."""
+        global_scale = self.find_scales(blocks).global_scale
+
+        def rule(some: torch.Tensor) -> BlockScales:
+            return _under_global_scale(some.abs().amax(dim=-1, keepdim=True), global_scale)
+
+        return rule
 
     def part_bits(self, shape: tuple[int, int]) -> dict[str, int]:
         out_features, in_features = check_weight_shape(shape)
@@ -78,3 +87,10 @@ class NVFP4Format(MinifloatBlockFormat):
     def unpack_scales(self, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> BlockScales:
         block_scale = parts["scales"].float().unsqueeze(-1)
         return BlockScales(block_scale, global_scale=parts["global_scale"].float().reshape(()))
+
+
+def _under_global_scale(block_amax: torch.Tensor, global_scale: torch.Tensor) -> BlockScales:
+    """The E4M3 block scales of blocks with amax ``block_amax`` under ``global_scale``."""
+    safe_global = torch.where(global_scale > 0, global_scale, 1.0)  # all-zero tensor
+    block_scale = quantize_to_minifloat(block_amax / E2M1.max_normal / safe_global, E4M3)
+    return BlockScales(block_scale, global_scale=global_scale)

@@ -13,13 +13,16 @@ Any block-scaled format works the same way (``formats/block_scaled.py``): a grou
 chosen by the format's own rule (``find_scales``) when the sweep reaches the group's first
 column, from the weights as the earlier columns' updates have left them; each column is then
 rounded with its group's scales (``round``). So integer groups of any size (a ragged last group
-too), MX blocks of 32 and FP8 rows all take the same path.
+too), MX blocks of 32, NVFP4 blocks of 16 (under the tensor's global scale, fixed before the
+sweep: ``group_scale_rule``) and FP8 rows all take the same path.
 
 ``Hessian`` accumulates H from a layer's inputs; ``gptq_quantize`` rounds one weight with it.
 The model glue (which inputs, in which order) lives apart from this algorithm.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -49,17 +52,10 @@ class Hessian:
 
 
 def check_gptq_format(fmt: Format) -> None:
-    """Raise BitplanError unless GPTQ can round ``fmt``: a block-scaled format whose scales are
-    all per block. (NVFP4's per-tensor global scale would have to be fixed before the sweep;
-    GGUF's super-blocks are another layout.)"""
+    """Raise BitplanError unless GPTQ can round ``fmt``: a block-scaled format (GGUF's
+    super-blocks are another layout)."""
     if not isinstance(fmt, BlockScaledFormat):
         raise BitplanError(f"GPTQ rounding is not available for {fmt.name} yet")
-    probe = fmt.find_scales(torch.ones(1, 1, fmt.block_size(256)))  # one block of a short row
-    if probe.global_scale is not None:
-        raise BitplanError(
-            f"GPTQ rounding is not available for {fmt.name} yet (its global scale would have to "
-            "be fixed before the sweep)"
-        )
 
 
 def gptq_round(
@@ -68,6 +64,7 @@ def gptq_round(
     fmt: Format,
     damp: float = 0.01,
     block_columns: int = 128,
+    clip: bool = False,
 ) -> RoundedWeight:
     """``weight`` (out, in) rounded onto ``fmt``'s grid by GPTQ with the inputs' ``hessian``
     (in, in): the elements and the scales chosen along the sweep, which exports store as they
@@ -77,7 +74,8 @@ def gptq_round(
     often singular); inputs that are always zero (a zero diagonal) leave their columns' weights
     free, as in the reference implementation. ``block_columns`` is the width of the lazy
     updates (rounded to whole groups): it changes the speed, not the result (up to float
-    rounding)."""
+    rounding). ``clip`` chooses each group's scales by :func:`clipped_scales` instead of the
+    format's own rule."""
     check_gptq_format(fmt)
     w = weight.detach().float().clone()
     out_features, in_features = w.shape
@@ -92,6 +90,8 @@ def gptq_round(
     upper = torch.linalg.cholesky(inverse, upper=True)
 
     group = fmt.block_size(in_features)
+    # A group's scales on their own (NVFP4: under the tensor's global scale, fixed now).
+    rule = fmt.group_scale_rule(to_blocks(w, group))
     # Blocks of whole groups, so that a group's scales see all of its columns up to date.
     width = group * max(1, block_columns // group)
     elements = torch.zeros_like(w)
@@ -103,7 +103,8 @@ def gptq_round(
         factor = upper[start:end, start:end]
         for i in range(end - start):
             if i % group == 0:  # a group starts: its scales, from its weights as updated so far
-                scales = fmt.find_scales(to_blocks(block[:, i : i + group], group))
+                blocks = to_blocks(block[:, i : i + group], group)
+                scales = clipped_scales(fmt, blocks, rule) if clip else rule(blocks)
                 group_scales.append(scales)
             value = block[:, i : i + 1]
             element = fmt.round(value.unsqueeze(1), scales)
@@ -114,6 +115,46 @@ def gptq_round(
             errors[:, i : i + 1] = error
         w[:, end:] -= errors @ upper[start:end, end:]
     return RoundedWeight(elements, _joined(group_scales), group, method="gptq")
+
+
+#: The range shrink factors a clipping search tries (1: the format's own rule) and the norm of
+#: the error it compares, as GPTQ's reference ``find_params(mse=True)``.
+CLIP_SHRINKS = tuple(1 - 0.01 * k for k in range(21))
+CLIP_NORM = 2.4
+
+
+def clipped_scales(
+    fmt: BlockScaledFormat,
+    blocks: torch.Tensor,
+    rule: Callable[[torch.Tensor], BlockScales] | None = None,
+) -> BlockScales:
+    """Scales for float32 ``blocks`` (..., blocks, size): for each block, the scale ``rule``
+    (default: the format's ``find_scales``) applied to the block's range shrunk by the factor
+    of ``CLIP_SHRINKS`` that rounds it with the least error Σ|q − w|^``CLIP_NORM``: the largest
+    values clip so that the others are rounded finer. Any block-scaled format: the shrunk range
+    goes through its own rule (an MX scale, a power of two, changes only where the shrink
+    crosses one)."""
+    rule = rule or fmt.find_scales
+    best = rule(blocks)
+    best_error = _rounding_error(fmt, blocks, best)
+    for shrink in CLIP_SHRINKS[1:]:
+        scales = rule(blocks * shrink)
+        error = _rounding_error(fmt, blocks, scales)
+        better = error < best_error
+        best = BlockScales(
+            torch.where(better, scales.scale, best.scale),
+            None
+            if best.zero_point is None
+            else torch.where(better, scales.zero_point, best.zero_point),
+            best.global_scale,  # fixed by the rule: the same for every shrink
+        )
+        best_error = torch.minimum(error, best_error)
+    return best
+
+
+def _rounding_error(fmt: BlockScaledFormat, blocks: torch.Tensor, scales: BlockScales):
+    rounded = scales.dequantize_(fmt.round(blocks, scales))
+    return (rounded - blocks).abs().pow(CLIP_NORM).sum(-1, keepdim=True)
 
 
 def gptq_quantize(
@@ -131,4 +172,4 @@ def _joined(group_scales: list[BlockScales]) -> BlockScales:
         parts = [getattr(scales, field) for scales in group_scales]
         return None if parts[0] is None else torch.cat(parts, dim=-2)
 
-    return BlockScales(cat("scale"), cat("zero_point"))
+    return BlockScales(cat("scale"), cat("zero_point"), group_scales[0].global_scale)

@@ -36,9 +36,11 @@ def gptq_model(
     batch_size: int = 4,
     damp: float = 0.01,
     progress: bool = True,
+    clip: bool = False,
 ) -> nn.Module:
     """A fake-quantized copy of ``model`` (layer name -> format, as ``apply_formats``) whose
-    decoder layers are GPTQ-rounded on the calibration ``tokens`` (n_samples, seq_len)."""
+    decoder layers are GPTQ-rounded on the calibration ``tokens`` (n_samples, seq_len); ``clip``
+    searches each group's scales (``gptq.clipped_scales``)."""
     resolved = {n: f if isinstance(f, Format) else parse_format(f) for n, f in formats.items()}
     for fmt in {f.name: f for f in resolved.values()}.values():
         if not isinstance(fmt, BF16Format):  # bf16 layers are only rounded to bf16
@@ -68,7 +70,8 @@ def gptq_model(
         hessians = collect_hessians(block, planned, views, inputs)
         for name, linear in planned.items():
             fmt = in_blocks[prefix + name]
-            rounded = gptq_round(linear.weight.data, hessians[name][0].matrix, fmt, damp=damp)
+            hessian = hessians[name][0].matrix
+            rounded = gptq_round(linear.weight.data, hessian, fmt, damp=damp, clip=clip)
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
             setattr(parent, child, FakeQuantLinear.from_linear(linear, fmt, rounded))
