@@ -8,6 +8,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from bitplan.model.loading import LoadedModel
+
 _TRAINING_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
     "A model is quantized layer by layer under a budget of average bits.",
@@ -65,6 +67,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture()
 def tiny_model(tiny_tokenizer) -> LlamaForCausalLM:
     return build_tiny_llama(vocab_size=len(tiny_tokenizer))
+
+
+@pytest.fixture()
+def tiny(tiny_model, tiny_tokenizer) -> LoadedModel:
+    """The tiny model as bitplan's loader returns a model (an export's or a scorer's input)."""
+    return LoadedModel(module=tiny_model, tokenizer=tiny_tokenizer, name="tiny", source="memory")
 
 
 @pytest.fixture()

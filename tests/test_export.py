@@ -52,11 +52,6 @@ def by_role(table):
     return choose
 
 
-@pytest.fixture()
-def tiny(tiny_model, tiny_tokenizer) -> LoadedModel:
-    return LoadedModel(module=tiny_model, tokenizer=tiny_tokenizer, name="tiny", source="memory")
-
-
 @pytest.fixture(scope="module")
 def tokens() -> torch.Tensor:
     return torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
