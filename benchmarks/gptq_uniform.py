@@ -3,7 +3,7 @@ perplexity of each, and GPTQ's wall time (issue 17's sanity rows, before GPTQ re
 
 Calibration 16 x 256 tokens, held-out 8 x 512, as plan_quality.py.
 
-    .venv/bin/python benchmarks/gptq_uniform.py [--model gemma3-270m] [--formats w4g128,mxfp4]
+    .venv/bin/python benchmarks/gptq_uniform.py [--model gemma3-270m] [--formats w4g128,mxfp4] [--clip]
 """
 
 from __future__ import annotations
@@ -23,27 +23,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="bundled model key or folder")
     parser.add_argument("--formats", default="w4g128,mxfp4,w3g128,w2g128")
+    parser.add_argument("--clip", action="store_true", help="also GPTQ with a clipping search")
     args = parser.parse_args()
     model = load_model(args.model)
     tokens = calibration_samples(model.tokenizer, 16, 256)
     base = BaseLogits.compute(model.module, heldout_samples(model.tokenizer, 8, 512))
     layers = model.layers.decoder_layers()
     print(f"{model.identity} ({model.note}); base ppl {base.base_ppl:.2f}")
-    print("| format | RTN KL | GPTQ KL | GPTQ ÷ RTN | RTN ppl | GPTQ ppl | GPTQ time (s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    variants = {"GPTQ": False, **({"GPTQ+clip": True} if args.clip else {})}
+    columns = [f"{v} {what}" for v in variants for what in ("KL", "÷ RTN", "ppl", "time (s)")]
+    print("| format | RTN KL | RTN ppl | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * (2 + len(columns)))
     for name in args.formats.split(","):
         formats = {layer.name: name for layer in layers}
         rtn = base.compare(apply_formats(model.module, formats))
-        start = time.perf_counter()
-        tuned_model = gptq_model(model.module, formats, tokens, progress=False)
-        seconds = time.perf_counter() - start
-        tuned = base.compare(tuned_model)
-        del tuned_model
-        print(
-            f"| {name} | {rtn.kl:.4f} | {tuned.kl:.4f} | {tuned.kl / rtn.kl:.2f} | {rtn.ppl:.2f} "
-            f"| {tuned.ppl:.2f} | {seconds:.0f} |",
-            flush=True,
-        )
+        cells = [name, f"{rtn.kl:.4f}", f"{rtn.ppl:.2f}"]
+        for clip in variants.values():
+            start = time.perf_counter()
+            tuned_model = gptq_model(model.module, formats, tokens, progress=False, clip=clip)
+            seconds = time.perf_counter() - start
+            tuned = base.compare(tuned_model)
+            del tuned_model
+            cells += [f"{tuned.kl:.4f}", f"{tuned.kl / rtn.kl:.2f}", f"{tuned.ppl:.2f}"]
+            cells.append(f"{seconds:.0f}")
+        print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,163 @@
+"""Tuned rounding end to end (issue 17): bitplan's plans rounded to nearest, the same plans
+GPTQ-rounded, and GPTQ-aware plans (``search --rounding gptq``) GPTQ-rounded, each through the
+command line exactly as a user runs it (``bitplan search``, then ``bitplan quantize --format
+fake``), reloaded from the export and measured by KL(base || quantized) on held-out text.
+
+For MXFP4+MXFP8 at 4.5, 5 and 6 bits and W2G128+W4G128 at 3 bits (scale bits ignored, as the
+reference's tables), plus uniform W4G128 as a sanity row. Calibration 16 x 256 tokens of the
+shipped text (the CLI's defaults), held-out 8 x 512 tokens of other prose. Each search and each
+quantize is its own process, timed (wall) with its peak RSS (``wait4``). Resumable: every number
+is written to ``--out``/results.json as it comes, and a re-run skips what is there.
+
+    .venv/bin/python benchmarks/tuned_rounding.py [--model gemma3-270m] [--out out/tuned]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bitplan.data.heldout import heldout_samples
+from bitplan.evaluate.divergence import BaseLogits
+from bitplan.jsonio import write_json_atomic
+from bitplan.model import load_model
+
+SETS = {"mx": ("mxfp4,mxfp8", (4.5, 5.0, 6.0)), "int": ("w2g128,w4g128", (3.0,))}
+#: Table columns: (label, which search's plan, rounding at quantize).
+VARIANTS = (
+    ("plan + RTN", "rtn", "rtn"),
+    ("plan + GPTQ", "rtn", "gptq"),
+    ("GPTQ-aware plan + GPTQ", "gptq", "gptq"),
+)
+BITPLAN = [sys.executable, "-m", "bitplan.cli"]
+
+
+def run_child(argv: list[str], log: Path) -> dict:
+    """Run ``bitplan argv`` alone; its wall time and peak RSS (MB). Output goes to ``log``.
+
+    The peak RSS comes from GNU time, which starts bitplan itself: a child started directly by
+    this (large) process would inherit its RSS as a starting high-water mark (Linux carries
+    ``ru_maxrss`` across fork and exec)."""
+    rss_file = log.with_suffix(".rss")
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        command = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *BITPLAN, *argv]
+        status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode
+    seconds = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"bitplan {' '.join(argv)} failed; see {log}")
+    peak_kb = int(rss_file.read_text().split()[-1])
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_kb / 1024)}
+
+
+def budget_name(bits: float) -> str:
+    return f"{bits:g}".replace(".", "p")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="bundled model key or folder")
+    parser.add_argument("--out", default="out/tuned", help="results, logs and scratch exports")
+    parser.add_argument("--sets", default="int,mx,uniform", help="int, mx, uniform")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+
+    def record(key: str, value: dict) -> None:
+        results[key] = value
+        write_json_atomic(results_path, results)
+        print(key, value, flush=True)
+
+    model_arg = [args.model] if args.model else []
+    model = load_model(args.model)
+    base = BaseLogits.compute(model.module, heldout_samples(model.tokenizer, 8, 512))
+    print(f"{model.identity} ({model.note}); base ppl {base.base_ppl:.2f}", flush=True)
+    del model
+
+    def quantize_and_measure(key: str, plan: Path, rounding: str) -> None:
+        if key in results:
+            return
+        export = out / "export"
+        shutil.rmtree(export, ignore_errors=True)
+        cost = run_child(
+            [
+                "quantize",
+                *model_arg,
+                "--plan",
+                str(plan),
+                "--format",
+                "fake",
+                "--out",
+                str(export),
+                "--rounding",
+                rounding,
+            ],  # fmt: skip
+            out / f"{key.replace(' ', '_')}.log",
+        )
+        divergence = base.compare(load_model(export).module)
+        shutil.rmtree(export)
+        record(key, {"kl": divergence.kl, "ppl": divergence.ppl, "quantize": cost})
+
+    for set_name in args.sets.split(","):
+        if set_name == "uniform":
+            plans = out / "uniform-plans"
+            if "uniform search" not in results:
+                cost = run_child(
+                    [
+                        "search",
+                        *model_arg,
+                        "--options",
+                        "w4g128,w8g128",
+                        "--recipe",
+                        "uniform",
+                        "--ignore-scale-bits",
+                        "--out",
+                        str(plans),
+                    ],  # fmt: skip
+                    out / "uniform-search.log",
+                )
+                record("uniform search", cost)
+            for rounding in ("rtn", "gptq"):
+                quantize_and_measure(
+                    f"uniform w4g128 {rounding}", plans / "plan_uniform.json", rounding
+                )
+            continue
+        options, budgets = SETS[set_name]
+        for rounding in ("rtn", "gptq"):
+            key = f"{set_name} search {rounding}"
+            if key not in results:
+                cost = run_child(
+                    [
+                        "search",
+                        *model_arg,
+                        "--options",
+                        options,
+                        "--avg-bits",
+                        *map(str, budgets),
+                        "--ignore-scale-bits",
+                        "--no-cache",
+                        "--rounding",
+                        rounding,
+                        "--out",
+                        str(out / f"{set_name}-{rounding}-plans"),
+                    ],  # fmt: skip
+                    out / f"{set_name}-search-{rounding}.log",
+                )
+                record(key, cost)
+        for bits in budgets:
+            for label, searched, rounding in VARIANTS:
+                plan = (
+                    out / f"{set_name}-{searched}-plans" / f"plan_bitplan_{budget_name(bits)}.json"
+                )
+                quantize_and_measure(f"{set_name} {bits:g} {label}", plan, rounding)
+
+
+if __name__ == "__main__":
+    main()
