@@ -3,7 +3,8 @@ perplexity of each, and GPTQ's wall time (issue 17's sanity rows, before GPTQ re
 
 Calibration 16 x 256 tokens, held-out 8 x 512, as plan_quality.py.
 
-    .venv/bin/python benchmarks/gptq_uniform.py [--model gemma3-270m] [--formats w4g128,mxfp4] [--clip]
+    .venv/bin/python benchmarks/gptq_uniform.py [--model gemma3-270m] [--formats w4g128,mxfp4]
+        [--compare-clip]
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="bundled model key or folder")
     parser.add_argument("--formats", default="w4g128,mxfp4,w3g128,w2g128")
-    parser.add_argument("--clip", action="store_true", help="also GPTQ with a clipping search")
+    parser.add_argument(
+        "--compare-clip",
+        action="store_true",
+        help="also GPTQ without its clipping search of the group scales (gptq.clipped_scales)",
+    )
     args = parser.parse_args()
     model = load_model(args.model)
     tokens = calibration_samples(model.tokenizer, 16, 256)
     base = BaseLogits.compute(model.module, heldout_samples(model.tokenizer, 8, 512))
     layers = model.layers.decoder_layers()
     print(f"{model.identity} ({model.note}); base ppl {base.base_ppl:.2f}")
-    variants = {"GPTQ": False, **({"GPTQ+clip": True} if args.clip else {})}
+    variants = {"GPTQ": True, **({"GPTQ, no clip": False} if args.compare_clip else {})}
     columns = [f"{v} {what}" for v in variants for what in ("KL", "÷ RTN", "ppl", "time (s)")]
     print("| format | RTN KL | RTN ppl | " + " | ".join(columns) + " |")
     print("|---|" + "---:|" * (2 + len(columns)))

@@ -103,6 +103,12 @@ class RoundedWeight:
 class BlockScaledFormat(Format):
     """A format of scaled blocks along the last dimension (see the module doc)."""
 
+    #: Whether tuned rounding searches this format's scales (``quantize.gptq.clipped_scales``):
+    #: a range shrunk by up to 20 % gives a finer scale. Not for scales that are powers of two
+    #: (MX), which such a shrink changes only at a power-of-two boundary, where it halves the
+    #: scale and clips the block's largest values to half their size.
+    searches_scales: bool = True
+
     @abstractmethod
     def block_size(self, length: int) -> int:
         """Elements per block (per scale) in a row of ``length`` elements."""

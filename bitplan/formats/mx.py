@@ -66,6 +66,7 @@ class MXFormat(MinifloatBlockFormat):
     """An MX format: ``MXFormat(4)`` is MXFP4 (E2M1), 6 is MXFP6 (E2M3), 8 is MXFP8 (E4M3)."""
 
     bits: int
+    searches_scales = False  # powers of two (BlockScaledFormat.searches_scales)
 
     def __post_init__(self) -> None:
         if self.bits not in MX_ELEMENTS:

@@ -64,7 +64,7 @@ def gptq_round(
     fmt: Format,
     damp: float = 0.01,
     block_columns: int = 128,
-    clip: bool = False,
+    clip: bool = True,
 ) -> RoundedWeight:
     """``weight`` (out, in) rounded onto ``fmt``'s grid by GPTQ with the inputs' ``hessian``
     (in, in): the elements and the scales chosen along the sweep, which exports store as they
@@ -75,7 +75,8 @@ def gptq_round(
     free, as in the reference implementation. ``block_columns`` is the width of the lazy
     updates (rounded to whole groups): it changes the speed, not the result (up to float
     rounding). ``clip`` chooses each group's scales by :func:`clipped_scales` instead of the
-    format's own rule."""
+    format's own rule, for formats whose scales can be searched (``searches_scales``: not MX);
+    on SmolLM2 it cut GPTQ's KL at w3g128 from 2.06 to 1.24 (docs/RESULTS.md)."""
     check_gptq_format(fmt)
     w = weight.detach().float().clone()
     out_features, in_features = w.shape
@@ -104,7 +105,8 @@ def gptq_round(
         for i in range(end - start):
             if i % group == 0:  # a group starts: its scales, from its weights as updated so far
                 blocks = to_blocks(block[:, i : i + group], group)
-                scales = clipped_scales(fmt, blocks, rule) if clip else rule(blocks)
+                search = clip and fmt.searches_scales
+                scales = clipped_scales(fmt, blocks, rule) if search else rule(blocks)
                 group_scales.append(scales)
             value = block[:, i : i + 1]
             element = fmt.round(value.unsqueeze(1), scales)

@@ -36,7 +36,7 @@ def gptq_model(
     batch_size: int = 4,
     damp: float = 0.01,
     progress: bool = True,
-    clip: bool = False,
+    clip: bool = True,
 ) -> nn.Module:
     """A fake-quantized copy of ``model`` (layer name -> format, as ``apply_formats``) whose
     decoder layers are GPTQ-rounded on the calibration ``tokens`` (n_samples, seq_len); ``clip``
