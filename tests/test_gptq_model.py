@@ -137,3 +137,14 @@ def test_gptq_aware_scores_are_lower_where_gptq_helps(tiny, tokens):
         score(tiny, options, tokens, scorer="delta-loss", cache=False, rounding="gptq")
     with pytest.raises(BitplanError, match="q4_k"):
         score(tiny, ["q4_k", "w4g32"], tokens, cache=False, rounding="gptq")
+
+
+def test_gptq_aware_scores_are_cached_apart_from_rtn_ones(tiny, tokens, tmp_path):
+    options = ["w2g32", "w4g32"]
+    rtn = score(tiny, options, tokens, cache=tmp_path, progress=False, dtype="float32")
+    tuned = score(tiny, options, tokens, cache=tmp_path, progress=False, dtype="float32",
+                  rounding="gptq")  # fmt: skip
+    assert "cache_hit" not in tuned.extra and tuned.layer_scores != rtn.layer_scores
+    again = score(tiny, options, tokens, cache=tmp_path, progress=False, dtype="float32",
+                  rounding="gptq")  # fmt: skip
+    assert again.extra.get("cache_hit") and again.layer_scores == tuned.layer_scores

@@ -34,11 +34,18 @@ def test_streamed_model_keeps_blocks_on_meta(tiny_folder):
     assert all(p.is_meta for p in block.parameters())
 
 
-def test_streaming_scores_equal_in_memory_scores(tiny_folder):
+@pytest.mark.parametrize("rounding", ["rtn", "gptq"])
+def test_streaming_scores_equal_in_memory_scores(tiny_folder, rounding):
     tokens = torch.randint(0, 320, (5, 20), generator=torch.Generator().manual_seed(3))
     in_memory = load_model(tiny_folder)
     expected = fisher_scores(
-        in_memory.module, in_memory.layers.decoder_layers(), OPTIONS, tokens, 2, progress=False
+        in_memory.module,
+        in_memory.layers.decoder_layers(),
+        OPTIONS,
+        tokens,
+        2,
+        progress=False,
+        rounding=rounding,
     )
     streamed, loader = load_streaming(tiny_folder)
     got = fisher_scores(
@@ -49,6 +56,7 @@ def test_streaming_scores_equal_in_memory_scores(tiny_folder):
         2,
         progress=False,
         loader=loader,
+        rounding=rounding,
     )
     assert got.keys() == expected.keys()
     for name in expected:
