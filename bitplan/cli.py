@@ -128,7 +128,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             )
         if args.stream and args.format == "gguf":
             raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
-        _check_rounding(args.rounding, args.format, args.stream)
+        _check_rounding(args.rounding, args.format, args.stream, args.calib)
         # Fail now, not after scoring, when the export would hit an existing path.
         from bitplan.export import check_destination
 
@@ -178,12 +178,16 @@ def _compute_dtype(device: str, requested: str):
     return choice
 
 
-def _check_rounding(rounding: str, fmt: str, stream: bool) -> None:
-    """Refuse, before any loading, what GPTQ rounding cannot do yet."""
+def _check_rounding(rounding: str, fmt: str, stream: bool, calib: str | None) -> None:
+    """Refuse, before any loading, what GPTQ rounding cannot do yet, and unreadable --calib."""
     if rounding != "gptq":
         return
     if stream:
         raise BitplanError("--rounding gptq needs the model in memory; drop --stream")
+    if calib is not None:
+        from bitplan.data.text import check_text_source
+
+        check_text_source(calib)
     from bitplan.export.writer import get_backend
 
     if not get_backend(fmt).stores_rounded:
@@ -217,7 +221,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     plan = Plan.load(args.plan)
     if args.stream and args.format == "gguf":
         raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
-    _check_rounding(args.rounding or plan.rounding, args.format, args.stream)
+    _check_rounding(args.rounding or plan.rounding, args.format, args.stream, args.calib)
     from bitplan.export import check_destination
 
     check_destination(args.out, args.format, args.force, reading=args.model)  # before loading
@@ -322,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bitplan.data.offline_tasks import DEFAULT_TASKS
     from bitplan.evaluate.command import add_eval_arguments, parse_limit
     from bitplan.plans import RECIPES
+    from bitplan.plans.plan import ROUNDINGS
     from bitplan.score import SCORERS
 
     export_formats = _export_formats()
@@ -517,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dtype_argument(compare)
     compare.add_argument(
         "--rounding",
-        choices=("rtn", "gptq"),
+        choices=ROUNDINGS,
         default="rtn",
         help="rtn: every plan rounded to nearest (default); gptq: our plans scored for GPTQ "
         "rounding and every plan, baselines included, GPTQ-rounded on the calibration tokens",

@@ -72,6 +72,7 @@ def test_search_and_quantize_with_gptq_rounding(tmp_path, tiny_folder, capsys):
     for refused, message in [
         (["--format", "gguf", "--out", str(tmp_path / "m.gguf")], "cannot store GPTQ"),
         (["--format", "packed", "--out", str(tmp_path / "s"), "--stream"], "drop --stream"),
+        (["--format", "packed", "--out", str(tmp_path / "c"), "--calib", "absent.txt"], "absent"),
     ]:
         assert main([*argv, *refused]) == 2
         assert message in capsys.readouterr().err
