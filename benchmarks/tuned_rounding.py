@@ -9,7 +9,7 @@ shipped text (the CLI's defaults), held-out 8 x 512 tokens of other prose. Each 
 quantize is its own process, timed (wall) with its peak RSS (``wait4``). Resumable: every number
 is written to ``--out``/results.json as it comes, and a re-run skips what is there.
 
-    .venv/bin/python benchmarks/tuned_rounding.py [--model gemma3-270m] [--out out/tuned]
+    .venv/bin/python benchmarks/tuned_rounding.py [--model gemma3-270m] [--out out/tuned] [--report]
 """
 
 from __future__ import annotations
@@ -64,11 +64,15 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="bundled model key or folder")
     parser.add_argument("--out", default="out/tuned", help="results, logs and scratch exports")
     parser.add_argument("--sets", default="int,mx,uniform", help="int, mx, uniform")
+    parser.add_argument("--report", action="store_true", help="print the tables of --out only")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if args.report:
+        print(report(results))
+        return
 
     def record(key: str, value: dict) -> None:
         results[key] = value
@@ -157,6 +161,34 @@ def main() -> None:
                     out / f"{set_name}-{searched}-plans" / f"plan_bitplan_{budget_name(bits)}.json"
                 )
                 quantize_and_measure(f"{set_name} {bits:g} {label}", plan, rounding)
+    print(report(results))
+
+
+def report(results: dict) -> str:
+    """The markdown tables of what ``results`` holds: KL per variant, then the costs."""
+    lines = [
+        "| options @ bits | " + " | ".join(label for label, _, _ in VARIANTS) + " | last ÷ first |",
+        "|---|" + "---:|" * (len(VARIANTS) + 1),
+    ]
+    for set_name, (options, budgets) in SETS.items():
+        for bits in budgets:
+            kls = [
+                results.get(f"{set_name} {bits:g} {label}", {}).get("kl") for label, *_ in VARIANTS
+            ]
+            if None in kls:
+                continue
+            cells = [f"{kl:.4f}" for kl in kls] + [f"{kls[-1] / kls[0]:.2f}"]
+            lines.append(f"| {options} @ {bits:g} | " + " | ".join(cells) + " |")
+    if "uniform w4g128 gptq" in results:
+        rtn, gptq = results["uniform w4g128 rtn"]["kl"], results["uniform w4g128 gptq"]["kl"]
+        lines.append(f"| uniform w4g128 | {rtn:.4f} | {gptq:.4f} | - | {gptq / rtn:.2f} |")
+    lines += ["", "| step | wall s | peak RSS MB |", "|---|---:|---:|"]
+    for key, value in results.items():
+        cost = value.get("quantize", value)
+        if "seconds" in cost:
+            step = key if "quantize" not in value else f"quantize: {key}"
+            lines.append(f"| {step} | {cost['seconds']:.0f} | {cost['peak_rss_mb']} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
