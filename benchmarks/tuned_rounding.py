@@ -130,7 +130,7 @@ def main() -> None:
                 record("uniform search", cost)
             for rounding in ("rtn", "gptq"):
                 quantize_and_measure(
-                    f"uniform w4g128 {rounding}", plans / "plan_uniform.json", rounding
+                    f"uniform w4g128 {rounding}", next(plans.glob("plan_uniform*.json")), rounding
                 )
             continue
         options, budgets = SETS[set_name]
