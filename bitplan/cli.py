@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections import Counter
 from typing import NoReturn
@@ -555,8 +556,24 @@ def _run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    _start_up_done()
     args.func(args)
     return 0
+
+
+def _exit_at_once(signum: int, frame: object) -> None:
+    """SIGINT while the program starts: its one line and exit 130, at once. A KeyboardInterrupt
+    raised inside an import can be turned into another error by the library being imported
+    (numpy's lazy ``numpy.dtypes``, then transformers, reported "Could not import module
+    'PreTrainedModel'"), and nothing has been written yet that would need cleaning up."""
+    os.write(2, b"bitplan: interrupted\n")
+    os._exit(130)
+
+
+def _start_up_done() -> None:
+    """From here on Ctrl-C raises KeyboardInterrupt, so that writers remove their temporaries."""
+    if signal.getsignal(signal.SIGINT) is _exit_at_once:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run() -> NoReturn:
@@ -564,6 +581,7 @@ def run() -> NoReturn:
     ``os._exit``: CPython kills itself with SIGINT at exit when a KeyboardInterrupt went
     unhandled through any code it ran for an extension (it happened while torch was being
     imported), even though ``main`` caught it and printed its one line."""
+    signal.signal(signal.SIGINT, _exit_at_once)  # until the heavy imports are done
     code = main()
     if code == 130:
         sys.stdout.flush()
