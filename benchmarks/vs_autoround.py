@@ -5,7 +5,7 @@ options and budgets, both plans fake-quantized by the same code and measured by 
     .venv/bin/python benchmarks/vs_autoround.py --repeats 2 --limit 100
     .venv/bin/python benchmarks/vs_autoround.py --model gemma3-270m --out out/vs_autoround-gemma
 
-Phases (``--phases``, default all, in this order; each is resumable: results already written
+Phases (``--phases``, default all but ``signround``, in this order; each is resumable: results already written
 under ``--out`` are reused, so an interrupted run picks up where it stopped):
 
 ``data``
@@ -29,11 +29,19 @@ under ``--out`` are reused, so an interrupted run picks up where it stopped):
 ``plans``
     Writes round 0's plans of both tools (and uniform/head/tail baselines) to ``plans/`` and
     checks the read-back bits, and that later rounds chose the same (``plan_checks.json``).
+``signround``
+    auto-round's whole recipe with tuned rounding, for each budget in its own fresh process:
+    ``AutoRound(model, scheme=AutoScheme(...), iters=--signround-iters,
+    enable_torch_compile=False, ...)`` then ``quantize()`` (AutoScheme's search, then SignRound
+    block by block on the same calibration tokens), timed whole with its peak RSS. The tuned
+    (quantize-dequantized) weights of every quantized layer and the per-layer choices are saved
+    under ``signround/``. Skipped unless named in ``--phases`` (an hour or more on this CPU).
 ``eval``
     Every plan (both tools', plus uniform/head/tail baselines) is applied with
     ``bitplan.quantize.apply_plan``; KL(base || quantized) on bitplan's held-out text, and the
     five tasks (``lambada_openai, hellaswag, piqa, winogrande, mmlu``) through lm-eval with
-    ``--limit`` (the baselines get KL only).
+    ``--limit`` (the baselines get KL only). SignRound's models: auto-round's tuned weights
+    loaded into the planned layers, activations quantized by bitplan's formats as for every plan.
 ``report``
     Prints the markdown tables (also written to ``results.md`` under ``--out``).
 """
@@ -65,7 +73,9 @@ OPTION_SETS = {
     "mx4": ("MXFP4,MXFP6,MXFP8,NVFP4", (4.5, 5.0, 6.0)),
     "int4": ("W2A16,W3A16,W4A16,W8A16", (3.0, 4.0, 5.0)),
 }
-PHASES = ("data", "search", "plans", "eval", "report")
+PHASES = ("data", "search", "plans", "signround", "eval", "report")
+#: Phases run when --phases is not given (SignRound takes an hour or more).
+DEFAULT_PHASES = ("data", "search", "plans", "eval", "report")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 #: Fields of an auto-round scheme that identify which option a layer got.
 SCHEME_KEYS = ("bits", "group_size", "sym", "data_type", "act_bits", "act_data_type")
@@ -182,6 +192,22 @@ def _match_option(config: dict, option_schemes: dict[str, dict]) -> str | None:
     return None
 
 
+def _read_choices(
+    layer_config: dict, option_schemes: dict[str, dict]
+) -> tuple[dict[str, str], dict[str, dict], list[str]]:
+    """auto-round's per-layer configs as (layer -> option, unmatched configs, unquantized)."""
+    choices, unmatched, unquantized = {}, {}, []
+    for name, config in layer_config.items():
+        option = _match_option(config, option_schemes)
+        if option is not None:
+            choices[name] = option
+        elif config.get("bits", 16) >= 16 and config.get("act_bits", 16) >= 16:
+            unquantized.append(name)
+        else:
+            unmatched[name] = {k: config.get(k) for k in SCHEME_KEYS}
+    return choices, unmatched, unquantized
+
+
 def child_autoround(
     options: str,
     budgets: list[float],
@@ -241,15 +267,7 @@ def child_autoround(
             rss_loaded = peak_rss_mb()
             ar.post_init()  # resolves the scheme: runs AutoScheme, fills ar.layer_config
             t2, c2 = time.perf_counter(), cpu_s()
-            choices, unmatched, unquantized = {}, {}, []
-            for name, config in ar.layer_config.items():
-                option = _match_option(config, option_schemes)
-                if option is not None:
-                    choices[name] = option
-                elif config.get("bits", 16) >= 16 and config.get("act_bits", 16) >= 16:
-                    unquantized.append(name)
-                else:
-                    unmatched[name] = {k: config.get(k) for k in SCHEME_KEYS}
+            choices, unmatched, unquantized = _read_choices(ar.layer_config, option_schemes)
             logged = catcher.records[n_logged:]
             result["per_budget"][f"{bits:g}"] = {
                 "ctor_s": t1 - t0,
@@ -273,6 +291,80 @@ def child_autoround(
     result["load_s"] = sum(p["ctor_s"] for p in per)
     result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+def child_signround(
+    options: str,
+    bits: float,
+    iters: int,
+    n_samples: int,
+    seq_len: int,
+    dataset: str,
+    model_dir: str,
+    weights_path: str,
+) -> dict:
+    """auto-round's AutoScheme then SignRound (``iters`` steps per block) for one budget: its
+    whole search + quantization, timed; the tuned weights of its quantized layers saved."""
+    from dataclasses import asdict
+
+    import auto_round
+    import torch
+    from auto_round import AutoRound, AutoScheme
+    from auto_round.schemes import preset_name_to_scheme
+    from safetensors.torch import save_file
+
+    catcher = _AvgBitsLog()
+    logging.getLogger("autoround").addHandler(catcher)
+    option_schemes = {name: asdict(preset_name_to_scheme(name)) for name in options.split(",")}
+    cache = Path(tempfile.mkdtemp(prefix="vs_autoround_cache-"))
+    os.environ["AR_AUTO_SCHEME_CACHE"] = str(cache)  # empty: a cold search, as a user's first
+    try:
+        c0, t0 = cpu_s(), time.perf_counter()
+        scheme = AutoScheme(
+            avg_bits=bits,
+            options=options,
+            nsamples=n_samples,
+            seqlen=seq_len,
+            ignore_scale_zp_bits=True,
+        )
+        ar = AutoRound(
+            model=model_dir,
+            scheme=scheme,
+            iters=iters,
+            dataset=dataset,
+            nsamples=n_samples,
+            seqlen=seq_len,
+            enable_torch_compile=False,
+        )
+        model, _ = ar.quantize()
+        t1, c1 = time.perf_counter(), cpu_s()
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    choices, unmatched, unquantized = _read_choices(ar.layer_config, option_schemes)
+    modules = dict(model.named_modules())
+    weights = {
+        name: modules[name].weight.detach().to("cpu", torch.float32).contiguous()
+        for name in choices
+    }
+    save_file(weights, weights_path)
+    return {
+        "tool": "auto-round SignRound",
+        "version": auto_round.__version__,
+        "options": options,
+        "bits": bits,
+        "iters": iters,
+        "seconds": t1 - t0,
+        "cpu_s": c1 - c0,
+        "peak_rss_mb": peak_rss_mb(),
+        "per_budget": {
+            f"{bits:g}": {
+                "choices": choices,
+                "unmatched": unmatched,
+                "unquantized": unquantized,
+                "logged_avg_bits": catcher.records[-1] if catcher.records else None,
+            }
+        },
+    }
 
 
 def child_check_data(
@@ -544,6 +636,65 @@ def write_plans(args: argparse.Namespace) -> None:
         )
 
 
+def _signround_path(args: argparse.Namespace, label: str) -> Path:
+    return args.out / "signround" / f"i{args.signround_iters}_{label}.json"
+
+
+def phase_signround(args: argparse.Namespace) -> None:
+    """auto-round's AutoScheme + SignRound, each budget in its own process (see the doc)."""
+    from bitplan.plans.search import budget_label
+
+    dataset = str(args.out / "data" / "calib.jsonl")
+    for set_name in args.sets:
+        options, budgets = OPTION_SETS[set_name]
+        for bits in budgets:
+            path = _signround_path(args, f"{set_name}_{budget_label(bits)}")
+            if path.is_file() and not args.force:
+                continue
+            print(f"signround {path.stem} ...", flush=True)
+            payload = {
+                "options": options,
+                "bits": bits,
+                "iters": args.signround_iters,
+                "n_samples": args.n_samples,
+                "seq_len": args.seq_len,
+                "dataset": dataset,
+                "model_dir": model_folder(args.model),
+                "weights_path": str(path.with_suffix(".safetensors")),
+            }
+            result = run_child("signround", payload, path.with_suffix(".log"))
+            write_json_atomic(path, result)
+            print(
+                f"  {result['seconds']:.0f} s, peak RSS {result['peak_rss_mb']:.0f} MB", flush=True
+            )
+
+
+def signround_model(module, result: dict, weights_path: Path, model):
+    """The fake-quantized model of a SignRound run: auto-round's plan applied by bitplan (which
+    quantizes activations where the format does), each planned layer's weight replaced by
+    auto-round's tuned one. Also how far those weights are from bitplan's own grid (0 where
+    re-rounding them changes nothing, as for MX's power-of-two scales)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from bitplan.quantize import apply_plan
+
+    bits = next(iter(result["per_budget"]))
+    plan, check = autoround_plan(result, bits, model)
+    quantized = apply_plan(module, plan)
+    tuned = load_file(str(weights_path))
+    modules = dict(quantized.named_modules())
+    off_grid = 0.0
+    with torch.no_grad():
+        for name, weight in tuned.items():
+            layer = modules[name]
+            off_grid = max(
+                off_grid, (layer.fmt.quantize_weight(weight) - weight).abs().max().item()
+            )
+            layer.weight.copy_(weight.to(layer.weight.dtype))
+    return quantized, {**check, "off_bitplan_grid_max": off_grid}
+
+
 def phase_eval(args: argparse.Namespace) -> None:
     """KL of the two tools' plans, then their task accuracy (and the base model's), then the
     baselines' KL: the comparison first, the context after."""
@@ -574,29 +725,43 @@ def phase_eval(args: argparse.Namespace) -> None:
     base_path = out / "base_logits.safetensors"
     base = None
 
-    def kl(paths: list[Path]) -> None:
+    def kl(stem: str, quantize) -> None:
+        """KL of the model ``quantize()`` returns (with facts to record) into kl_{stem}.json."""
         nonlocal base
-        for path in paths:
-            kl_path = out / f"kl_{path.stem}.json"
-            if kl_path.is_file() and not args.force:
-                continue
-            if base is None:
-                if base_path.is_file():
-                    base = BaseLogits.load(base_path)
-                else:
-                    tokens = heldout_samples(
-                        model.tokenizer, args.heldout_samples, args.heldout_len
-                    )
-                    base = BaseLogits.compute(model.module, tokens)
-                    base.save(base_path)
-            quantized = apply_plan(model.module, Plan.load(path))
-            start = time.perf_counter()
-            div = base.compare(quantized)
-            write_json_atomic(kl_path, {**div.to_dict(), "seconds": time.perf_counter() - start})
-            print(f"eval KL {path.stem}: {div.kl:.4f}", flush=True)
-            del quantized
+        kl_path = out / f"kl_{stem}.json"
+        if kl_path.is_file() and not args.force:
+            return
+        if base is None:
+            if base_path.is_file():
+                base = BaseLogits.load(base_path)
+            else:
+                tokens = heldout_samples(model.tokenizer, args.heldout_samples, args.heldout_len)
+                base = BaseLogits.compute(model.module, tokens)
+                base.save(base_path)
+        quantized, facts = quantize()
+        start = time.perf_counter()
+        div = base.compare(quantized)
+        write_json_atomic(
+            kl_path, {**div.to_dict(), "seconds": time.perf_counter() - start, **facts}
+        )
+        print(f"eval KL {stem}: {div.kl:.4f}", flush=True)
 
-    kl(tools)
+    def planned(path: Path):
+        return lambda: (apply_plan(model.module, Plan.load(path)), {})
+
+    def signround(path: Path):
+        def quantize():
+            result = json.loads(path.read_text())
+            weights = path.with_suffix(".safetensors")
+            quantized, check = signround_model(model.module, result, weights, model)
+            return quantized, {"plan_check": check}
+
+        return quantize
+
+    for path in tools:
+        kl(path.stem, planned(path))
+    for path in sorted((args.out / "signround").glob(f"i{args.signround_iters}_*.json")):
+        kl(f"signround_{path.stem}", signround(path))
     if args.limit > 0:
         for name, path in [("base", None)] + [(p.stem, p) for p in tools]:
             task_path = out / f"tasks_{name}_limit{args.limit}.json"
@@ -610,7 +775,8 @@ def phase_eval(args: argparse.Namespace) -> None:
             results.save(task_path)
             print(f"  average acc {results.average:.4f} in {results.seconds:.0f} s", flush=True)
             del quantized
-    kl(baselines)
+    for path in baselines:
+        kl(path.stem, planned(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -689,6 +855,36 @@ def phase_report(args: argparse.Namespace) -> str:
                 f"| {_fmt_acc(acc_o)} | {_fmt_acc(acc_t)} | {diff} |"
             )
     lines.append("")
+    signround_rows = []
+    for set_name in args.sets:
+        options, budgets = OPTION_SETS[set_name]
+        for bits in budgets:
+            label = f"{set_name}_{budget_label(bits)}"
+            stem = _signround_path(args, label).stem
+            run, kl_sr = (
+                _load(_signround_path(args, label)),
+                _load(ev / f"kl_signround_{stem}.json"),
+            )
+            rtn = _load(ev / f"kl_autoround_{label}.json")
+            if run and kl_sr:
+                signround_rows.append(
+                    f"| {options.replace(',', '+')} | {bits:g} "
+                    f"| {rtn['kl'] if rtn else float('nan'):.4f} | {kl_sr['kl']:.4f} "
+                    f"| {kl_sr['ppl']:.2f} | {run['seconds']:.0f} | {run['peak_rss_mb']:.0f} "
+                    f"| {kl_sr['plan_check']['off_bitplan_grid_max']:.2g} |"
+                )
+    if signround_rows:
+        lines.append(
+            f"### auto-round with tuned rounding: AutoScheme + SignRound "
+            f"(iters={args.signround_iters})"
+        )
+        lines.append("")
+        lines.append(
+            "| options | avg bits | AutoScheme + RTN KL | AutoScheme + SignRound KL | ppl "
+            "| search + quantize s | peak RSS MB | tuned weights off bitplan's grid (max) |"
+        )
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        lines += signround_rows + [""]
     lines.append("### Baselines and an ablation (KL only; same evaluator)")
     lines.append("")
     lines.append(
@@ -845,7 +1041,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", help="bundled model key or folder (default: the embedded default)"
     )
-    parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated phases")
+    parser.add_argument(
+        "--phases",
+        default=",".join(DEFAULT_PHASES),
+        help=f"comma-separated, from {','.join(PHASES)} (default: all but signround)",
+    )
+    parser.add_argument(
+        "--signround-iters",
+        type=int,
+        default=50,
+        help="SignRound steps per block for the signround phase (50: auto-round's light setting)",
+    )
     parser.add_argument(
         "--sets",
         default="mx,int",
@@ -880,6 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
             "bitplan": child_bitplan,
             "autoround": child_autoround,
             "check-data": child_check_data,
+            "signround": child_signround,
         }[kind]
         print(json.dumps(func(**payload)), flush=True)
         return 0
@@ -892,7 +1099,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sets from {list(OPTION_SETS)}, --phases from {list(PHASES)}")
     import importlib.util
 
-    if {"data", "search"} & set(phases) and importlib.util.find_spec("auto_round") is None:
+    if {"data", "search", "signround"} & set(phases) and importlib.util.find_spec(
+        "auto_round"
+    ) is None:
         print(f"auto-round is not installed; install the peer group: {PIN_HINT}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
@@ -903,6 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": phase_data,
             "search": phase_search,
             "plans": write_plans,
+            "signround": phase_signround,
             "eval": phase_eval,
             "report": phase_report,
         }[phase](args)
