@@ -208,6 +208,38 @@ def _read_choices(
     return choices, unmatched, unquantized
 
 
+def _autoround(
+    model_dir: str,
+    options: str,
+    bits: float,
+    iters: int,
+    dataset: str,
+    n_samples: int,
+    seq_len: int,
+    **options_of_autoround,
+):
+    """auto-round's AutoRound with an AutoScheme for ``bits`` over ``options`` (scale bits
+    ignored), on ``dataset``; ``iters`` SignRound steps per block (0: round to nearest)."""
+    from auto_round import AutoRound, AutoScheme
+
+    scheme = AutoScheme(
+        avg_bits=bits,
+        options=options,
+        nsamples=n_samples,
+        seqlen=seq_len,
+        ignore_scale_zp_bits=True,
+    )
+    return AutoRound(
+        model=model_dir,
+        scheme=scheme,
+        iters=iters,
+        dataset=dataset,
+        nsamples=n_samples,
+        seqlen=seq_len,
+        **options_of_autoround,
+    )
+
+
 def child_autoround(
     options: str,
     budgets: list[float],
@@ -223,7 +255,6 @@ def child_autoround(
     from dataclasses import asdict
 
     import auto_round
-    from auto_round import AutoRound, AutoScheme
     from auto_round.schemes import preset_name_to_scheme
 
     imported = time.perf_counter()
@@ -248,21 +279,7 @@ def child_autoround(
             cached_files = len(list(cache.iterdir()))
             n_logged = len(catcher.records)
             t0 = time.perf_counter()
-            scheme = AutoScheme(
-                avg_bits=bits,
-                options=options,
-                nsamples=n_samples,
-                seqlen=seq_len,
-                ignore_scale_zp_bits=True,
-            )
-            ar = AutoRound(
-                model=model_dir,
-                scheme=scheme,
-                iters=0,
-                dataset=dataset,
-                nsamples=n_samples,
-                seqlen=seq_len,
-            )
+            ar = _autoround(model_dir, options, bits, 0, dataset, n_samples, seq_len)
             c1, t1 = cpu_s(), time.perf_counter()
             rss_loaded = peak_rss_mb()
             ar.post_init()  # resolves the scheme: runs AutoScheme, fills ar.layer_config
@@ -281,7 +298,7 @@ def child_autoround(
                 "unquantized": unquantized,
                 "logged_avg_bits": logged[-1] if logged else None,
             }
-            del ar, scheme
+            del ar
             gc.collect()
     finally:
         shutil.rmtree(cache_root, ignore_errors=True)
@@ -309,7 +326,6 @@ def child_signround(
 
     import auto_round
     import torch
-    from auto_round import AutoRound, AutoScheme
     from auto_round.schemes import preset_name_to_scheme
     from safetensors.torch import save_file
 
@@ -320,20 +336,15 @@ def child_signround(
     os.environ["AR_AUTO_SCHEME_CACHE"] = str(cache)  # empty: a cold search, as a user's first
     try:
         c0, t0 = cpu_s(), time.perf_counter()
-        scheme = AutoScheme(
-            avg_bits=bits,
-            options=options,
-            nsamples=n_samples,
-            seqlen=seq_len,
-            ignore_scale_zp_bits=True,
-        )
-        ar = AutoRound(
-            model=model_dir,
-            scheme=scheme,
-            iters=iters,
-            dataset=dataset,
-            nsamples=n_samples,
-            seqlen=seq_len,
+        # torch.compile off: on this CPU it made one block at iters=200 take over 10 minutes.
+        ar = _autoround(
+            model_dir,
+            options,
+            bits,
+            iters,
+            dataset,
+            n_samples,
+            seq_len,
             enable_torch_compile=False,
         )
         model, _ = ar.quantize()
