@@ -4,7 +4,7 @@ perplexity of each, and GPTQ's wall time (issue 17's sanity rows, before GPTQ re
 Calibration 16 x 256 tokens, held-out 8 x 512, as plan_quality.py.
 
     .venv/bin/python benchmarks/gptq_uniform.py [--model gemma3-270m] [--formats w4g128,mxfp4]
-        [--compare-clip]
+        [--compare-clip] [--compare-act-order]
 """
 
 from __future__ import annotations
@@ -29,13 +29,22 @@ def main() -> None:
         action="store_true",
         help="also GPTQ without its clipping search of the group scales (gptq.clipped_scales)",
     )
+    parser.add_argument(
+        "--compare-act-order",
+        action="store_true",
+        help="also GPTQ with activation order (columns by decreasing H diagonal, static groups)",
+    )
     args = parser.parse_args()
     model = load_model(args.model)
     tokens = calibration_samples(model.tokenizer, 16, 256)
     base = BaseLogits.compute(model.module, heldout_samples(model.tokenizer, 8, 512))
     layers = model.layers.decoder_layers()
     print(f"{model.identity} ({model.note}); base ppl {base.base_ppl:.2f}")
-    variants = {"GPTQ": True, **({"GPTQ, no clip": False} if args.compare_clip else {})}
+    variants = {"GPTQ": {}}  # name -> gptq_model's options
+    if args.compare_clip:
+        variants["GPTQ, no clip"] = {"clip": False}
+    if args.compare_act_order:
+        variants["GPTQ, act order"] = {"act_order": True}
     columns = [f"{v} {what}" for v in variants for what in ("KL", "÷ RTN", "ppl", "time (s)")]
     print("| format | RTN KL | RTN ppl | " + " | ".join(columns) + " |")
     print("|---|" + "---:|" * (2 + len(columns)))
@@ -43,9 +52,9 @@ def main() -> None:
         formats = {layer.name: name for layer in layers}
         rtn = base.compare(apply_formats(model.module, formats))
         cells = [name, f"{rtn.kl:.4f}", f"{rtn.ppl:.2f}"]
-        for clip in variants.values():
+        for options in variants.values():
             start = time.perf_counter()
-            tuned_model = gptq_model(model.module, formats, tokens, progress=False, clip=clip)
+            tuned_model = gptq_model(model.module, formats, tokens, progress=False, **options)
             seconds = time.perf_counter() - start
             tuned = base.compare(tuned_model)
             del tuned_model

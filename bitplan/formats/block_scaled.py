@@ -63,6 +63,12 @@ class BlockScales:
         full = self.scale if self.global_scale is None else self.scale * self.global_scale
         return nonzero_or_one(full)
 
+    def select_block(self, index: int) -> BlockScales:
+        """The scales of block ``index`` of every row, shaped ``(..., 1, 1)``."""
+        part = slice(index, index + 1)
+        zero_point = None if self.zero_point is None else self.zero_point[..., part, :]
+        return BlockScales(self.scale[..., part, :], zero_point, self.global_scale)
+
     def dequantize(self, elements: torch.Tensor) -> torch.Tensor:
         """The float32 values of rounded ``elements`` (what ``round`` returned), as a new tensor."""
         return self.dequantize_(elements.clone())

@@ -65,6 +65,7 @@ def gptq_round(
     damp: float = 0.01,
     block_columns: int = 128,
     clip: bool = True,
+    act_order: bool = False,
 ) -> RoundedWeight:
     """``weight`` (out, in) rounded onto ``fmt``'s grid by GPTQ with the inputs' ``hessian``
     (in, in): the elements and the scales chosen along the sweep, which exports store as they
@@ -76,7 +77,13 @@ def gptq_round(
     updates (rounded to whole groups): it changes the speed, not the result (up to float
     rounding). ``clip`` chooses each group's scales by :func:`clipped_scales` instead of the
     format's own rule, for formats whose scales can be searched (``searches_scales``: not MX);
-    on SmolLM2 it cut GPTQ's KL at w3g128 from 2.06 to 1.24 (docs/RESULTS.md)."""
+    on SmolLM2 it cut GPTQ's KL at w3g128 from 2.06 to 1.24 (docs/RESULTS.md).
+
+    ``act_order`` sweeps the columns by decreasing H diagonal (the inputs with the most energy
+    first, while the most columns remain to take their errors), with "static groups": every
+    group's scales found before the sweep from the weight as it is, since a group's columns are
+    then no longer rounded together. The groups stay the format's consecutive columns, so the
+    result is stored like any other."""
     check_gptq_format(fmt)
     w = weight.detach().float().clone()
     out_features, in_features = w.shape
@@ -85,14 +92,26 @@ def gptq_round(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h.diagonal().add_(damp * h.diagonal().mean())
+
+    group = fmt.block_size(in_features)
+    # A group's scales on their own (NVFP4: under the tensor's global scale, fixed now).
+    rule = fmt.group_scale_rule(to_blocks(w, group))
+    search = clip and fmt.searches_scales
+
+    def find(blocks: torch.Tensor) -> BlockScales:
+        return clipped_scales(fmt, blocks, rule) if search else rule(blocks)
+
+    # Column ``order[k]`` of the weight is the k-th one rounded.
+    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
+    static = None
+    if order is not None:
+        static = find(to_blocks(w, group))
+        w, h = w[:, order], h[order][:, order]
     # The upper Cholesky factor of H⁻¹: row j holds the OBS update of column j's error onto the
     # later columns, already conditioned on the earlier columns having been rounded.
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
     upper = torch.linalg.cholesky(inverse, upper=True)
 
-    group = fmt.block_size(in_features)
-    # A group's scales on their own (NVFP4: under the tensor's global scale, fixed now).
-    rule = fmt.group_scale_rule(to_blocks(w, group))
     # Blocks of whole groups, so that a group's scales see all of its columns up to date.
     width = group * max(1, block_columns // group)
     elements = torch.zeros_like(w)
@@ -103,20 +122,22 @@ def gptq_round(
         errors = torch.zeros_like(block)
         factor = upper[start:end, start:end]
         for i in range(end - start):
-            if i % group == 0:  # a group starts: its scales, from its weights as updated so far
-                blocks = to_blocks(block[:, i : i + group], group)
-                search = clip and fmt.searches_scales
-                scales = clipped_scales(fmt, blocks, rule) if search else rule(blocks)
+            column = start + i if order is None else int(order[start + i])
+            if static is not None:
+                scales = static.select_block(column // group)
+            elif i % group == 0:  # a group starts: its scales, from its weights as updated so far
+                scales = find(to_blocks(block[:, i : i + group], group))
                 group_scales.append(scales)
             value = block[:, i : i + 1]
             element = fmt.round(value.unsqueeze(1), scales)
-            elements[:, start + i : start + i + 1] = element.squeeze(1)
+            elements[:, column : column + 1] = element.squeeze(1)
             rounded = scales.dequantize_(element).squeeze(1)
             error = (value - rounded) / factor[i, i]
             block[:, i:] -= error @ factor[i : i + 1, i:]
             errors[:, i : i + 1] = error
         w[:, end:] -= errors @ upper[start:end, end:]
-    return RoundedWeight(elements, _joined(group_scales), group, method="gptq")
+    scales = static if static is not None else _joined(group_scales)
+    return RoundedWeight(elements, scales, group, method="gptq")
 
 
 #: The range shrink factors a clipping search tries (1: the format's own rule) and the norm of

@@ -37,10 +37,12 @@ def gptq_model(
     damp: float = 0.01,
     progress: bool = True,
     clip: bool = True,
+    act_order: bool = False,
 ) -> nn.Module:
     """A fake-quantized copy of ``model`` (layer name -> format, as ``apply_formats``) whose
     decoder layers are GPTQ-rounded on the calibration ``tokens`` (n_samples, seq_len); ``clip``
-    searches each group's scales (``gptq.clipped_scales``)."""
+    searches each group's scales (``gptq.clipped_scales``), ``act_order`` rounds the columns
+    by decreasing input energy (``gptq.gptq_round``)."""
     resolved = {n: f if isinstance(f, Format) else parse_format(f) for n, f in formats.items()}
     for fmt in {f.name: f for f in resolved.values()}.values():
         if not isinstance(fmt, BF16Format):  # bf16 layers are only rounded to bf16
@@ -71,7 +73,9 @@ def gptq_model(
         for name, linear in planned.items():
             fmt = in_blocks[prefix + name]
             hessian = hessians[name][0].matrix
-            rounded = gptq_round(linear.weight.data, hessian, fmt, damp=damp, clip=clip)
+            rounded = gptq_round(
+                linear.weight.data, hessian, fmt, damp=damp, clip=clip, act_order=act_order
+            )
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
             setattr(parent, child, FakeQuantLinear.from_linear(linear, fmt, rounded))
