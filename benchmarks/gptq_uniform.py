@@ -4,7 +4,7 @@ perplexity of each, and GPTQ's wall time (issue 17's sanity rows, before GPTQ re
 Calibration 16 x 256 tokens, held-out 8 x 512, as plan_quality.py.
 
     .venv/bin/python benchmarks/gptq_uniform.py [--model gemma3-270m] [--formats w4g128,mxfp4]
-        [--compare-clip] [--compare-act-order]
+        [--compare-clip] [--compare-act-order] [--compare-clip-weighted]
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ def main() -> None:
         action="store_true",
         help="also GPTQ with activation order (columns by decreasing H diagonal, static groups)",
     )
+    parser.add_argument(
+        "--compare-clip-weighted",
+        action="store_true",
+        help="also GPTQ whose scale search weights each column by its input energy (H diagonal)",
+    )
     args = parser.parse_args()
     model = load_model(args.model)
     tokens = calibration_samples(model.tokenizer, 16, 256)
@@ -45,6 +50,10 @@ def main() -> None:
         variants["GPTQ, no clip"] = {"clip": False}
     if args.compare_act_order:
         variants["GPTQ, act order"] = {"act_order": True}
+    if args.compare_clip_weighted:
+        variants["GPTQ, weighted clip"] = {"clip_weighted": True}
+    if args.compare_act_order and args.compare_clip_weighted:
+        variants["GPTQ, both"] = {"act_order": True, "clip_weighted": True}
     columns = [f"{v} {what}" for v in variants for what in ("KL", "÷ RTN", "ppl", "time (s)")]
     print("| format | RTN KL | RTN ppl | " + " | ".join(columns) + " |")
     print("|---|" + "---:|" * (2 + len(columns)))

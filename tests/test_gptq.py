@@ -183,3 +183,35 @@ def test_clipping_search_never_rounds_a_block_worse_and_clips_outliers(name):
     hessian.add(torch.randn(400, 128, generator=gen))
     rounded = gptq_round(weight, hessian.matrix, fmt, clip=True)
     assert torch.equal(fmt.decode(fmt.encode_rounded(rounded), (16, 128)), rounded.values())
+
+
+@pytest.mark.parametrize("name", ["w2g32", "w3g128_asym", "nvfp4"])
+def test_weighted_clipping_search(name):
+    """Weights of one change nothing; other weights change the choice and never give a larger
+    weighted error than the format's own rule."""
+    fmt = parse_format(name)
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(16, 128, generator=gen)
+    weight[:, 3] *= 6
+    size = fmt.block_size(128)
+    blocks = to_blocks(weight, size)
+    ones = torch.ones(1, 1, size)
+    plain = clipped_scales(fmt, blocks)
+    assert torch.equal(clipped_scales(fmt, blocks, weights=ones).scale, plain.scale)
+    energy = to_blocks(torch.rand(1, 128, generator=gen) * 10, size)
+    weighted = clipped_scales(fmt, blocks, weights=energy)
+    own = fmt.find_scales(blocks)
+    error = lambda scales: gptq_module._rounding_error(fmt, blocks, scales, energy)  # noqa: E731
+    assert bool((error(weighted) <= error(own)).all())
+    if name != "nvfp4":  # (its 8-bit float scales move in coarser steps)
+        assert not torch.equal(weighted.scale, plain.scale)  # the weights changed the choice
+
+
+def test_gptq_with_the_weighted_search_stays_under_round_to_nearest():
+    fmt = parse_format("w2g32")
+    for seed in range(3):
+        weight, inputs, hessian = layer(20 + seed, out_features=24, in_features=96)
+        rtn = output_error(weight, fmt.quantize_weight(weight), inputs)
+        for act_order in (False, True):
+            values = gptq_quantize(weight, hessian, fmt, clip_weighted=True, act_order=act_order)
+            assert output_error(weight, values, inputs) <= rtn, (seed, act_order)

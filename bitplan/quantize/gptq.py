@@ -66,6 +66,7 @@ def gptq_round(
     block_columns: int = 128,
     clip: bool = True,
     act_order: bool = False,
+    clip_weighted: bool = False,
 ) -> RoundedWeight:
     """``weight`` (out, in) rounded onto ``fmt``'s grid by GPTQ with the inputs' ``hessian``
     (in, in): the elements and the scales chosen along the sweep, which exports store as they
@@ -83,7 +84,10 @@ def gptq_round(
     first, while the most columns remain to take their errors), with "static groups": every
     group's scales found before the sweep from the weight as it is, since a group's columns are
     then no longer rounded together. The groups stay the format's consecutive columns, so the
-    result is stored like any other."""
+    result is stored like any other.
+
+    ``clip_weighted`` weights each column's error in the scale search by H's diagonal (its
+    input's energy), the part of the output error that the column's rounding alone causes."""
     check_gptq_format(fmt)
     w = weight.detach().float().clone()
     out_features, in_features = w.shape
@@ -97,15 +101,19 @@ def gptq_round(
     # A group's scales on their own (NVFP4: under the tensor's global scale, fixed now).
     rule = fmt.group_scale_rule(to_blocks(w, group))
     search = clip and fmt.searches_scales
+    energy = h.diagonal().clone() if clip_weighted else None
 
-    def find(blocks: torch.Tensor) -> BlockScales:
-        return clipped_scales(fmt, blocks, rule) if search else rule(blocks)
+    def find(blocks: torch.Tensor, columns: slice) -> BlockScales:
+        if not search:
+            return rule(blocks)
+        weights = None if energy is None else to_blocks(energy[columns].unsqueeze(0), group)
+        return clipped_scales(fmt, blocks, rule, weights)
 
     # Column ``order[k]`` of the weight is the k-th one rounded.
     order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
     static = None
     if order is not None:
-        static = find(to_blocks(w, group))
+        static = find(to_blocks(w, group), slice(None))
         w, h = w[:, order], h[order][:, order]
     # The upper Cholesky factor of H⁻¹: row j holds the OBS update of column j's error onto the
     # later columns, already conditioned on the earlier columns having been rounded.
@@ -126,7 +134,8 @@ def gptq_round(
             if static is not None:
                 scales = static.select_block(column // group)
             elif i % group == 0:  # a group starts: its scales, from its weights as updated so far
-                scales = find(to_blocks(block[:, i : i + group], group))
+                columns = slice(start + i, start + i + group)
+                scales = find(to_blocks(block[:, i : i + group], group), columns)
                 group_scales.append(scales)
             value = block[:, i : i + 1]
             element = fmt.round(value.unsqueeze(1), scales)
@@ -150,19 +159,21 @@ def clipped_scales(
     fmt: BlockScaledFormat,
     blocks: torch.Tensor,
     rule: Callable[[torch.Tensor], BlockScales] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> BlockScales:
     """Scales for float32 ``blocks`` (..., blocks, size): for each block, the scale ``rule``
     (default: the format's ``find_scales``) applied to the block's range shrunk by the factor
-    of ``CLIP_SHRINKS`` that rounds it with the least error Σ|q − w|^``CLIP_NORM``: the largest
-    values clip so that the others are rounded finer. Any block-scaled format: the shrunk range
-    goes through its own rule (an MX scale, a power of two, changes only where the shrink
-    crosses one)."""
+    of ``CLIP_SHRINKS`` that rounds it with the least error Σ|q − w|^``CLIP_NORM`` (each
+    element's term times ``weights``, broadcast over the blocks, if given): the largest values
+    clip so that the others are rounded finer. Any block-scaled format: the shrunk range goes
+    through its own rule (an MX scale, a power of two, changes only where the shrink crosses
+    one)."""
     rule = rule or fmt.find_scales
     best = rule(blocks)
-    best_error = _rounding_error(fmt, blocks, best)
+    best_error = _rounding_error(fmt, blocks, best, weights)
     for shrink in CLIP_SHRINKS[1:]:
         scales = rule(blocks * shrink)
-        error = _rounding_error(fmt, blocks, scales)
+        error = _rounding_error(fmt, blocks, scales, weights)
         better = error < best_error
         best = BlockScales(
             torch.where(better, scales.scale, best.scale),
@@ -175,9 +186,14 @@ def clipped_scales(
     return best
 
 
-def _rounding_error(fmt: BlockScaledFormat, blocks: torch.Tensor, scales: BlockScales):
-    rounded = scales.dequantize_(fmt.round(blocks, scales))
-    return (rounded - blocks).abs().pow(CLIP_NORM).sum(-1, keepdim=True)
+def _rounding_error(
+    fmt: BlockScaledFormat,
+    blocks: torch.Tensor,
+    scales: BlockScales,
+    weights: torch.Tensor | None = None,
+):
+    error = (scales.dequantize_(fmt.round(blocks, scales)) - blocks).abs().pow(CLIP_NORM)
+    return (error if weights is None else error * weights).sum(-1, keepdim=True)
 
 
 def gptq_quantize(

@@ -38,11 +38,13 @@ def gptq_model(
     progress: bool = True,
     clip: bool = True,
     act_order: bool = False,
+    clip_weighted: bool = False,
 ) -> nn.Module:
     """A fake-quantized copy of ``model`` (layer name -> format, as ``apply_formats``) whose
     decoder layers are GPTQ-rounded on the calibration ``tokens`` (n_samples, seq_len); ``clip``
     searches each group's scales (``gptq.clipped_scales``), ``act_order`` rounds the columns
-    by decreasing input energy (``gptq.gptq_round``)."""
+    by decreasing input energy and ``clip_weighted`` weights the scale search by it
+    (``gptq.gptq_round``)."""
     resolved = {n: f if isinstance(f, Format) else parse_format(f) for n, f in formats.items()}
     for fmt in {f.name: f for f in resolved.values()}.values():
         if not isinstance(fmt, BF16Format):  # bf16 layers are only rounded to bf16
@@ -74,7 +76,13 @@ def gptq_model(
             fmt = in_blocks[prefix + name]
             hessian = hessians[name][0].matrix
             rounded = gptq_round(
-                linear.weight.data, hessian, fmt, damp=damp, clip=clip, act_order=act_order
+                linear.weight.data,
+                hessian,
+                fmt,
+                damp=damp,
+                clip=clip,
+                act_order=act_order,
+                clip_weighted=clip_weighted,
             )
             parent_name, _, child = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
