@@ -5,8 +5,8 @@ options and budgets, both plans fake-quantized by the same code and measured by 
     .venv/bin/python benchmarks/vs_autoround.py --repeats 2 --limit 100
     .venv/bin/python benchmarks/vs_autoround.py --model gemma3-270m --out out/vs_autoround-gemma
 
-Phases (``--phases``, default all but ``signround``, in this order; each is resumable: results already written
-under ``--out`` are reused, so an interrupted run picks up where it stopped):
+Phases (``--phases``, default all but ``signround``, in this order; each is resumable: results
+already written under ``--out`` are reused, so an interrupted run picks up where it stopped):
 
 ``data``
     bitplan's default calibration tokens (16 x 256) are written as text to ``calib.jsonl`` for
@@ -193,9 +193,15 @@ def _match_option(config: dict, option_schemes: dict[str, dict]) -> str | None:
 
 
 def _read_choices(
-    layer_config: dict, option_schemes: dict[str, dict]
+    layer_config: dict, options: str
 ) -> tuple[dict[str, str], dict[str, dict], list[str]]:
-    """auto-round's per-layer configs as (layer -> option, unmatched configs, unquantized)."""
+    """auto-round's per-layer configs as (layer -> one of ``options``, unmatched configs,
+    unquantized layers)."""
+    from dataclasses import asdict
+
+    from auto_round.schemes import preset_name_to_scheme
+
+    option_schemes = {name: asdict(preset_name_to_scheme(name)) for name in options.split(",")}
     choices, unmatched, unquantized = {}, {}, []
     for name, config in layer_config.items():
         option = _match_option(config, option_schemes)
@@ -252,15 +258,12 @@ def child_autoround(
     """auto-round's AutoScheme, one AutoRound object per budget, in this one process."""
     start = time.perf_counter()
     import gc
-    from dataclasses import asdict
 
     import auto_round
-    from auto_round.schemes import preset_name_to_scheme
 
     imported = time.perf_counter()
     catcher = _AvgBitsLog()
     logging.getLogger("autoround").addHandler(catcher)
-    option_schemes = {name: asdict(preset_name_to_scheme(name)) for name in options.split(",")}
     cache_root = Path(tempfile.mkdtemp(prefix="vs_autoround_cache-"))
     result: dict = {
         "tool": "auto-round",
@@ -284,7 +287,7 @@ def child_autoround(
             rss_loaded = peak_rss_mb()
             ar.post_init()  # resolves the scheme: runs AutoScheme, fills ar.layer_config
             t2, c2 = time.perf_counter(), cpu_s()
-            choices, unmatched, unquantized = _read_choices(ar.layer_config, option_schemes)
+            choices, unmatched, unquantized = _read_choices(ar.layer_config, options)
             logged = catcher.records[n_logged:]
             result["per_budget"][f"{bits:g}"] = {
                 "ctor_s": t1 - t0,
@@ -322,16 +325,12 @@ def child_signround(
 ) -> dict:
     """auto-round's AutoScheme then SignRound (``iters`` steps per block) for one budget: its
     whole search + quantization, timed; the tuned weights of its quantized layers saved."""
-    from dataclasses import asdict
-
     import auto_round
     import torch
-    from auto_round.schemes import preset_name_to_scheme
     from safetensors.torch import save_file
 
     catcher = _AvgBitsLog()
     logging.getLogger("autoround").addHandler(catcher)
-    option_schemes = {name: asdict(preset_name_to_scheme(name)) for name in options.split(",")}
     cache = Path(tempfile.mkdtemp(prefix="vs_autoround_cache-"))
     os.environ["AR_AUTO_SCHEME_CACHE"] = str(cache)  # empty: a cold search, as a user's first
     try:
@@ -351,7 +350,7 @@ def child_signround(
         t1, c1 = time.perf_counter(), cpu_s()
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    choices, unmatched, unquantized = _read_choices(ar.layer_config, option_schemes)
+    choices, unmatched, unquantized = _read_choices(ar.layer_config, options)
     modules = dict(model.named_modules())
     weights = {
         name: modules[name].weight.detach().to("cpu", torch.float32).contiguous()
@@ -680,7 +679,7 @@ def phase_signround(args: argparse.Namespace) -> None:
             )
 
 
-def signround_model(module, result: dict, weights_path: Path, model):
+def signround_model(model, result: dict, weights_path: Path):
     """The fake-quantized model of a SignRound run: auto-round's plan applied by bitplan (which
     quantizes activations where the format does), each planned layer's weight replaced by
     auto-round's tuned one. Also how far those weights are from bitplan's own grid (0 where
@@ -692,7 +691,7 @@ def signround_model(module, result: dict, weights_path: Path, model):
 
     bits = next(iter(result["per_budget"]))
     plan, check = autoround_plan(result, bits, model)
-    quantized = apply_plan(module, plan)
+    quantized = apply_plan(model.module, plan)
     tuned = load_file(str(weights_path))
     modules = dict(quantized.named_modules())
     off_grid = 0.0
@@ -764,7 +763,7 @@ def phase_eval(args: argparse.Namespace) -> None:
         def quantize():
             result = json.loads(path.read_text())
             weights = path.with_suffix(".safetensors")
-            quantized, check = signround_model(model.module, result, weights, model)
+            quantized, check = signround_model(model, result, weights)
             return quantized, {"plan_check": check}
 
         return quantize
@@ -871,11 +870,8 @@ def phase_report(args: argparse.Namespace) -> str:
         options, budgets = OPTION_SETS[set_name]
         for bits in budgets:
             label = f"{set_name}_{budget_label(bits)}"
-            stem = _signround_path(args, label).stem
-            run, kl_sr = (
-                _load(_signround_path(args, label)),
-                _load(ev / f"kl_signround_{stem}.json"),
-            )
+            path = _signround_path(args, label)
+            run, kl_sr = _load(path), _load(ev / f"kl_signround_{path.stem}.json")
             rtn = _load(ev / f"kl_autoround_{label}.json")
             if run and kl_sr:
                 signround_rows.append(

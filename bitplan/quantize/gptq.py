@@ -98,8 +98,9 @@ def gptq_round(
     h.diagonal().add_(damp * h.diagonal().mean())
 
     group = fmt.block_size(in_features)
+    whole = to_blocks(w, group)
     # A group's scales on their own (NVFP4: under the tensor's global scale, fixed now).
-    rule = fmt.group_scale_rule(to_blocks(w, group))
+    rule = fmt.group_scale_rule(whole)
     search = clip and fmt.searches_scales
     energy = h.diagonal().clone() if clip_weighted else None
 
@@ -113,7 +114,7 @@ def gptq_round(
     order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
     static = None
     if order is not None:
-        static = find(to_blocks(w, group), slice(None))
+        static = find(whole, slice(None))
         w, h = w[:, order], h[order][:, order]
     # The upper Cholesky factor of H⁻¹: row j holds the OBS update of column j's error onto the
     # later columns, already conditioned on the earlier columns having been rounded.
