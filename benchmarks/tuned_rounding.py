@@ -1,7 +1,8 @@
 """Tuned rounding end to end (issue 17): bitplan's plans rounded to nearest, the same plans
-GPTQ-rounded, and GPTQ-aware plans (``search --rounding gptq``) GPTQ-rounded, each through the
-command line exactly as a user runs it (``bitplan search``, then ``bitplan quantize --format
-fake``), reloaded from the export and measured by KL(base || quantized) on held-out text.
+GPTQ-rounded, GPTQ-aware plans (``search --rounding gptq``) GPTQ-rounded, and (integer formats)
+both plans with GPTQ and block tuning (``--rounding tuned``), each through the command line
+exactly as a user runs it (``bitplan search``, then ``bitplan quantize --format fake``),
+reloaded from the export and measured by KL(base || quantized) on held-out text.
 
 For MXFP4+MXFP8 at 4.5, 5 and 6 bits and W2G128+W4G128 at 3 bits (scale bits ignored, as the
 reference's tables), plus uniform W4G128 as a sanity row. Calibration 16 x 256 tokens of the
@@ -33,7 +34,11 @@ VARIANTS = (
     ("plan + RTN", "rtn", "rtn"),
     ("plan + GPTQ", "rtn", "gptq"),
     ("GPTQ-aware plan + GPTQ", "gptq", "gptq"),
+    ("plan + tuned", "rtn", "tuned"),
+    ("GPTQ-aware plan + tuned", "gptq", "tuned"),
 )
+#: The sets whose formats block tuning takes (integer ones).
+TUNABLE_SETS = ("int", "uniform")
 BITPLAN = [sys.executable, "-m", "bitplan.cli"]
 
 
@@ -128,7 +133,7 @@ def main() -> None:
                     out / "uniform-search.log",
                 )
                 record("uniform search", cost)
-            for rounding in ("rtn", "gptq"):
+            for rounding in ("rtn", "gptq", "tuned"):
                 quantize_and_measure(
                     f"uniform w4g128 {rounding}", next(plans.glob("plan_uniform*.json")), rounding
                 )
@@ -157,6 +162,8 @@ def main() -> None:
                 record(key, cost)
         for bits in budgets:
             for label, searched, rounding in VARIANTS:
+                if rounding == "tuned" and set_name not in TUNABLE_SETS:
+                    continue
                 plan = (
                     out / f"{set_name}-{searched}-plans" / f"plan_bitplan_{budget_name(bits)}.json"
                 )
@@ -167,7 +174,7 @@ def main() -> None:
 def report(results: dict) -> str:
     """The markdown tables of what ``results`` holds: KL per variant, then the costs."""
     lines = [
-        "| options @ bits | " + " | ".join(label for label, _, _ in VARIANTS) + " | last ÷ first |",
+        "| options @ bits | " + " | ".join(label for label, _, _ in VARIANTS) + " | best ÷ RTN |",
         "|---|" + "---:|" * (len(VARIANTS) + 1),
     ]
     for set_name, (options, budgets) in SETS.items():
@@ -175,13 +182,12 @@ def report(results: dict) -> str:
             kls = [
                 results.get(f"{set_name} {bits:g} {label}", {}).get("kl") for label, *_ in VARIANTS
             ]
-            if None in kls:
-                continue
-            cells = [f"{kl:.4f}" for kl in kls] + [f"{kls[-1] / kls[0]:.2f}"]
-            lines.append(f"| {options} @ {bits:g} | " + " | ".join(cells) + " |")
-    if "uniform w4g128 gptq" in results:
-        rtn, gptq = results["uniform w4g128 rtn"]["kl"], results["uniform w4g128 gptq"]["kl"]
-        lines.append(f"| uniform w4g128 | {rtn:.4f} | {gptq:.4f} | - | {gptq / rtn:.2f} |")
+            if kls[0] is not None:
+                lines.append(f"| {options} @ {bits:g} | " + _kl_cells(kls) + " |")
+    if "uniform w4g128 rtn" in results:
+        kls = [results.get(f"uniform w4g128 {r}", {}).get("kl") for r in ("rtn", "gptq")]
+        kls += [None, None, results.get("uniform w4g128 tuned", {}).get("kl")]
+        lines.append("| uniform w4g128 | " + _kl_cells(kls) + " |")
     lines += ["", "| step | wall s | peak RSS MB |", "|---|---:|---:|"]
     for key, value in results.items():
         cost = value.get("quantize", value)
@@ -189,6 +195,13 @@ def report(results: dict) -> str:
             step = key if "quantize" not in value else f"quantize: {key}"
             lines.append(f"| {step} | {cost['seconds']:.0f} | {cost['peak_rss_mb']} |")
     return "\n".join(lines)
+
+
+def _kl_cells(kls: list[float | None]) -> str:
+    """The table cells of a row's KLs (``-`` where not measured) and best ÷ the first (RTN)."""
+    cells = ["-" if kl is None else f"{kl:.4f}" for kl in kls]
+    best = min(kl for kl in kls if kl is not None)
+    return " | ".join([*cells, f"{best / kls[0]:.2f}"])
 
 
 if __name__ == "__main__":

@@ -116,17 +116,19 @@ def apply(
     progress: bool = True,
 ) -> torch.nn.Module:
     """A fake-quantized copy of the model's torch module (the original is left as it is),
-    rounded as ``rounding`` says (``rtn`` or ``gptq``; default: the plan's own ``rounding``).
+    rounded as ``rounding`` says (``rtn``, ``gptq`` or ``tuned``; default: the plan's own
+    ``rounding``).
 
     GPTQ rounds block by block on calibration ``tokens`` (default: ``n_samples`` x ``seq_len``
-    tokens of ``calib``, the shipped text unless given). Its codes and scales go to an export
-    with ``bitplan.export.export_model(..., rounded=bitplan.quantize.rounded_weights(module))``.
+    tokens of ``calib``, the shipped text unless given); ``tuned`` then tunes each block's
+    rounding on its output (integer formats). The codes and scales go to an export with
+    ``bitplan.export.export_model(..., rounded=bitplan.quantize.rounded_weights(module))``.
     """
     from bitplan.data.calibration import calibration_samples
     from bitplan.quantize.sequential import quantize_model
 
     rounding = rounding or plan.rounding
-    if rounding == "gptq" and tokens is None:
+    if rounding != "rtn" and tokens is None:
         tokens = calibration_samples(model.tokenizer, n_samples, seq_len, source=calib)
     return quantize_model(model.module, plan, rounding, tokens, batch_size, progress)
 

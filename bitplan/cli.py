@@ -180,11 +180,12 @@ def _compute_dtype(device: str, requested: str):
 
 
 def _check_rounding(rounding: str, fmt: str, stream: bool, calib: str | None) -> None:
-    """Refuse, before any loading, what GPTQ rounding cannot do yet, and unreadable --calib."""
-    if rounding != "gptq":
+    """Refuse, before any loading, what tuned rounding (GPTQ, tuned) cannot do yet, and
+    unreadable --calib."""
+    if rounding == "rtn":
         return
     if stream:
-        raise BitplanError("--rounding gptq needs the model in memory; drop --stream")
+        raise BitplanError(f"--rounding {rounding} needs the model in memory; drop --stream")
     if calib is not None:
         from bitplan.data.text import check_text_source
 
@@ -193,7 +194,7 @@ def _check_rounding(rounding: str, fmt: str, stream: bool, calib: str | None) ->
 
     if not get_backend(fmt).stores_rounded:
         raise BitplanError(
-            f"the {fmt} export cannot store GPTQ-rounded weights yet; use --rounding rtn"
+            f"the {fmt} export cannot store {rounding}-rounded weights yet; use --rounding rtn"
         )
 
 
@@ -203,12 +204,13 @@ def _export(model, plan, out: str, fmt: str, force: bool, args: argparse.Namespa
     from bitplan.export import export_model
 
     rounded = None
-    if (args.rounding or plan.rounding) == "gptq":
+    rounding = args.rounding or plan.rounding
+    if rounding != "rtn":
         import bitplan
         from bitplan.quantize import rounded_weights
 
         calibration = {k: getattr(args, k) for k in ("calib", "n_samples", "seq_len", "batch_size")}
-        rounded = rounded_weights(bitplan.apply(model, plan, "gptq", **calibration))
+        rounded = rounded_weights(bitplan.apply(model, plan, rounding, **calibration))
     # --embedding-type and --output-type are gguf's options; the other formats have none.
     options = {}
     if fmt == "gguf":
@@ -222,8 +224,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     plan = Plan.load(args.plan)
     if args.stream and args.format == "gguf":
         raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
-    _check_rounding(args.rounding or plan.rounding, args.format, args.stream, args.calib)
+    rounding = args.rounding or plan.rounding
+    _check_rounding(rounding, args.format, args.stream, args.calib)
     from bitplan.export import check_destination
+    from bitplan.formats import parse_format
+    from bitplan.quantize.sequential import check_rounding_formats
+
+    check_rounding_formats(rounding, map(parse_format, set(plan.layer_formats.values())))
 
     check_destination(args.out, args.format, args.force, reading=args.model)  # before loading
     model, _ = _load(args.model, args.stream)
@@ -306,12 +313,14 @@ def add_rounding_argument(parser: argparse.ArgumentParser, default: str | None) 
     from bitplan.plans.plan import ROUNDINGS
 
     if default is None:
-        what = "how to round the weights: rtn (to nearest) or gptq (GPTQ, block by block on "
-        what += "calibration text; exports store its codes); default: the plan's own rounding"
+        what = "how to round the weights: rtn (to nearest), gptq (GPTQ, block by block on "
+        what += "calibration text; exports store its codes) or tuned (GPTQ, then each block's "
+        what += "rounding tuned on its output: integer formats, slower); default: the plan's own"
     else:
         what = "the rounding the model will get, which the scores assume and the plans record: "
-        what += "rtn (to nearest, default) or gptq (each option scored by the output error GPTQ "
-        what += "leaves; costs a GPTQ pass per option)"
+        what += "rtn (to nearest, default), gptq (each option scored by the output error GPTQ "
+        what += "leaves; costs a GPTQ pass per option) or tuned (scored as gptq, then quantized "
+        what += "with GPTQ and block tuning: integer formats)"
     parser.add_argument("--rounding", choices=ROUNDINGS, default=default, help=what)
 
 
@@ -327,7 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
     from bitplan.data.offline_tasks import DEFAULT_TASKS
     from bitplan.evaluate.command import add_eval_arguments, parse_limit
     from bitplan.plans import RECIPES
-    from bitplan.plans.plan import ROUNDINGS
     from bitplan.score import SCORERS
 
     export_formats = _export_formats()
@@ -523,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dtype_argument(compare)
     compare.add_argument(
         "--rounding",
-        choices=ROUNDINGS,
+        choices=("rtn", "gptq"),  # tuned: integer formats only, and the MX table is one of two
         default="rtn",
         help="rtn: every plan rounded to nearest (default); gptq: our plans scored for GPTQ "
         "rounding and every plan, baselines included, GPTQ-rounded on the calibration tokens",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 import bitplan
@@ -48,6 +50,40 @@ def test_search_quantize_chains_search_and_export(tmp_path, tiny_folder, capsys)
         assert torch.allclose(reloaded.module(ids).logits, fake(ids).logits, atol=1e-5)
 
 
+def test_search_and_quantize_with_tuned_rounding(tmp_path, tiny_folder, capsys):
+    """A search for tuned rounding records it and scores as GPTQ does (the same cached scores);
+    quantize tunes and the export reloads to the library's tuned model; tuning refuses MX
+    before loading the model."""
+    folder, plans = tiny_folder, tmp_path / "plans"
+    calibration = ["--n-samples", "4", "--seq-len", "32"]
+    search = ["search", str(folder), "--options", "w2g32,w4g32", "--avg-bits", "3", *calibration]
+    assert main([*search, "--rounding", "gptq", "--out", str(tmp_path / "g")]) == 0
+    capsys.readouterr()
+    assert main([*search, "--rounding", "tuned", "--out", str(plans)]) == 0
+    assert "(from cache)" in capsys.readouterr().out
+    plan_path = plans / "plan_bitplan_3.json"
+    plan = Plan.load(plan_path)
+    assert plan.rounding == "tuned"
+    assert plan.layer_formats == Plan.load(tmp_path / "g" / "plan_bitplan_3.json").layer_formats
+    out = tmp_path / "packed"
+    argv = ["quantize", str(folder), "--plan", str(plan_path), *calibration]
+    assert main([*argv, "--format", "packed", "--out", str(out)]) == 0
+    model = load_model(folder)
+    tuned = bitplan.apply(model, plan, n_samples=4, seq_len=32, progress=False)
+    gptq = bitplan.apply(model, plan, "gptq", n_samples=4, seq_len=32, progress=False)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.equal(load_model(out).module(ids).logits, tuned(ids).logits)
+        assert not torch.equal(tuned(ids).logits, gptq(ids).logits)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["rounding"] == (
+        "tuned"
+    )
+    mx = ["search", str(folder), "--options", "mxfp4,mxfp8", "--avg-bits", "5", "--rounding"]
+    assert main([*mx, "tuned", "--out", str(tmp_path / "mx")]) == 2
+    assert "block tuning supports integer weight formats, not mxfp4" in capsys.readouterr().err
+    assert not (tmp_path / "mx").exists()
+
+
 def test_search_and_quantize_with_gptq_rounding(tmp_path, tiny_folder, capsys):
     """A GPTQ-aware search records its rounding; quantize applies it by default and the export
     reloads to the GPTQ model of the same calibration tokens; what GPTQ cannot do is refused
@@ -70,7 +106,7 @@ def test_search_and_quantize_with_gptq_rounding(tmp_path, tiny_folder, capsys):
         assert torch.equal(load_model(out).module(ids).logits, tuned(ids).logits)
         assert not torch.equal(tuned(ids).logits, apply_plan(model.module, plan)(ids).logits)
     for refused, message in [
-        (["--format", "gguf", "--out", str(tmp_path / "m.gguf")], "cannot store GPTQ"),
+        (["--format", "gguf", "--out", str(tmp_path / "m.gguf")], "cannot store gptq-rounded"),
         (["--format", "packed", "--out", str(tmp_path / "s"), "--stream"], "drop --stream"),
         (["--format", "packed", "--out", str(tmp_path / "c"), "--calib", "absent.txt"], "absent"),
     ]:

@@ -25,7 +25,7 @@ from bitplan.export.folder import FORMAT_VERSION, PLAN_FILE
 from bitplan.export.packed import QUANT_METHOD
 from bitplan.export.shards import read_tensors
 from bitplan.formats import Format, parse_format
-from bitplan.quantize import FakeQuantLinear
+from bitplan.quantize import FakeQuantLinear, replace_module
 
 
 @dataclass
@@ -82,9 +82,7 @@ def _wrap_layers(module: nn.Module, formats: dict[str, Format]) -> None:
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
             raise BitplanError(f"the export names layer {name}, which its model does not have")
-        parent_name, _, child = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else module
-        setattr(parent, child, fake_quant_linear(linear, fmt))
+        replace_module(module, name, fake_quant_linear(linear, fmt))
 
 
 def _load_packed(path: Path, dtype: torch.dtype) -> nn.Module:

@@ -97,7 +97,7 @@ class RoundedWeight:
     elements: torch.Tensor
     scales: BlockScales
     block_size: int
-    method: str = "rtn"  # how it was rounded: "rtn" (to nearest) or "gptq"
+    method: str = "rtn"  # how it was rounded: "rtn" (to nearest), "gptq" or "tuned"
 
     def values(self) -> torch.Tensor:
         """The float32 dequantized weight."""

@@ -14,9 +14,17 @@ from bitplan.errors import BitplanError
 from bitplan.jsonio import read_json_object, write_json_atomic
 
 PLAN_VERSION = 1
-#: How a plan's weights are rounded: to nearest, or by GPTQ (bitplan/quantize/gptq.py). A plan
-#: records the rounding its scores assumed, and ``bitplan quantize`` applies it by default.
-ROUNDINGS = ("rtn", "gptq")
+#: How a plan's weights are rounded: to nearest, by GPTQ (bitplan/quantize/gptq.py), or by GPTQ
+#: and then tuned on each block's output (bitplan/quantize/tune.py; integer formats). A plan
+#: records the rounding it was made for, and ``bitplan quantize`` applies it by default.
+ROUNDINGS = ("rtn", "gptq", "tuned")
+
+
+def scored_rounding(rounding: str) -> str:
+    """The rounding the scores assume for a plan made for ``rounding``: tuned plans are scored
+    for GPTQ, their starting point (tuning every option of every layer would cost a tuning run
+    per option)."""
+    return "gptq" if rounding == "tuned" else rounding
 
 
 @dataclass

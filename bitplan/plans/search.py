@@ -32,8 +32,9 @@ from bitplan.model.layers import LayerTable
 from bitplan.model.loading import LoadedModel
 from bitplan.model.streaming import BlockLoader
 from bitplan.plans.build import PlanSpace, resolve_pins
-from bitplan.plans.plan import ROUNDINGS, Plan
+from bitplan.plans.plan import ROUNDINGS, Plan, scored_rounding
 from bitplan.plans.recipes import RECIPES, recipe_plan
+from bitplan.quantize.sequential import check_rounding_formats
 from bitplan.score import Scores, score
 
 
@@ -86,6 +87,7 @@ class SearchConfig:
             raise BitplanError(
                 f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}"
             )
+        check_rounding_formats(self.rounding, self.formats)
 
     @property
     def options_label(self) -> str:
@@ -159,7 +161,7 @@ def run_search(
         loader=loader,
         device=config.device,
         dtype=compute,
-        rounding=config.rounding,
+        rounding=scored_rounding(config.rounding),
     )
     if log is not None:
         hit = " (from cache)" if scores.extra.get("cache_hit") else ""

@@ -59,6 +59,15 @@ class FakeQuantLinear(nn.Linear):
         return f"{super().extra_repr()}, format={self.fmt.name}"
 
 
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where ``root``'s submodule ``name`` is; returns the module it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
 def _resolve(formats: Mapping[str, Format | str]) -> dict[str, Format]:
     return {
         name: fmt if isinstance(fmt, Format) else parse_format(fmt) for name, fmt in formats.items()
@@ -88,9 +97,7 @@ def apply_formats(
         linear = modules[name]
         if not isinstance(linear, nn.Linear):
             raise BitplanError(f"{name} is a {type(linear).__name__}, not a Linear layer")
-        parent_name, _, child = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else target
-        setattr(parent, child, FakeQuantLinear.from_linear(linear, fmt))
+        replace_module(target, name, FakeQuantLinear.from_linear(linear, fmt))
     if hasattr(target, "config") and getattr(target.config, "tie_word_embeddings", False):
         # The head is now its own module; keep transformers from re-tying it on save/load.
         head = target.get_output_embeddings() if hasattr(target, "get_output_embeddings") else None

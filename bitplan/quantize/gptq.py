@@ -59,6 +59,15 @@ def check_gptq_format(fmt: Format) -> None:
 
 
 def gptq_round(
+    weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, **options
+) -> RoundedWeight:
+    """``weight`` (out, in) rounded onto ``fmt``'s grid by GPTQ with the inputs' ``hessian``
+    (in, in): the elements and the scales chosen along the sweep, which exports store as they
+    are (``RoundedWeight.values()`` is the dequantized weight). Options: :func:`gptq_sweep`."""
+    return gptq_sweep(weight, hessian, fmt, **options)[0]
+
+
+def gptq_sweep(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     fmt: Format,
@@ -67,10 +76,11 @@ def gptq_round(
     clip: bool = True,
     act_order: bool = False,
     clip_weighted: bool = False,
-) -> RoundedWeight:
-    """``weight`` (out, in) rounded onto ``fmt``'s grid by GPTQ with the inputs' ``hessian``
-    (in, in): the elements and the scales chosen along the sweep, which exports store as they
-    are (``RoundedWeight.values()`` is the dequantized weight).
+) -> tuple[RoundedWeight, torch.Tensor]:
+    """GPTQ's rounding of ``weight`` (:func:`gptq_round`) and its latent weight: each weight as
+    the sweep left it just before rounding it (float32, the weight's shape). Rounding the latent
+    to nearest with the chosen scales gives the elements back; block tuning (``tune.py``) starts
+    from it, where a small nudge flips the codes that were closest to a tie.
 
     ``damp`` times the mean of H's diagonal is added to the diagonal (H of real activations is
     often singular); inputs that are always zero (a zero diagonal) leave their columns' weights
@@ -124,6 +134,7 @@ def gptq_round(
     # Blocks of whole groups, so that a group's scales see all of its columns up to date.
     width = group * max(1, block_columns // group)
     elements = torch.zeros_like(w)
+    latent = torch.zeros_like(w)
     group_scales: list[BlockScales] = []
     for start in range(0, in_features, width):
         end = min(start + width, in_features)
@@ -141,13 +152,14 @@ def gptq_round(
             value = block[:, i : i + 1]
             element = fmt.round(value.unsqueeze(1), scales)
             elements[:, column : column + 1] = element.squeeze(1)
+            latent[:, column : column + 1] = value
             rounded = scales.dequantize_(element).squeeze(1)
             error = (value - rounded) / factor[i, i]
             block[:, i:] -= error @ factor[i : i + 1, i:]
             errors[:, i : i + 1] = error
         w[:, end:] -= errors @ upper[start:end, end:]
     scales = static if static is not None else _joined(group_scales)
-    return RoundedWeight(elements, scales, group, method="gptq")
+    return RoundedWeight(elements, scales, group, method="gptq"), latent
 
 
 #: The range shrink factors a clipping search tries (1: the format's own rule) and the norm of

@@ -24,9 +24,18 @@ from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
 from bitplan.formats.bf16 import BF16Format
 from bitplan.model.layers import find_blocks
-from bitplan.quantize import FakeQuantLinear, apply_formats, apply_plan
-from bitplan.quantize.gptq import Hessian, check_gptq_format, gptq_round
+from bitplan.plans.plan import ROUNDINGS
+from bitplan.quantize import FakeQuantLinear, apply_formats, apply_plan, replace_module
+from bitplan.quantize.gptq import Hessian, check_gptq_format, gptq_sweep
+from bitplan.quantize.tune import TunableRounding, check_tunable_format, tune_block
 from bitplan.score.replay import record_block_inputs, run_block
+
+#: What block tuning brings each block's output close to: the unquantized block's output on the
+#: same (already quantized) inputs, or the unquantized model's own hidden states after the block
+#: (which also asks each block to undo what the blocks before it left).
+TUNE_TARGETS = ("block", "model")
+#: Tuning steps per block of ``rounding="tuned"`` (one batch of calibration sequences each).
+TUNE_ITERS = 25
 
 
 def gptq_model(
@@ -39,17 +48,23 @@ def gptq_model(
     clip: bool = True,
     act_order: bool = False,
     clip_weighted: bool = False,
+    tune_iters: int = 0,
+    tune_target: str = "model",
 ) -> nn.Module:
     """A fake-quantized copy of ``model`` (layer name -> format, as ``apply_formats``) whose
     decoder layers are GPTQ-rounded on the calibration ``tokens`` (n_samples, seq_len); ``clip``
     searches each group's scales (``gptq.clipped_scales``), ``act_order`` rounds the columns
     by decreasing input energy and ``clip_weighted`` weights the scale search by it
-    (``gptq.gptq_round``)."""
+    (``gptq.gptq_round``). With ``tune_iters`` > 0 each block's rounding is then tuned on the
+    block's output for that many steps (``tune.tune_block``; integer formats)."""
     resolved = {n: f if isinstance(f, Format) else parse_format(f) for n, f in formats.items()}
-    for fmt in {f.name: f for f in resolved.values()}.values():
-        if not isinstance(fmt, BF16Format):  # bf16 layers are only rounded to bf16
-            check_gptq_format(fmt)  # before any work
+    if tune_target not in TUNE_TARGETS:
+        raise BitplanError(
+            f"tune_target must be one of {', '.join(TUNE_TARGETS)}, not {tune_target!r}"
+        )
+    check_rounding_formats("tuned" if tune_iters > 0 else "gptq", resolved.values())
     target = copy.deepcopy(model)
+    target.requires_grad_(False)  # tuning trains its own numbers, never the model's
     blocks_path, blocks = find_blocks(target)
     in_blocks = {
         n: f
@@ -60,6 +75,8 @@ def gptq_model(
     with torch.no_grad():
         records = [record_block_inputs(target, batch) for batch in tokens.split(batch_size)]
     hidden = [record.hidden[0] for record in records]
+    # The unquantized model's hidden states, block by block, when tuning aims at them.
+    reference = list(hidden) if tune_iters > 0 and tune_target == "model" else None
     for record in records:  # only block 0's input and every block's keyword arguments are used
         record.hidden, record.final_hidden = [], None
     for index, block in enumerate(tqdm(blocks, desc="GPTQ", disable=not progress)):
@@ -72,27 +89,50 @@ def gptq_model(
         views = {name: [input_view(in_blocks[prefix + name])] for name in planned}
         inputs = [(hidden[k], record.kwargs[index]) for k, record in enumerate(records)]
         hessians = collect_hessians(block, planned, views, inputs)
-        for name, linear in planned.items():
-            fmt = in_blocks[prefix + name]
-            hessian = hessians[name][0].matrix
-            rounded = gptq_round(
+        swept = {
+            name: gptq_sweep(
                 linear.weight.data,
-                hessian,
-                fmt,
+                hessians[name][0].matrix,
+                in_blocks[prefix + name],
                 damp=damp,
                 clip=clip,
                 act_order=act_order,
                 clip_weighted=clip_weighted,
             )
-            parent_name, _, child = name.rpartition(".")
-            parent = block.get_submodule(parent_name) if parent_name else block
-            setattr(parent, child, FakeQuantLinear.from_linear(linear, fmt, rounded))
+            for name, linear in planned.items()
+        }
+        rounded = {name: result[0] for name, result in swept.items()}
+        if tune_iters > 0 and planned:
+            with torch.no_grad():  # the unquantized block's outputs on the same inputs
+                targets = [run_block(block, h, kwargs) for h, kwargs in inputs]
+                if reference is not None:
+                    sources = [(reference[k], kw) for k, (_, kw) in enumerate(inputs)]
+                    reference = [run_block(block, h, kw) for h, kw in sources]
+                    targets = reference
+            roundings = {
+                name: TunableRounding(in_blocks[prefix + name], *swept[name]) for name in planned
+            }
+            rounded = tune_block(block, roundings, inputs, targets, tune_iters)
+        for name, linear in planned.items():
+            fake = FakeQuantLinear.from_linear(linear, in_blocks[prefix + name], rounded[name])
+            replace_module(block, name, fake)
         with torch.no_grad():
             hidden = [
                 run_block(block, hidden[k], record.kwargs[index])
                 for k, record in enumerate(records)
             ]
     return target
+
+
+def check_rounding_formats(rounding: str, formats: Iterable[Format]) -> None:
+    """Raise BitplanError, before any work, if a layer in one of ``formats`` cannot be rounded
+    as ``rounding`` says (bf16 layers are only ever rounded to bf16)."""
+    for fmt in {f.name: f for f in formats}.values():
+        if rounding == "rtn" or isinstance(fmt, BF16Format):
+            continue
+        check_gptq_format(fmt)
+        if rounding == "tuned":
+            check_tunable_format(fmt)
 
 
 def quantize_model(
@@ -109,11 +149,14 @@ def quantize_model(
     rounding = rounding or plan.rounding
     if rounding == "rtn":
         return apply_plan(model, plan)
-    if rounding != "gptq":
-        raise BitplanError(f"unknown rounding {rounding!r}; choose rtn or gptq")
+    if rounding not in ROUNDINGS:
+        raise BitplanError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
     if tokens is None:
-        raise BitplanError("GPTQ rounding needs calibration tokens")
-    return gptq_model(model, plan.layer_formats, tokens, batch_size, progress=progress)
+        raise BitplanError(f"{rounding} rounding needs calibration tokens")
+    tune_iters = TUNE_ITERS if rounding == "tuned" else 0
+    return gptq_model(
+        model, plan.layer_formats, tokens, batch_size, progress=progress, tune_iters=tune_iters
+    )
 
 
 #: An input a Hessian is taken of: the layer's input X itself (None), or Q(X) under a format.

@@ -1,0 +1,164 @@
+"""Tuning a block's rounding on the block's output, after GPTQ (SignRound's idea: Cheng et al.,
+2023, "Optimize Weight Rounding via Signed Gradient Descent", as auto-round does it).
+
+GPTQ rounds each layer alone, column by column, against that layer's own output error. At 2 bits
+that leaves much on the table: the error that matters is the block's output, where the layers'
+errors meet (through attention, the MLP's product, the norms). Here every planned layer of a
+block gets two small sets of trainable numbers on top of its GPTQ result:
+
+* an offset per weight in [-0.5, 0.5] added to its latent value (in units of its group's scale)
+  before rounding, so a code can move to the other neighbour of its latent value: GPTQ's latent
+  (``gptq.gptq_sweep``) is the starting point, and an offset of 0 gives GPTQ's codes back;
+* a factor per group on GPTQ's scale, in [``SCALE_FACTOR_RANGE``].
+
+They are fitted by signed gradient descent (each step moves every number by the learning rate
+times its gradient's sign, the rate falling linearly to 0) on the squared error between the
+block's output with the rounded weights and the unquantized block's output on the same inputs,
+rounding passing gradients straight through. The step with the least error is kept. Integer
+formats only for now (MX scales are powers of two and their grid is not evenly spaced).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from bitplan.errors import BitplanError
+from bitplan.formats import Format
+from bitplan.formats.block_scaled import BlockScales, RoundedWeight, nonzero_or_one
+from bitplan.formats.blocks import from_blocks, to_blocks
+from bitplan.formats.integer import IntegerWeights
+from bitplan.quantize import replace_module
+from bitplan.score.replay import run_block
+
+#: How far tuning may move a group's scale from GPTQ's, as a factor.
+SCALE_FACTOR_RANGE = (0.5, 1.25)
+
+
+def check_tunable_format(fmt: Format) -> None:
+    """Raise BitplanError unless block tuning can round ``fmt`` (integer weights)."""
+    if not isinstance(fmt, IntegerWeights):
+        raise BitplanError(
+            f"block tuning supports integer weight formats, not {fmt.name}; "
+            "use --rounding gptq for it"
+        )
+
+
+def _straight_through(exact: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``exact``'s value with ``x``'s gradient (for rounding, which has none)."""
+    return x + (exact - x).detach()
+
+
+class TunableRounding(nn.Module):
+    """One layer's rounding with trainable offsets and scale factors (see the module doc)."""
+
+    def __init__(self, fmt: IntegerWeights, start: RoundedWeight, latent: torch.Tensor) -> None:
+        super().__init__()
+        check_tunable_format(fmt)
+        self.fmt = fmt
+        self.length = latent.shape[-1]
+        self.register_buffer("latent", to_blocks(latent.float(), start.block_size))
+        self.register_buffer("start_scale", start.scales.scale.clone())
+        zero_point = start.scales.zero_point
+        self.register_buffer("zero_point", None if zero_point is None else zero_point.clone())
+        self.offset = nn.Parameter(torch.zeros_like(self.latent))
+        self.scale_factor = nn.Parameter(torch.ones_like(self.start_scale))
+
+    def scales(self) -> BlockScales:
+        """The groups' scales, as their float16 storage holds them (gradients pass through)."""
+        scale = self.start_scale * self.scale_factor
+        return BlockScales(_straight_through(scale.half().float(), scale), self.zero_point)
+
+    def _elements(self, scales: BlockScales) -> torch.Tensor:
+        """The integer codes, as blocks, with rounding passing gradients straight through."""
+        x = self.latent / nonzero_or_one(scales.scale) + self.offset
+        codes = _straight_through(torch.round(x), x)
+        if self.fmt.symmetric:
+            return codes.clamp(-(2 ** (self.fmt.bits - 1)), 2 ** (self.fmt.bits - 1) - 1)
+        return (codes + self.zero_point).clamp(0, 2**self.fmt.bits - 1)
+
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (out, in), differentiable in the offsets and factors."""
+        scales = self.scales()
+        elements = self._elements(scales)
+        if scales.zero_point is not None:
+            elements = elements - scales.zero_point
+        return from_blocks(elements * scales.scale, self.length)
+
+    def clamp_(self) -> None:
+        """Keep the trainable numbers in their ranges (after each step)."""
+        with torch.no_grad():
+            self.offset.clamp_(-0.5, 0.5)
+            self.scale_factor.clamp_(*SCALE_FACTOR_RANGE)
+
+    def rounded(self) -> RoundedWeight:
+        """The tuned codes and scales, as exports store them."""
+        with torch.no_grad():
+            scales = self.scales()
+            stored = BlockScales(scales.scale.detach().clone(), scales.zero_point)
+            elements = from_blocks(self._elements(scales).detach(), self.length)
+        return RoundedWeight(elements, stored, self.latent.shape[-1], method="tuned")
+
+
+class TuningLinear(nn.Module):
+    """A Linear whose weight is a :class:`TunableRounding`'s, recomputed on every forward."""
+
+    def __init__(self, linear: nn.Linear, rounding: TunableRounding) -> None:
+        super().__init__()
+        self.rounding = rounding
+        self.bias = linear.bias
+        self.dtype = linear.weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = self.rounding.fmt
+        if fmt.quantizes_activations:
+            x = _straight_through(fmt.quantize_activation(x), x)
+        return nn.functional.linear(x, self.rounding.weight().to(self.dtype), self.bias)
+
+
+def tune_block(
+    block: nn.Module,
+    roundings: Mapping[str, TunableRounding],
+    inputs: Sequence[tuple[torch.Tensor, dict]],
+    targets: Sequence[torch.Tensor],
+    iters: int,
+    learning_rate: float | None = None,
+) -> dict[str, RoundedWeight]:
+    """Tune the ``roundings`` of ``block``'s Linear layers (by their names inside the block) so
+    that the block's outputs on ``inputs`` (hidden states, keyword arguments: one batch each)
+    come close to ``targets``. ``iters`` steps, one batch each, the batches in turn;
+    ``learning_rate`` (default ``1 / iters``, as auto-round) falls linearly to 0. Returns every
+    layer's rounding as it was on the pass over the batches whose summed error was least."""
+    learning_rate = 1.0 / max(iters, 1) if learning_rate is None else learning_rate
+    originals = {n: replace_module(block, n, TuningLinear(block.get_submodule(n), r))
+                 for n, r in roundings.items()}  # fmt: skip
+    parameters = [p for rounding in roundings.values() for p in rounding.parameters()]
+    best_error, best, pass_error = math.inf, None, 0.0
+    try:
+        for step in range(iters):
+            (hidden, kwargs), target = inputs[step % len(inputs)], targets[step % len(inputs)]
+            with torch.enable_grad():
+                error = (run_block(block, hidden, kwargs).float() - target.float()).pow(2).mean()
+                grads = torch.autograd.grad(error, parameters)
+            pass_error += error.item()
+            if step % len(inputs) == len(inputs) - 1:  # a pass ends, before its last update
+                if pass_error < best_error:
+                    best_error, best = pass_error, [p.detach().clone() for p in parameters]
+                pass_error = 0.0
+            rate = learning_rate * (1 - step / iters)
+            with torch.no_grad():
+                for parameter, grad in zip(parameters, grads, strict=True):
+                    parameter.sub_(rate * grad.sign())
+            for rounding in roundings.values():
+                rounding.clamp_()
+    finally:
+        for name, original in originals.items():
+            replace_module(block, name, original)
+    if best is not None:
+        with torch.no_grad():
+            for parameter, value in zip(parameters, best, strict=True):
+                parameter.copy_(value)
+    return {name: rounding.rounded() for name, rounding in roundings.items()}
