@@ -50,13 +50,16 @@ def gptq_model(
     clip_weighted: bool = False,
     tune_iters: int = 0,
     tune_target: str = "model",
+    tune_lr: float | None = None,
 ) -> nn.Module:
     """A fake-quantized copy of ``model`` (layer name -> format, as ``apply_formats``) whose
     decoder layers are GPTQ-rounded on the calibration ``tokens`` (n_samples, seq_len); ``clip``
     searches each group's scales (``gptq.clipped_scales``), ``act_order`` rounds the columns
     by decreasing input energy and ``clip_weighted`` weights the scale search by it
     (``gptq.gptq_round``). With ``tune_iters`` > 0 each block's rounding is then tuned on the
-    block's output for that many steps (``tune.tune_block``; integer formats)."""
+    block's output for that many steps, one batch each (``tune.tune_block``: integer formats;
+    learning rate ``tune_lr``, by default 1 / ``tune_iters``), towards ``tune_target``
+    (``TUNE_TARGETS``)."""
     resolved = {n: f if isinstance(f, Format) else parse_format(f) for n, f in formats.items()}
     if tune_target not in TUNE_TARGETS:
         raise BitplanError(
@@ -79,7 +82,9 @@ def gptq_model(
     reference = list(hidden) if tune_iters > 0 and tune_target == "model" else None
     for record in records:  # only block 0's input and every block's keyword arguments are used
         record.hidden, record.final_hidden = [], None
-    for index, block in enumerate(tqdm(blocks, desc="GPTQ", disable=not progress)):
+    for index, block in enumerate(
+        tqdm(blocks, desc="GPTQ + tuning" if tune_iters > 0 else "GPTQ", disable=not progress)
+    ):
         prefix = f"{blocks_path}.{index}."
         planned = {
             name: module
@@ -112,7 +117,7 @@ def gptq_model(
             roundings = {
                 name: TunableRounding(in_blocks[prefix + name], *swept[name]) for name in planned
             }
-            rounded = tune_block(block, roundings, inputs, targets, tune_iters)
+            rounded = tune_block(block, roundings, inputs, targets, tune_iters, tune_lr)
         for name, linear in planned.items():
             fake = FakeQuantLinear.from_linear(linear, in_blocks[prefix + name], rounded[name])
             replace_module(block, name, fake)
