@@ -45,7 +45,9 @@ def main() -> None:
         divergence = base.compare(rounded)
         del rounded
         label = json.dumps({**options, "batch_size": batch_size})
-        print(f"| {label} | {divergence.kl:.4f} | {divergence.ppl:.2f} | {seconds:.0f} |", flush=True)
+        print(
+            f"| {label} | {divergence.kl:.4f} | {divergence.ppl:.2f} | {seconds:.0f} |", flush=True
+        )
 
 
 if __name__ == "__main__":
