@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bitplan.evaluate.paired import UNRESOLVED, paired_difference  # noqa: E402
 from bitplan.model.layers import LayerTable  # noqa: E402
 from bitplan.plans import BUDGETED_RECIPES, Plan  # noqa: E402
 from bitplan.plots import plot_bits_per_layer  # noqa: E402
@@ -82,53 +83,87 @@ def _header(tasks: list[str]) -> str:
 
 
 def _verdicts(results: dict) -> list[str]:
-    """For each budget, does our plan beat head and tail (accuracy, or KL within stderr)?"""
+    """For each of our plans, against head, tail, uniform and BF16: the paired differences of
+    the five-task average accuracy and of the correct answers' log-likelihood, where the
+    results hold each document's scores; otherwise (results of older runs) accuracy against
+    both standard errors, or KL, for head and tail only."""
     lines = []
     variants = results["variants"]
     for v in variants.values():
         if v["recipe"] != "bitplan":
             continue
-        ours_acc, ours_err = _avg(v), _avg_stderr(v)
-        for recipe in BUDGETED_RECIPES:
-            other = next(
-                (
-                    o
-                    for o in variants.values()
-                    if o["recipe"] == recipe
-                    and o["options"] == v["options"]
-                    and o["budget"] == v["budget"]
-                ),
-                None,
+        others = [
+            o
+            for o in variants.values()
+            if o["options"] == v["options"]
+            and (
+                o["recipe"] == "uniform"
+                or (o["recipe"] in BUDGETED_RECIPES and o["budget"] == v["budget"])
             )
-            if other is None:
-                continue
-            kl_ours, kl_other = v["divergence"]["kl"], other["divergence"]["kl"]
-            where = f"{v['options']} at {v['budget']:g} bits vs {recipe}"
-            if ours_acc is None:
-                verdict = "beats" if kl_ours < kl_other else "does NOT beat"
-                lines.append(
-                    f"- {where}: {verdict} it on KL ({kl_ours:.4f} vs {kl_other:.4f}); "
-                    "no task accuracy measured"
-                )
-                continue
-            diff = ours_acc - _avg(other)
-            err = math.hypot(ours_err or 0.0, _avg_stderr(other) or 0.0)
-            if diff > err:
-                verdict = f"beats it on accuracy ({diff:+.4f}, stderr {err:.4f})"
-            elif diff < -err:
-                verdict = f"does NOT beat it: accuracy {diff:+.4f} (stderr {err:.4f})"
-            elif kl_ours < kl_other:
-                verdict = (
-                    f"accuracy within stderr ({diff:+.4f} ± {err:.4f}); beats it on KL "
-                    f"({kl_ours:.4f} vs {kl_other:.4f})"
-                )
-            else:
-                verdict = (
-                    f"does NOT beat it: accuracy within stderr ({diff:+.4f} ± {err:.4f}) "
-                    f"and KL {kl_ours:.4f} vs {kl_other:.4f}"
-                )
-            lines.append(f"- {where}: {verdict}")
+        ]
+        others.append(variants["bf16"])
+        for other in others:
+            where = f"{v['options']} at {v['budget']:g} bits vs {other['label']}"
+            paired = _paired_verdict(v, other)
+            if paired is not None:
+                lines.append(f"- {where}: {paired}")
+            elif other["recipe"] in BUDGETED_RECIPES:
+                lines.append(f"- {where}: {_unpaired_verdict(v, other)}")
     return lines
+
+
+def _documents(variant: dict, measure: int) -> dict[str, dict[str, float]] | None:
+    """A variant's per-document scores (0: acc, 1: correct answer's log-likelihood), if kept."""
+    documents = (variant.get("tasks") or {}).get("documents")
+    if not documents:
+        return None
+    return {
+        task: {k: scores[measure] for k, scores in docs.items()} for task, docs in documents.items()
+    }
+
+
+def _paired_verdict(ours: dict, other: dict) -> str | None:
+    """Paired accuracy and log-likelihood differences of ``ours`` minus ``other``, in words."""
+    a_acc, b_acc = _documents(ours, 0), _documents(other, 0)
+    if a_acc is None or b_acc is None:
+        return None
+    acc = paired_difference(a_acc, b_acc)
+    loglik = paired_difference(_documents(ours, 1), _documents(other, 1))
+    kl_ours, kl_other = ours["divergence"]["kl"], other["divergence"]["kl"]
+    kl = "" if other["recipe"] == "bf16" else f"; KL {kl_ours:.4f} vs {kl_other:.4f}"
+    return (
+        f"accuracy {acc.describe()} (paired, 95 %, {acc.documents} documents): "
+        f"**{_said(acc.verdict)}**; correct answer's log-likelihood {loglik.describe(3)} nats: "
+        f"{_said(loglik.verdict)}{kl}"
+    )
+
+
+def _said(verdict: str) -> str:
+    return "not resolved at this limit" if verdict == UNRESOLVED else verdict
+
+
+def _unpaired_verdict(ours: dict, other: dict) -> str:
+    """Our plan against ``other`` from averages alone (results without per-document scores)."""
+    kl_ours, kl_other = ours["divergence"]["kl"], other["divergence"]["kl"]
+    ours_acc = _avg(ours)
+    if ours_acc is None:
+        verdict = "beats" if kl_ours < kl_other else "does NOT beat"
+        return f"{verdict} it on KL ({kl_ours:.4f} vs {kl_other:.4f}); no task accuracy measured"
+    diff = ours_acc - _avg(other)
+    err = math.hypot(_avg_stderr(ours) or 0.0, _avg_stderr(other) or 0.0)
+    if diff > err:
+        return f"beats it on accuracy ({diff:+.4f}, stderr {err:.4f})"
+    if diff < -err:
+        return f"does NOT beat it: accuracy {diff:+.4f} (stderr {err:.4f})"
+    if kl_ours < kl_other:
+        return (
+            f"accuracy within stderr ({diff:+.4f} ± {err:.4f}); beats it on KL "
+            f"({kl_ours:.4f} vs {kl_other:.4f})"
+        )
+    return (
+        f"does NOT beat it: accuracy within stderr ({diff:+.4f} ± {err:.4f}) "
+        f"and KL {kl_ours:.4f} vs {kl_other:.4f}"
+    )
 
 
 def write_report(results: dict, out: Path, table: LayerTable, command: str = "") -> Path:
@@ -178,7 +213,7 @@ def write_report(results: dict, out: Path, table: LayerTable, command: str = "")
             lines += [_row(v, bf16, tasks, bold=v is best) for v in rows]
             lines.append("")
     lines += [
-        "## Does our plan beat head and tail?",
+        "## Does our plan beat the others? (ours minus theirs)",
         "",
         *(_verdicts(results) or ["- no head/tail baselines"]),
         "",

@@ -57,7 +57,13 @@ def test_compare_end_to_end(tiny_folder, tmp_path, capsys):
         assert f"{v['divergence']['kl']:.4f}" in report
         assert v["label"] in report
     assert "## Table 1: mxfp4,mxfp8 mixed" in report and "## Table 2: w2g32,w4g32 mixed" in report
-    assert "at an average of 5 bits" in report and "Does our plan beat head and tail?" in report
+    assert "at an average of 5 bits" in report and "Does our plan beat the others?" in report
+    # Every comparison is paired over the same documents (2 per task, 2 tasks).
+    lines = [line for line in report.splitlines() if line.startswith("- mxfp4,mxfp8 at 5 bits")]
+    for other in ("Head layers", "Tail layers", "Pure low-bit", "BF16"):
+        assert sum(f"vs {other}" in line for line in lines) == 1, other
+    assert all("(paired, 95 %, 4 documents)" in line for line in lines)
+    assert len(variants["bf16"]["tasks"]["documents"]["piqa"]) == 2
     for placeholder in ("nan", "None", "TODO", "XXX"):
         assert placeholder not in report
     for png in (

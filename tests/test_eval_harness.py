@@ -55,3 +55,42 @@ def test_eval_command_arguments(offline, capsys, tmp_path, tiny_model, tiny_toke
     assert "winogrande" in printed and "average (acc)" in printed
     assert json.loads(out.read_text())["tasks"]["winogrande"]["n"] == 2
     assert parser.parse_args(["--limit", "0.5"]).limit == 0.5
+
+
+def test_documents_hold_each_documents_accuracy_and_correct_answers_loglik(
+    offline, tiny_model, tiny_tokenizer
+):
+    """The per-document scores that paired comparisons use average to lm-eval's own accuracy
+    for every task (MMLU's subjects pooled), with one log-likelihood per document."""
+    tasks = "lambada_openai,hellaswag,piqa,winogrande,mmlu"
+    results = evaluate_tasks(tiny_model, tiny_tokenizer, tasks=tasks, limit=2)
+    assert set(results.documents) == set(results.scores)
+    for task, score in results.scores.items():
+        documents = results.documents[task]
+        assert len(documents) == score.n, task
+        accs = [acc for acc, _ in documents.values()]
+        assert sum(accs) / len(accs) == pytest.approx(score.acc), task
+        assert all(loglik <= 0 for _, loglik in documents.values()), task
+    assert len(results.documents["mmlu"]) == 2 * 57
+
+
+def test_the_correct_answer_of_each_kind_of_document():
+    from bitplan.evaluate.harness import documents_from_samples
+
+    samples = {
+        "winogrande": [{"doc_id": 0, "doc": {"answer": "2"}, "target": "x", "acc": 1.0,
+                        "filtered_resps": [[-3.0, False], [-1.0, True]]}],
+        "piqa": [{"doc_id": 4, "doc": {}, "target": 0, "acc": 0.0,
+                  "filtered_resps": [[-2.5, False], [-0.5, True]]}],
+        "lambada_openai": [{"doc_id": 1, "doc": {}, "target": " word", "acc": 1.0,
+                            "filtered_resps": [[-0.25, True]]}],
+        "mmlu_anatomy": [{"doc_id": 3, "doc": {}, "target": 2, "acc": 0.0,
+                          "filtered_resps": [[-1.0, 0], [-2.0, 0], [-4.0, 0], [-3.0, 0]]}],
+    }  # fmt: skip
+    documents = documents_from_samples(samples, ["winogrande", "piqa", "lambada_openai", "mmlu"])
+    assert documents == {
+        "winogrande": {"winogrande/0": [1.0, -1.0]},
+        "piqa": {"piqa/4": [0.0, -2.5]},
+        "lambada_openai": {"lambada_openai/1": [1.0, -0.25]},
+        "mmlu": {"mmlu_anatomy/3": [0.0, -4.0]},
+    }

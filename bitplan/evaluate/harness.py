@@ -62,6 +62,9 @@ class TaskResults:
     seconds: float
     #: lm-eval's own results, groups and sample counts (JSON-serialisable parts only).
     lm_eval: dict[str, Any] = field(default_factory=dict)
+    #: Each document's scores, for paired comparisons (``paired.py``): task -> document key
+    #: (``subtask/doc_id``) -> [acc (0 or 1), log-likelihood of the correct answer].
+    documents: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     @property
     def average(self) -> float:
@@ -76,6 +79,7 @@ class TaskResults:
             "batch_size": self.batch_size,
             "seconds": self.seconds,
             "lm_eval": self.lm_eval,
+            "documents": self.documents,
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -140,7 +144,7 @@ def evaluate_tasks(
                 tasks=[OFFLINE_TASKS[n] for n in names],
                 task_manager=task_manager(),
                 limit=limit,
-                log_samples=False,
+                log_samples=True,
             )
     finally:
         model.train(was_training)  # lm-eval puts the model in eval mode
@@ -167,7 +171,37 @@ def results_from_lm_eval(
         lm_eval={
             k: raw[k] for k in ("results", "groups", "group_subtasks", "n-samples") if k in raw
         },
+        documents=documents_from_samples(raw.get("samples", {}), tasks),
     )
+
+
+#: How to find the correct choice of a document where lm-eval's logged target is not its index:
+#: WinoGrande puts the two options in the context and scores the same continuation after each.
+_GOLD_INDEX = {"winogrande": lambda doc: int(doc["answer"]) - 1}
+
+
+def documents_from_samples(
+    samples: dict[str, list[dict[str, Any]]], tasks: Sequence[str]
+) -> dict[str, dict[str, list[float]]]:
+    """Per-document scores out of lm-eval's logged samples (``log_samples=True``): for each of
+    the standard ``tasks``, document key -> [acc, log-likelihood of the correct answer]. MMLU's
+    subjects are pooled under ``mmlu`` (its accuracy weights every question alike)."""
+    documents: dict[str, dict[str, list[float]]] = {task: {} for task in tasks}
+    for subtask, logged in samples.items():
+        task = "mmlu" if subtask.startswith("mmlu") else subtask
+        if task not in documents:
+            continue
+        for sample in logged:
+            responses = sample["filtered_resps"]  # one (log-likelihood, is greedy) per request
+            if len(responses) == 1:  # a single continuation (LAMBADA)
+                gold = 0
+            elif task in _GOLD_INDEX:
+                gold = _GOLD_INDEX[task](sample["doc"])
+            else:
+                gold = int(sample["target"])
+            loglik = float(responses[gold][0])
+            documents[task][f"{subtask}/{sample['doc_id']}"] = [float(sample["acc"]), loglik]
+    return documents
 
 
 def format_results_table(results: TaskResults) -> str:
