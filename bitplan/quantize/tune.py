@@ -13,8 +13,9 @@ block gets two small sets of trainable numbers on top of its GPTQ result:
 
 They are fitted by signed gradient descent (each step moves every number by the learning rate
 times its gradient's sign, the rate falling linearly to 0) on the squared error between the
-block's output with the rounded weights and the unquantized block's output on the same inputs,
-rounding passing gradients straight through. The step with the least error is kept. Integer
+block's output with the rounded weights and a target (``sequential.TUNE_TARGETS``; by default
+the unquantized model's own hidden states after the block), rounding passing gradients straight
+through. The numbers of the pass over the batches with the least summed error are kept. Integer
 formats only for now (MX scales are powers of two and their grid is not evenly spaced).
 """
 
@@ -133,8 +134,10 @@ def tune_block(
     ``learning_rate`` (default ``1 / iters``, as auto-round) falls linearly to 0. Returns every
     layer's rounding as it was on the pass over the batches whose summed error was least."""
     learning_rate = 1.0 / max(iters, 1) if learning_rate is None else learning_rate
-    originals = {n: replace_module(block, n, TuningLinear(block.get_submodule(n), r))
-                 for n, r in roundings.items()}  # fmt: skip
+    originals = {
+        name: replace_module(block, name, TuningLinear(block.get_submodule(name), rounding))
+        for name, rounding in roundings.items()
+    }
     parameters = [p for rounding in roundings.values() for p in rounding.parameters()]
     best_error, best, pass_error = math.inf, None, 0.0
     try:
