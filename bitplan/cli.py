@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--embedding-type", help="gguf only: type of the token embedding")
     quantize.add_argument("--output-type", help="gguf only: type of the output tensor")
     add_rounding_argument(quantize, None)
-    add_calibration_arguments(quantize, "for --rounding gptq: ")
+    add_calibration_arguments(quantize, "for --rounding gptq or tuned: ")
     quantize.set_defaults(func=cmd_quantize)
 
     evaluate = sub.add_parser(
