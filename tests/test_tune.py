@@ -95,6 +95,22 @@ def test_tuning_lowers_the_output_error_of_gptq(tiny_model, tokens, target):
         assert torch.equal(layer.weight, weights[name].values().to(layer.weight.dtype))
 
 
+def test_the_model_target_follows_blocks_that_have_no_planned_layer(tiny_model, tokens):
+    """With block 0 left unquantized, the unquantized model's hidden states after block 1 are
+    the unquantized block 1's outputs on block 1's real inputs: both targets tune alike."""
+    formats = {n: "w2g32" for n in plan_for(tiny_model) if n.startswith("model.layers.1.")}
+    tuned = {
+        target: rounded_weights(
+            gptq_model(
+                tiny_model, formats, tokens, progress=False, tune_iters=8, tune_target=target
+            )
+        )
+        for target in ("model", "block")
+    }
+    for name in formats:
+        assert torch.equal(tuned["model"][name].values(), tuned["block"][name].values()), name
+
+
 def test_formats_tuning_cannot_round_are_refused_before_any_work(tiny_model, tokens):
     formats = plan_for(tiny_model)  # has MX and FP8 layers
     with pytest.raises(BitplanError, match="block tuning supports integer"):

@@ -94,6 +94,9 @@ def gptq_model(
         views = {name: [input_view(in_blocks[prefix + name])] for name in planned}
         inputs = [(hidden[k], record.kwargs[index]) for k, record in enumerate(records)]
         hessians = collect_hessians(block, planned, views, inputs)
+        if reference is not None:  # every block, planned or not, while it is unquantized
+            with torch.no_grad():
+                reference = [run_block(block, reference[k], kw) for k, (_, kw) in enumerate(inputs)]
         swept = {
             name: gptq_sweep(
                 linear.weight.data,
@@ -108,12 +111,10 @@ def gptq_model(
         }
         rounded = {name: result[0] for name, result in swept.items()}
         if tune_iters > 0 and planned:
-            with torch.no_grad():  # the unquantized block's outputs on the same inputs
-                targets = [run_block(block, h, kwargs) for h, kwargs in inputs]
-                if reference is not None:
-                    sources = [(reference[k], kw) for k, (_, kw) in enumerate(inputs)]
-                    reference = [run_block(block, h, kw) for h, kw in sources]
-                    targets = reference
+            targets = reference
+            if targets is None:  # the unquantized block's outputs on the same inputs
+                with torch.no_grad():
+                    targets = [run_block(block, h, kwargs) for h, kwargs in inputs]
             roundings = {
                 name: TunableRounding(in_blocks[prefix + name], *swept[name]) for name in planned
             }
