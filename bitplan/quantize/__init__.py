@@ -48,15 +48,20 @@ class FakeQuantLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fmt.quantizes_activations:
-            xq = self.fmt.quantize_activation(x)
-            # Straight-through: the forward value is quantized, while gradients (rounding has
-            # none) pass through unchanged, as in quantization-aware scoring and training.
-            x = x + (xq - x).detach() if x.requires_grad else xq
-        return nn.functional.linear(x, self.weight, self.bias)
+        return nn.functional.linear(quantized_input(self.fmt, x), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, format={self.fmt.name}"
+
+
+def quantized_input(fmt: Format, x: torch.Tensor) -> torch.Tensor:
+    """The input a layer in ``fmt`` multiplies: ``x`` itself, or Q(x) if ``fmt`` quantizes
+    activations. Straight-through: the forward value is quantized, while gradients (rounding has
+    none) pass through unchanged, as in quantization-aware scoring and training."""
+    if not fmt.quantizes_activations:
+        return x
+    xq = fmt.quantize_activation(x)
+    return x + (xq - x).detach() if x.requires_grad else xq
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:

@@ -32,7 +32,7 @@ from bitplan.formats import Format
 from bitplan.formats.block_scaled import BlockScales, RoundedWeight, nonzero_or_one
 from bitplan.formats.blocks import from_blocks, to_blocks
 from bitplan.formats.integer import IntegerWeights
-from bitplan.quantize import replace_module
+from bitplan.quantize import quantized_input, replace_module
 from bitplan.score.replay import run_block
 
 #: How far tuning may move a group's scale from GPTQ's, as a factor.
@@ -114,9 +114,7 @@ class TuningLinear(nn.Module):
         self.dtype = linear.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fmt = self.rounding.fmt
-        if fmt.quantizes_activations:
-            x = _straight_through(fmt.quantize_activation(x), x)
+        x = quantized_input(self.rounding.fmt, x)
         return nn.functional.linear(x, self.rounding.weight().to(self.dtype), self.bias)
 
 
