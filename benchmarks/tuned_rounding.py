@@ -184,9 +184,11 @@ def report(results: dict) -> str:
             ]
             if kls[0] is not None:
                 lines.append(f"| {options} @ {bits:g} | " + _kl_cells(kls) + " |")
-    if "uniform w4g128 rtn" in results:
-        kls = [results.get(f"uniform w4g128 {r}", {}).get("kl") for r in ("rtn", "gptq")]
-        kls += [None, None, results.get("uniform w4g128 tuned", {}).get("kl")]
+    if "uniform w4g128 rtn" in results:  # one plan: the columns of RTN-scored plans
+        kls = [
+            results.get(f"uniform w4g128 {rounding}", {}).get("kl") if searched == "rtn" else None
+            for _, searched, rounding in VARIANTS
+        ]
         lines.append("| uniform w4g128 | " + _kl_cells(kls) + " |")
     lines += ["", "| step | wall s | peak RSS MB |", "|---|---:|---:|"]
     for key, value in results.items():
