@@ -28,7 +28,13 @@ from bitplan.evaluate.divergence import BaseLogits
 from bitplan.jsonio import write_json_atomic
 from bitplan.model import load_model
 
-SETS = {"mx": ("mxfp4,mxfp8", (4.5, 5.0, 6.0)), "int": ("w2g128,w4g128", (3.0,))}
+SETS = {
+    "mx": ("mxfp4,mxfp8", (4.5, 5.0, 6.0)),
+    "int": ("w2g128,w4g128", (3.0,)),
+    "int_fr": ("w2g128_fr,w4g128_fr", (3.0,)),  # the symmetric full-range grid
+}
+#: Uniform sanity rows: set name -> the format every layer gets.
+UNIFORM_SETS = {"uniform": "w4g128", "uniform_fr": "w4g128_fr"}
 #: Table columns: (label, which search's plan, rounding at quantize).
 VARIANTS = (
     ("plan + RTN", "rtn", "rtn"),
@@ -38,7 +44,7 @@ VARIANTS = (
     ("GPTQ-aware plan + tuned", "gptq", "tuned"),
 )
 #: The sets whose formats block tuning takes (integer ones).
-TUNABLE_SETS = ("int", "uniform")
+TUNABLE_SETS = ("int", "int_fr", *UNIFORM_SETS)
 BITPLAN = [sys.executable, "-m", "bitplan.cli"]
 
 
@@ -68,7 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="bundled model key or folder")
     parser.add_argument("--out", default="out/tuned", help="results, logs and scratch exports")
-    parser.add_argument("--sets", default="int,mx,uniform", help="int, mx, uniform")
+    parser.add_argument("--sets", default="int,mx,uniform", help=", ".join([*SETS, *UNIFORM_SETS]))
     parser.add_argument("--report", action="store_true", help="print the tables of --out only")
     args = parser.parse_args()
     out = Path(args.out)
@@ -115,27 +121,28 @@ def main() -> None:
         record(key, {"kl": divergence.kl, "ppl": divergence.ppl, "quantize": cost})
 
     for set_name in args.sets.split(","):
-        if set_name == "uniform":
-            plans = out / "uniform-plans"
-            if "uniform search" not in results:
+        if set_name in UNIFORM_SETS:
+            fmt = UNIFORM_SETS[set_name]
+            plans = out / f"{set_name}-plans"
+            if f"{set_name} search" not in results:
                 cost = run_child(
                     [
                         "search",
                         *model_arg,
                         "--options",
-                        "w4g128,w8g128",
+                        f"{fmt},w8g128",
                         "--recipe",
                         "uniform",
                         "--ignore-scale-bits",
                         "--out",
                         str(plans),
                     ],  # fmt: skip
-                    out / "uniform-search.log",
+                    out / f"{set_name}-search.log",
                 )
-                record("uniform search", cost)
+                record(f"{set_name} search", cost)
             for rounding in ("rtn", "gptq", "tuned"):
                 quantize_and_measure(
-                    f"uniform w4g128 {rounding}", next(plans.glob("plan_uniform*.json")), rounding
+                    f"uniform {fmt} {rounding}", next(plans.glob("plan_uniform*.json")), rounding
                 )
             continue
         options, budgets = SETS[set_name]
@@ -184,12 +191,15 @@ def report(results: dict) -> str:
             ]
             if kls[0] is not None:
                 lines.append(f"| {options} @ {bits:g} | " + _kl_cells(kls) + " |")
-    if "uniform w4g128 rtn" in results:  # one plan: the columns of RTN-scored plans
-        kls = [
-            results.get(f"uniform w4g128 {rounding}", {}).get("kl") if searched == "rtn" else None
-            for _, searched, rounding in VARIANTS
-        ]
-        lines.append("| uniform w4g128 | " + _kl_cells(kls) + " |")
+    for fmt in UNIFORM_SETS.values():
+        if f"uniform {fmt} rtn" in results:  # one plan: the columns of RTN-scored plans
+            kls = [
+                results.get(f"uniform {fmt} {rounding}", {}).get("kl")
+                if searched == "rtn"
+                else None
+                for _, searched, rounding in VARIANTS
+            ]
+            lines.append(f"| uniform {fmt} | " + _kl_cells(kls) + " |")
     lines += ["", "| step | wall s | peak RSS MB |", "|---|---:|---:|"]
     for key, value in results.items():
         cost = value.get("quantize", value)

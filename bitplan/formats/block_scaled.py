@@ -41,8 +41,9 @@ from bitplan.formats.storage import check_parts
 
 def nonzero_or_one(scale: torch.Tensor) -> torch.Tensor:
     """``scale`` with 1 where it is 0: what values are divided by. Blocks whose scale is 0 then
-    round to finite codes and dequantize to ``code * 0 = 0``, never NaN."""
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    round to finite codes and dequantize to ``code * 0 = 0``, never NaN. (Scales are signed
+    in the full-range integer rule.)"""
+    return torch.where(scale != 0, scale, torch.ones_like(scale))
 
 
 @dataclass(frozen=True, eq=False)  # tensors: compare their fields, not the object

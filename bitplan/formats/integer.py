@@ -1,12 +1,19 @@
 """Integer formats: weight-only INT2/3/4/8 with group-wise scales, and INT8 W8A8.
 
-Conventions (those of GPTQ and auto-round's ``int_sym`` / ``int_asym``, so results compare):
+Conventions (those of GPTQ and auto-round's ``int_sym_gptq`` / ``int_asym``; ``_fr`` is
+auto-round's ``int_sym`` and llama.cpp's ``Q4_0``, so results compare):
 
 * Groups of ``group_size`` consecutive weights along the input dimension share one scale;
   ``group_size=None`` means one group per output row ("per-channel").
 * Symmetric, ``b`` bits: ``scale = 2 * amax / (2**b - 1)``, ``q = clamp(round(w / scale),
   -2**(b-1), 2**(b-1) - 1)``, ``w' = q * scale``. (The largest positive weight sits half a step
   past the top code and is clipped by at most half a step; no zero point is stored.)
+* Symmetric full range (``_fr``), ``b`` bits: the group's weight of largest magnitude ``m``
+  (the positive one on a tie) lands exactly on the extra negative code:
+  ``scale = -m / 2**(b-1)``, signed, so a group whose extreme is positive gets a negative scale
+  and the grid ``-2**(b-1) .. 2**(b-1) - 1`` mirrored. All ``2**b`` codes are used and the step
+  is ``amax / 2**(b-1)``: at 2 bits the levels are (-1, -1/2, 0, 1/2) x amax against the
+  GPTQ rule's (-4/3, -2/3, 0, 2/3) x amax, one of which no weight reaches.
 * Asymmetric, ``b`` bits: the range ``[min(w, 0), max(w, 0)]`` always contains 0, so 0 is exact
   and the zero point fits in ``b`` unsigned bits. ``scale = (max - min) / (2**b - 1)``,
   ``zp = clamp(round(-min / scale), 0, 2**b - 1)``, ``q = clamp(round(w / scale) + zp, 0,
@@ -49,23 +56,31 @@ _FLOAT16_MAX = torch.finfo(torch.float16).max
 
 def _round_scale_to_float16(scale: torch.Tensor) -> torch.Tensor:
     """The float32 value of ``scale`` once stored as float16 (clipped to the finite range)."""
-    return scale.clamp(max=_FLOAT16_MAX).half().float()
+    return scale.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).half().float()
 
 
 def find_int_scales(
-    blocks: torch.Tensor, bits: int, symmetric: bool, float16_scales: bool = True
+    blocks: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    float16_scales: bool = True,
+    full_range: bool = False,
 ) -> BlockScales:
     """The scale (and, if asymmetric, zero point) of each group of float32 ``blocks``
-    ``(..., groups, group_size)`` (see the module doc).
+    ``(..., groups, group_size)`` (see the module doc); ``full_range``: the signed scale of
+    the symmetric full-range rule.
 
     With ``float16_scales=False`` the scales stay float32 (dynamic activation scales).
     """
     levels = 2**bits - 1
-    if symmetric:
-        scale = 2 * blocks.abs().amax(dim=-1, keepdim=True) / levels
+    low = blocks.amin(dim=-1, keepdim=True).clamp(max=0)
+    high = blocks.amax(dim=-1, keepdim=True).clamp(min=0)
+    if symmetric and full_range:
+        extreme = torch.where(-low > high, low, high)
+        scale = -extreme / 2 ** (bits - 1)
+    elif symmetric:
+        scale = 2 * torch.maximum(-low, high) / levels
     else:
-        low = blocks.amin(dim=-1, keepdim=True).clamp(max=0)
-        high = blocks.amax(dim=-1, keepdim=True).clamp(min=0)
         scale = (high - low) / levels
     if float16_scales:
         scale = _round_scale_to_float16(scale)
@@ -93,12 +108,13 @@ class IntegerWeights(BlockScaledFormat):
     bits: int
     group_size: int | None
     symmetric: bool
+    full_range: bool = False
 
     def block_size(self, length: int) -> int:
         return self.group_size or length
 
     def find_scales(self, blocks: torch.Tensor) -> BlockScales:
-        return find_int_scales(blocks, self.bits, self.symmetric)
+        return find_int_scales(blocks, self.bits, self.symmetric, full_range=self.full_range)
 
     def round(self, x: torch.Tensor, scales: BlockScales) -> torch.Tensor:
         return round_int(x, scales, self.bits, self.symmetric)
@@ -149,12 +165,14 @@ class IntFormat(IntegerWeights):
     """Integer weight-only format; activations stay in high precision.
 
     ``IntFormat(4, 128)`` is ``w4g128`` (auto-round's W4A16); ``IntFormat(4, None)`` is ``w4``,
-    one scale per output row; ``symmetric=False`` adds a zero point per group (``_asym``).
+    one scale per output row; ``symmetric=False`` adds a zero point per group (``_asym``);
+    ``full_range=True`` is the symmetric full-range rule (``_fr``, auto-round's ``int_sym``).
     """
 
     bits: int
     group_size: int | None = 128
     symmetric: bool = True
+    full_range: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_INT_BITS:
@@ -174,11 +192,13 @@ class IntFormat(IntegerWeights):
                 f"group size {self.group_size} is larger than any layer's rows "
                 f"(at most {MAX_GROUP_SIZE}); for one scale per row write w{self.bits}"
             )
+        if self.full_range and not self.symmetric:
+            raise BitplanError("the full-range rule (_fr) is symmetric; it has no _asym form")
 
     @property
     def name(self) -> str:
         group = "" if self.group_size is None else f"g{self.group_size}"
-        suffix = "" if self.symmetric else "_asym"
+        suffix = "_fr" if self.full_range else "" if self.symmetric else "_asym"
         return f"w{self.bits}{group}{suffix}"
 
 

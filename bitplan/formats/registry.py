@@ -7,6 +7,8 @@ Grammar (case-insensitive, surrounding spaces ignored):
   ``group`` weights along the input dimension, e.g. ``w4g128``;
 * ``w{b}`` — the same with one scale per output channel;
 * either of those with ``_asym`` appended — asymmetric, with a zero point per group;
+* either of those with ``_fr`` appended — symmetric full range: a signed scale puts each group's
+  largest magnitude on the extra negative code (auto-round's ``int_sym``, llama.cpp's Q4_0);
 * ``w{b}a16`` — auto-round's preset names (W4A16 ...): the same format as ``w{b}g128``;
 * ``int8_w8a8`` — auto-round's name for ``int8``.
 
@@ -45,16 +47,16 @@ _NAMED_FORMATS: dict[str, Format] = {
 #: Other spellings people bring from other tools.
 _ALIASES = {"int8_w8a8": "int8"}
 
-# w4g128, w4, w4g128_asym, w4_asym. A negative group is matched so it can be reported as invalid.
-_INT_PATTERN = re.compile(r"w(\d+)(?:g(-?\d+))?(_asym)?")
+# w4g128, w4, w4g128_asym, w4_fr. A negative group is matched so it can be reported as invalid.
+_INT_PATTERN = re.compile(r"w(\d+)(?:g(-?\d+))?(_asym|_fr)?")
 # auto-round presets: W4A16 = 4-bit symmetric integer weights, group 128, 16-bit activations.
 _PRESET_PATTERN = re.compile(r"w(\d+)a16")
 _PRESET_GROUP_SIZE = 128
 
 _INT_BITS = ",".join(map(str, SUPPORTED_INT_BITS))
 GRAMMAR = (
-    f"w{{{_INT_BITS}}}g{{group}}[_asym] (integer weight-only, e.g. w4g128), "
-    f"w{{{_INT_BITS}}}[_asym] (per-channel), w{{{_INT_BITS}}}a16 (= w{{b}}g128)"
+    f"w{{{_INT_BITS}}}g{{group}}[_asym|_fr] (integer weight-only, e.g. w4g128), "
+    f"w{{{_INT_BITS}}}[_asym|_fr] (per-channel), w{{{_INT_BITS}}}a16 (= w{{b}}g128)"
 )
 GRAMMAR += ", GGUF types q2_k..q6_k, q4_0, q4_1, q5_0, q5_1, q8_0, f16, f32, gguf:mxfp4, gguf:bf16"
 
@@ -63,7 +65,7 @@ def known_format_names() -> list[str]:
     """A representative list of format names (what ``bitplan info`` shows)."""
     integer_names = [f"w{bits}g128" for bits in SUPPORTED_INT_BITS]
     integer_names += ["w2g64", "w3g64", "w4g64", "w4g32", "w2g128_asym", "w3g128_asym"]
-    integer_names += ["w4g128_asym", "w4", "w8", "w4_asym"]
+    integer_names += ["w4g128_asym", "w2g128_fr", "w4g128_fr", "w4", "w8", "w4_asym"]
     return sorted(_NAMED_FORMATS) + integer_names
 
 
@@ -87,9 +89,11 @@ def parse_format(name: str) -> Format:
         if match := _PRESET_PATTERN.fullmatch(key):
             return IntFormat(int(match[1]), _PRESET_GROUP_SIZE, symmetric=True)
         if match := _INT_PATTERN.fullmatch(key):
-            bits, group, asym = match.groups()
+            bits, group, variant = match.groups()
             group_size = None if group is None else int(group)
-            return IntFormat(int(bits), group_size, symmetric=asym is None)
+            return IntFormat(
+                int(bits), group_size, symmetric=variant != "_asym", full_range=variant == "_fr"
+            )
     except BitplanError as error:
         raise BitplanError(f"invalid format {name.strip()!r}: {error}") from None
     # --- GGUF (llama.cpp) tensor types: q4_k, Q8_0, gguf:q4_k_s, gguf:mxfp4 (formats/gguf.py).
