@@ -495,8 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
             "fake-quantize and measure each variant (task accuracy and KL divergence from the "
             "unquantized model). Writes report.md, results.json and plots; re-running with the "
             "same --out resumes. Defaults reproduce the reference's tables: mxfp4,mxfp8 at 4.5, "
-            "5, 6 bits with uniform/head/tail, and w2g128,w4g128 at 3 bits with head/tail, scale "
-            "bits ignored."
+            "5, 6 bits with uniform/head/tail, and w2g128_fr,w4g128_fr (the reference's W2A16, "
+            "W4A16) at 3 bits with head/tail, scale bits ignored."
         ),
     )
     compare.add_argument("model", nargs="?", default=None, help=_MODEL_HELP)

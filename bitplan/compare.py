@@ -64,7 +64,8 @@ class Setting:
 
 DEFAULT_SETTINGS = (
     Setting("mxfp4,mxfp8", [4.5, 5.0, 6.0], ["uniform", "head", "tail"]),
-    Setting("w2g128,w4g128", [3.0], ["head", "tail"]),
+    # The reference's W2A16 and W4A16: auto-round's full-range symmetric grid.
+    Setting("w2g128_fr,w4g128_fr", [3.0], ["head", "tail"]),
 )
 
 

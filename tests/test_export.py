@@ -22,9 +22,9 @@ from bitplan.model.loading import LoadedModel
 from bitplan.plans import Plan, build_plan
 from bitplan.quantize import FakeQuantLinear, apply_plan
 
-# By role (q, k, v share "qkv"; gate, up share "gate_up"), per block: every family of format.
+# By role (q, k, v share "qkv"; gate, up share "gate_up"), per block: every family of format (and both symmetric integer grids).
 MIXED = [
-    {"qkv": "w4g64_asym", "o": "w3g128", "gate_up": "mxfp4", "down": "w2g128"},
+    {"qkv": "w4g64_asym", "o": "w3g128_fr", "gate_up": "mxfp4", "down": "w2g128"},
     {"qkv": "mxfp8", "o": "fp8", "gate_up": "w8g32", "down": "int8"},
 ]
 

@@ -196,6 +196,8 @@ def test_parse_known_spellings():
     assert parse_format("w4g128_asym") == IntFormat(4, 128, symmetric=False)
     assert parse_format("W8") == IntFormat(8, None)
     assert parse_format("w4_asym") == IntFormat(4, None, symmetric=False)
+    assert parse_format("w2g128_fr") == IntFormat(2, 128, full_range=True)
+    assert parse_format("W4_FR") == IntFormat(4, None, full_range=True)
     assert parse_format("int8") == Int8W8A8Format()
     assert parse_format("INT8_W8A8") == Int8W8A8Format()
     assert parse_format("nvfp4") == NVFP4Format()
@@ -204,10 +206,10 @@ def test_parse_known_spellings():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_auto_round_preset_names_are_group_128_symmetric(bits):
+def test_auto_round_preset_names_are_group_128_full_range(bits):
     fmt = parse_format(f"W{bits}A16")
-    assert fmt == IntFormat(bits, 128) == parse_format(f"w{bits}g128")
-    assert fmt.name == f"w{bits}g128"
+    assert fmt == IntFormat(bits, 128, full_range=True) == parse_format(f"w{bits}g128_fr")
+    assert fmt.name == f"w{bits}g128_fr"
 
 
 def test_known_names_cover_the_representative_list():
@@ -252,13 +254,15 @@ def test_non_string_name_raises():
 
 def test_parse_format_list():
     assert parse_format_list("mxfp4,mxfp8") == [MXFormat(4), MXFormat(8)]
-    assert parse_format_list(" w4a16 , nvfp4, ") == [IntFormat(4, 128), NVFP4Format()]
+    assert parse_format_list(" w4a16 , nvfp4, ") == [IntFormat(4, 128, True, True), NVFP4Format()]
     assert parse_format_list(["bf16", "fp8"]) == [BF16Format(), FP8Format()]
 
 
 def test_parse_format_list_rejects_duplicates_and_empty_lists():
-    with pytest.raises(BitplanError, match=r"'w4g128' is listed twice \(as 'w4a16' and 'W4G128'\)"):
-        parse_format_list("w4a16,W4G128")
+    with pytest.raises(
+        BitplanError, match=r"'w4g128_fr' is listed twice \(as 'w4a16' and 'W4G128_FR'\)"
+    ):
+        parse_format_list("w4a16,W4G128_FR")
     with pytest.raises(BitplanError, match="no format names"):
         parse_format_list(" , ")
     with pytest.raises(BitplanError, match="unknown format 'mxfp5'"):

@@ -46,6 +46,29 @@ def test_int2_asymmetric_all_positive_row_uses_zero_as_minimum():
     assert torch.equal(IntFormat(2, None, symmetric=False).quantize_weight(w), expected)
 
 
+def test_int2_full_range_hand_vector():
+    # Group 1's extreme is +2: scale -2 / 2 = -1 (the grid mirrored), 2 lands on code -2 exactly;
+    # -0.5 is code 0.5, which rounds to even 0. Group 2's extreme is -4: scale 2, codes -2..1,
+    # so 3 (code 1.5) clips to code 1 = 2. The GPTQ rule would put no weight on its -4/3 level.
+    w = torch.tensor([[1.0, -0.5, 0.25, 2.0, -4.0, 1.0, 3.0, 2.0]])
+    fmt = IntFormat(2, 4, full_range=True)
+    assert fmt.name == "w2g4_fr"
+    assert fmt.quantize_weight(w).tolist() == [[1.0, 0.0, 0.0, 2.0, -4.0, 0.0, 2.0, 2.0]]
+    scales = fmt.find_scales(w.view(1, 2, 4))
+    assert scales.scale.flatten().tolist() == [-1.0, 2.0]
+
+
+def test_full_range_ties_take_the_negative_scale_as_auto_round():
+    # |min| == max: auto-round's int_sym puts the positive extreme on the negative code.
+    w = torch.tensor([[-3.0, 3.0, 0.0, 1.0]])
+    assert IntFormat(3, None, full_range=True).find_scales(w.view(1, 1, 4)).scale.item() == -0.75
+
+
+def test_full_range_has_no_asymmetric_form():
+    with pytest.raises(BitplanError, match="full-range rule"):
+        IntFormat(4, 128, symmetric=False, full_range=True)
+
+
 def test_scale_is_rounded_to_float16_before_use():
     # The exact scale 2 * 0.1 / 15 = 0.013333 is stored as float16 0.013336. 0.08667 is code
     # 6.50025 under the exact scale (rounds to 7) but 6.4989 under the stored one (rounds to 6).
@@ -228,3 +251,32 @@ def test_weight_only_formats_leave_activations_alone():
 def test_bits_per_weight_of_int8():
     assert Int8W8A8Format().bits_per_weight((4096, 4096)) == 8 + 16 / 4096
     assert math.isclose(Int8W8A8Format().bits_per_weight((576, 576), include_scales=False), 8.0)
+
+
+@FAST
+@given(case=int_cases())
+def test_full_range_reaches_each_groups_extreme_and_rounds_the_rest(case):
+    w, fmt = case
+    fmt = IntFormat(fmt.bits, fmt.group_size, full_range=True)
+    result = padded_groups(fmt.quantize_weight(w), fmt.group_size)
+    groups = padded_groups(w, fmt.group_size)
+    half = 2 ** (fmt.bits - 1)
+    low = groups.amin(-1, keepdim=True).clamp(max=0)
+    high = groups.amax(-1, keepdim=True).clamp(min=0)
+    extreme = torch.where(-low > high, low, high)
+    exact_scale = -extreme / half
+    scale = fp16(exact_scale)
+    divisor = torch.where(scale != 0, scale, 1)
+    codes = result / divisor
+    assert torch.equal(codes, codes.round())
+    assert ((codes >= -half) & (codes <= half - 1)).all()
+    # Float16 can move the ends of the grid by half * |scale error|; float32 adds ulps.
+    slack = half * (exact_scale - scale).abs() * (1 + 1e-6) + 1e-30
+    error = (result - groups).abs()
+    # The extreme sits on the extra code -half: exact up to the scale's float16 rounding.
+    at_extreme = groups == extreme
+    assert (error[at_extreme] <= slack.expand_as(groups)[at_extreme]).all()
+    # Every other weight is within half a step, or clipped at the far end of the grid.
+    clipped = groups.abs() - (half - 1) * scale.abs()
+    bound = torch.maximum(0.5 * scale.abs(), clipped) * (1 + 1e-6) + slack
+    assert (error <= bound).all()

@@ -93,10 +93,10 @@ def test_off_grid_values_are_refused():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("symmetric, full_range", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("group_size", [32, 128, None])
-def test_int_codes_dequantize_to_fake_quantize_exactly(bits, symmetric, group_size):
-    fmt = IntFormat(bits, group_size, symmetric)
+def test_int_codes_dequantize_to_fake_quantize_exactly(bits, symmetric, full_range, group_size):
+    fmt = IntFormat(bits, group_size, symmetric, full_range)
     gen = torch.Generator().manual_seed(bits)
     x = torch.randn(12, 160, generator=gen) * 0.02  # 160 = 128 + 32: a ragged group at 128
     x[0] = 0  # all-zero row
@@ -110,6 +110,7 @@ def test_int_codes_dequantize_to_fake_quantize_exactly(bits, symmetric, group_si
     assert torch.equal(codes, codes.round())
     assert scale.shape == (12, math.ceil(160 / group))
     assert torch.equal(scale.half().float(), scale)  # float16 values
+    assert (scale < 0).any() == full_range  # only the full-range rule has signed scales
     low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
     assert low <= int(codes.min()) and int(codes.max()) <= high
     assert (zero_point is None) == symmetric

@@ -164,7 +164,7 @@ MAX_GROUP_SIZE = 1 << 20
 class IntFormat(IntegerWeights):
     """Integer weight-only format; activations stay in high precision.
 
-    ``IntFormat(4, 128)`` is ``w4g128`` (auto-round's W4A16); ``IntFormat(4, None)`` is ``w4``,
+    ``IntFormat(4, 128)`` is ``w4g128``; ``IntFormat(4, None)`` is ``w4``,
     one scale per output row; ``symmetric=False`` adds a zero point per group (``_asym``);
     ``full_range=True`` is the symmetric full-range rule (``_fr``, auto-round's ``int_sym``).
     """

@@ -9,7 +9,8 @@ Grammar (case-insensitive, surrounding spaces ignored):
 * either of those with ``_asym`` appended — asymmetric, with a zero point per group;
 * either of those with ``_fr`` appended — symmetric full range: a signed scale puts each group's
   largest magnitude on the extra negative code (auto-round's ``int_sym``, llama.cpp's Q4_0);
-* ``w{b}a16`` — auto-round's preset names (W4A16 ...): the same format as ``w{b}g128``;
+* ``w{b}a16`` — auto-round's preset names (W4A16 ...): the same format as ``w{b}g128_fr``
+  (auto-round's presets use its full-range ``int_sym`` rule);
 * ``int8_w8a8`` — auto-round's name for ``int8``.
 
 Every format's canonical name parses back to an equal format: ``parse_format(f.name) == f``.
@@ -49,14 +50,15 @@ _ALIASES = {"int8_w8a8": "int8"}
 
 # w4g128, w4, w4g128_asym, w4_fr. A negative group is matched so it can be reported as invalid.
 _INT_PATTERN = re.compile(r"w(\d+)(?:g(-?\d+))?(_asym|_fr)?")
-# auto-round presets: W4A16 = 4-bit symmetric integer weights, group 128, 16-bit activations.
+# auto-round presets: W4A16 = 4-bit full-range symmetric integer weights, group 128, 16-bit
+# activations.
 _PRESET_PATTERN = re.compile(r"w(\d+)a16")
 _PRESET_GROUP_SIZE = 128
 
 _INT_BITS = ",".join(map(str, SUPPORTED_INT_BITS))
 GRAMMAR = (
     f"w{{{_INT_BITS}}}g{{group}}[_asym|_fr] (integer weight-only, e.g. w4g128), "
-    f"w{{{_INT_BITS}}}[_asym|_fr] (per-channel), w{{{_INT_BITS}}}a16 (= w{{b}}g128)"
+    f"w{{{_INT_BITS}}}[_asym|_fr] (per-channel), w{{{_INT_BITS}}}a16 (= w{{b}}g128_fr)"
 )
 GRAMMAR += ", GGUF types q2_k..q6_k, q4_0, q4_1, q5_0, q5_1, q8_0, f16, f32, gguf:mxfp4, gguf:bf16"
 
@@ -87,7 +89,7 @@ def parse_format(name: str) -> Format:
         return _NAMED_FORMATS[key]
     try:
         if match := _PRESET_PATTERN.fullmatch(key):
-            return IntFormat(int(match[1]), _PRESET_GROUP_SIZE, symmetric=True)
+            return IntFormat(int(match[1]), _PRESET_GROUP_SIZE, full_range=True)
         if match := _INT_PATTERN.fullmatch(key):
             bits, group, variant = match.groups()
             group_size = None if group is None else int(group)
@@ -107,7 +109,7 @@ def parse_format_list(names: str | Iterable[str]) -> list[Format]:
     """Parse ``"mxfp4,mxfp8"`` (or a list of names) into formats, in order.
 
     Empty entries are skipped; a format named twice (even under two spellings, such as
-    ``w4a16`` and ``w4g128``) raises :class:`BitplanError`, as does an empty list.
+    ``w4a16`` and ``w4g128_fr``) raises :class:`BitplanError`, as does an empty list.
     """
     if isinstance(names, str):
         names = names.split(",")
