@@ -58,7 +58,7 @@ def gptq_model(
     by decreasing input energy and ``clip_weighted`` weights the scale search by it
     (``gptq.gptq_round``). With ``tune_iters`` > 0 each block's rounding is then tuned on the
     block's output for that many steps, one batch each (``tune.tune_block``: integer formats;
-    learning rate ``tune_lr``, by default 1 / ``tune_iters``), towards ``tune_target``
+    learning rate ``tune_lr``, by default 0.25 / ``tune_iters``), towards ``tune_target``
     (``TUNE_TARGETS``)."""
     resolved = {n: f if isinstance(f, Format) else parse_format(f) for n, f in formats.items()}
     if tune_target not in TUNE_TARGETS:

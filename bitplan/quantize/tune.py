@@ -129,9 +129,10 @@ def tune_block(
     """Tune the ``roundings`` of ``block``'s Linear layers (by their names inside the block) so
     that the block's outputs on ``inputs`` (hidden states, keyword arguments: one batch each)
     come close to ``targets``. ``iters`` steps, one batch each, the batches in turn;
-    ``learning_rate`` (default ``1 / iters``, as auto-round) falls linearly to 0. Returns every
+    ``learning_rate`` (default ``0.25 / iters``: 0.01 at 25 steps; auto-round's ``1 / iters``
+    overshot on Gemma-3-270M, docs/RESULTS.md) falls linearly to 0. Returns every
     layer's rounding as it was on the pass over the batches whose summed error was least."""
-    learning_rate = 1.0 / max(iters, 1) if learning_rate is None else learning_rate
+    learning_rate = 0.25 / max(iters, 1) if learning_rate is None else learning_rate
     originals = {
         name: replace_module(block, name, TuningLinear(block.get_submodule(name), rounding))
         for name, rounding in roundings.items()
