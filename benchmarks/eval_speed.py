@@ -6,14 +6,19 @@ runs (1) ``bitplan.evaluate.evaluate_tasks`` on the embedded default model alrea
 then (2) ``lm_eval --model hf`` on the same weights (the bf16 cache folder ``load_model`` reads,
 loaded as float32) with the same offline tasks, limit and batch size, one after the other. It
 prints both tables, and each run's wall time and CPU time (user + system; less sensitive than
-wall time to other work on a shared machine). ``--which`` runs only one of them.
+wall time to other work on a shared machine). ``--which`` picks the runs: ``bitplan``,
+``lm-eval``, and ``bitplan-hflm`` (bitplan's harness with lm-eval's own ``HFLM``
+log-likelihoods, as before ``continuation_lm.py``); ``--profile`` prints where each bitplan
+run spent its time (cProfile, the functions with the most time of their own).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import resource
 import shutil
 import subprocess
@@ -22,25 +27,41 @@ import time
 from pathlib import Path
 
 from bitplan.data.offline_tasks import DEFAULT_TASKS, OFFLINE_TASKS, TASKS_DIR, resolve_tasks
+from bitplan.evaluate.continuation_lm import ContinuationLM
 from bitplan.evaluate.harness import evaluate_tasks, format_results_table, results_from_lm_eval
 
+#: ContinuationLM's own check, restored after a bitplan-hflm run switched it off.
+TAKES_LOGITS_TO_KEEP = ContinuationLM._takes_logits_to_keep
 
-def run_bitplan(tasks: list[str], limit: int, batch_size: int, out: Path) -> tuple[float, float]:
+
+def run_bitplan(
+    tasks: list[str], limit: int, batch_size: int, out: Path, hflm: bool, profile: int
+) -> tuple[float, float]:
     from bitplan.model import load_model
 
+    if hflm:  # lm-eval's own log-likelihood code path
+        ContinuationLM._takes_logits_to_keep = lambda self: False
+    profiler = cProfile.Profile() if profile else None
     start, cpu = time.perf_counter(), time.process_time()
     loaded = load_model(None)
     load_s = time.perf_counter() - start
+    if profiler:
+        profiler.enable()
     results = evaluate_tasks(
         loaded.module,
         loaded.tokenizer,
         tasks=tasks,
         limit=limit,
         batch_size=batch_size,
-        output_json=out / "bitplan.json",
+        output_json=out / ("bitplan_hflm.json" if hflm else "bitplan.json"),
     )
-    print(f"== bitplan evaluate_tasks on {loaded.name} ({loaded.note}); model load {load_s:.1f} s")
+    if profiler:
+        profiler.disable()
+    name = "bitplan with lm-eval's HFLM" if hflm else "bitplan"
+    print(f"== {name} evaluate_tasks on {loaded.name} ({loaded.note}); model load {load_s:.1f} s")
     print(format_results_table(results), flush=True)
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(profile)
     return results.seconds + load_s, time.process_time() - cpu
 
 
@@ -87,24 +108,35 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--which", choices=["both", "bitplan", "lm-eval"], default="both")
+    parser.add_argument(
+        "--which", default="bitplan,lm-eval", help="comma-separated: bitplan, bitplan-hflm, lm-eval"
+    )
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="print the top N functions by own time"
+    )
     parser.add_argument("--out", type=Path, default=Path("eval_speed_out"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     tasks = resolve_tasks(args.tasks)
     times = {}
-    if args.which in ("both", "bitplan"):
-        times["bitplan (load + evaluate)"] = run_bitplan(
-            tasks, args.limit, args.batch_size, args.out
+    which = args.which.split(",")
+    if "bitplan-hflm" in which:
+        times["bitplan, lm-eval's HFLM (load + evaluate)"] = run_bitplan(
+            tasks, args.limit, args.batch_size, args.out, hflm=True, profile=args.profile
         )
-    if args.which in ("both", "lm-eval"):
+    if "bitplan" in which:
+        ContinuationLM._takes_logits_to_keep = TAKES_LOGITS_TO_KEEP
+        times["bitplan (load + evaluate)"] = run_bitplan(
+            tasks, args.limit, args.batch_size, args.out, hflm=False, profile=args.profile
+        )
+    if "lm-eval" in which:
         times["lm_eval CLI (whole command)"] = run_lm_eval_cli(
             tasks, args.limit, args.batch_size, args.out
         )
     print(f"\nlimit {args.limit}, batch size {args.batch_size}, {os.cpu_count()} CPUs:")
-    print(f"  {'':<30} {'wall s':>8} {'CPU s':>8}")
+    print(f"  {'':<42} {'wall s':>8} {'CPU s':>8}")
     for name, (wall, cpu) in times.items():
-        print(f"  {name:<30} {wall:8.1f} {cpu:8.1f}")
+        print(f"  {name:<42} {wall:8.1f} {cpu:8.1f}")
     print(f"  load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

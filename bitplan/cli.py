@@ -254,6 +254,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     from bitplan.compare import DEFAULT_SETTINGS, CompareConfig, Setting, run_compare
     from bitplan.data.offline_tasks import resolve_tasks
+    from bitplan.evaluate.command import check_document_budget
     from bitplan.model import load_model
     from bitplan.report import write_report
 
@@ -262,6 +263,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         settings=settings,
         tasks=[] if args.no_tasks else resolve_tasks(args.tasks),
         limit=args.limit,
+        docs=args.docs,
         eval_batch_size=args.batch_size,
         include_scales=args.count_scale_bits,
         scorer=args.scorer,
@@ -273,6 +275,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         calib=args.calib,
         rounding=args.rounding,
     )
+    check_document_budget(config.docs, config.tasks)  # before loading
     _compute_dtype("cpu", args.dtype)
     model = load_model(args.model)
     out = Path(args.out or f"reports/{model.name}")
@@ -334,7 +337,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from bitplan.data.offline_tasks import DEFAULT_TASKS
-    from bitplan.evaluate.command import add_eval_arguments, parse_limit
+    from bitplan.evaluate.command import add_document_arguments, add_eval_arguments
     from bitplan.plans import RECIPES
     from bitplan.score import SCORERS
 
@@ -508,12 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(repeatable; default: the reference's two tables)",
     )
     compare.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
-    compare.add_argument(
-        "--limit",
-        type=parse_limit,
-        default=None,
-        help="documents per task (per MMLU subject); default: all",
-    )
+    add_document_arguments(compare)
     compare.add_argument("--no-tasks", action="store_true", help="measure KL divergence only")
     compare.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (8)")
     compare.add_argument("--out", help="report folder (default: reports/<model name>)")

@@ -74,6 +74,7 @@ class CompareConfig:
     settings: list[Setting] = field(default_factory=lambda: list(DEFAULT_SETTINGS))
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     limit: int | float | None = None
+    docs: int | None = None  # a document budget over all tasks instead of a limit per task
     eval_batch_size: int = 8
     include_scales: bool = False  # the reference's tables ignore scale/zero-point bits
     scorer: str = "fisher"
@@ -239,6 +240,7 @@ def run_compare(
                 config.limit,
                 config.eval_batch_size,
                 dtype=compute.dtype,
+                docs=config.docs,
             ).to_dict()
             tasks.pop("lm_eval", None)  # keep results.json readable: per-task numbers only
         del measured

@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bitplan.evaluate.harness import documents_label  # noqa: E402
 from bitplan.evaluate.paired import UNRESOLVED, paired_difference  # noqa: E402
 from bitplan.model.layers import LayerTable  # noqa: E402
 from bitplan.plans import BUDGETED_RECIPES, Plan  # noqa: E402
@@ -139,7 +140,7 @@ def _paired_verdict(ours: dict, other: dict) -> str | None:
 
 
 def _said(verdict: str) -> str:
-    return "not resolved at this limit" if verdict == UNRESOLVED else verdict
+    return "not resolved with these documents" if verdict == UNRESOLVED else verdict
 
 
 def _unpaired_verdict(ours: dict, other: dict) -> str:
@@ -172,7 +173,7 @@ def write_report(results: dict, out: Path, table: LayerTable, command: str = "")
     bf16 = variants["bf16"]
     tasks = _task_names(results)
     config = results["config"]
-    limit = config["limit"]
+    documents = documents_label(config["limit"], config.get("docs"))
     lines = [
         "# bitplan compare report",
         "",
@@ -186,8 +187,7 @@ def write_report(results: dict, out: Path, table: LayerTable, command: str = "")
         f"- Scorer: {config['scorer']}; calibration {config['n_samples']} x {config['seq_len']} "
         f"tokens ({config['calib'] or 'shipped default'}); scale/zero-point bits {scale}",
         f"- Rounding: {_ROUNDING_NOTE[config.get('rounding', 'rtn')]}",
-        f"- Tasks: {', '.join(tasks) or 'none'} (lm-eval, offline data; "
-        f"{'all documents' if limit is None else f'limit {limit} per task / MMLU subject'}); "
+        f"- Tasks: {', '.join(tasks) or 'none'} (lm-eval, offline data; {documents}); "
         "average = mean of `acc`",
         f"- KL: mean per-token KL(BF16 || variant) on {bf16['divergence']['tokens']} held-out "
         "tokens; PPL on the same tokens",

@@ -94,3 +94,43 @@ def test_the_correct_answer_of_each_kind_of_document():
         "lambada_openai": {"lambada_openai/1": [1.0, -0.25]},
         "mmlu": {"mmlu_anatomy/3": [0.0, -4.0]},
     }
+
+
+def test_scoring_only_the_answers_gives_lm_evals_own_results(
+    offline, monkeypatch, tiny_model, tiny_tokenizer
+):
+    """ContinuationLM (the head on scored positions only) against lm-eval's own HFLM code on
+    the same documents of every task: the same accuracy per document, the same log-likelihoods
+    up to float rounding."""
+    from bitplan.evaluate.continuation_lm import ContinuationLM
+
+    tasks = "lambada_openai,hellaswag,piqa,winogrande,mmlu"
+    ours = evaluate_tasks(tiny_model, tiny_tokenizer, tasks=tasks, limit=2, batch_size=3)
+    monkeypatch.setattr(ContinuationLM, "_takes_logits_to_keep", lambda self: False)
+    reference = evaluate_tasks(tiny_model, tiny_tokenizer, tasks=tasks, limit=2, batch_size=3)
+    assert ours.documents.keys() == reference.documents.keys()
+    for task, documents in reference.documents.items():
+        assert ours.documents[task].keys() == documents.keys(), task
+        for key, (acc, loglik) in documents.items():
+            assert ours.documents[task][key][0] == acc, key
+            assert ours.documents[task][key][1] == pytest.approx(loglik, rel=1e-5, abs=1e-5), key
+    assert {t: s.acc for t, s in ours.scores.items()} == {
+        t: s.acc for t, s in reference.scores.items()
+    }
+
+
+def test_built_tasks_are_reused_without_changing_results(offline, tiny_model, tiny_tokenizer):
+    """Tasks are built once per process: a later evaluation (other documents in between) gives
+    the first one's results exactly, and reads its documents from the same task objects."""
+    from bitplan.evaluate.tasks import task_manager
+
+    tasks = "hellaswag,mmlu"
+    first = evaluate_tasks(tiny_model, tiny_tokenizer, tasks=tasks, limit=2)
+    built = dict(task_manager().built)
+    evaluate_tasks(tiny_model, tiny_tokenizer, tasks=tasks, docs=80)
+    again = evaluate_tasks(tiny_model, tiny_tokenizer, tasks=tasks, limit=2)
+    assert again.documents == first.documents
+    assert {t: s.acc for t, s in again.scores.items()} == {
+        t: s.acc for t, s in first.scores.items()
+    }
+    assert all(task_manager().built[name] is obj for name, obj in built.items())

