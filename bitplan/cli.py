@@ -248,6 +248,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
     run_eval_command(args, model.module, model.tokenizer, _compute_dtype("cpu", args.dtype).dtype)
 
 
+def cmd_cache(args: argparse.Namespace) -> None:
+    from bitplan.cache import cache_dir, cache_entries, check_kinds, clear_cache
+
+    kinds = check_kinds(args.kind)
+    entries = clear_cache(kinds) if args.action == "clear" else cache_entries(kinds)
+    verb = "deleted" if args.action == "clear" else "holds"
+    total = sum(entry.size for entry in entries)
+    print(f"{cache_dir()} {verb} {len(entries)} entries, {_size_text(total)}")
+    for entry in entries:
+        print(f"  {entry.kind:<12} {_size_text(entry.size):>10}  {entry.path.name}")
+
+
+def _size_text(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB" if size >= 2**20 else f"{size / 2**10:,.1f} KiB"
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     import shlex
     from pathlib import Path
@@ -535,6 +551,23 @@ def build_parser() -> argparse.ArgumentParser:
         "rounding and every plan, baselines included, GPTQ-rounded on the calibration tokens",
     )
     compare.set_defaults(func=cmd_compare)
+
+    from bitplan.cache import KINDS
+
+    cache = sub.add_parser(
+        "cache",
+        help="show or free what bitplan keeps between runs (converted models, scores ...)",
+        description="List the cache ($BITPLAN_CACHE, default ~/.cache/bitplan) with sizes, or "
+        "delete from it. Kinds: " + "; ".join(f"{k}: {v}" for k, v in KINDS.items()) + ".",
+    )
+    cache.add_argument("action", choices=["list", "clear"])
+    cache.add_argument(
+        "--kind",
+        action="append",
+        choices=list(KINDS),
+        help="only this kind (repeatable; default: all)",
+    )
+    cache.set_defaults(func=cmd_cache)
     return parser
 
 

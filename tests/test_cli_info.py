@@ -50,3 +50,19 @@ def test_info_on_embedded_default(capsys):
         assert any(line.split()[:2] == [role, str(count)] for line in out.splitlines())
     assert "mxfp4" in out and "w4g128" in out and "nvfp4" in out
     assert "4-bit" in out  # the provenance note
+
+
+def test_cache_list_and_clear(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path))
+    (tmp_path / "models" / "m-bf16").mkdir(parents=True)
+    (tmp_path / "models" / "m-bf16" / "model.safetensors").write_bytes(b"x" * 3 * 2**20)
+    (tmp_path / "scores").mkdir()
+    (tmp_path / "scores" / "s.json").write_text("{}")
+    assert main(["cache", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "holds 2 entries" in listed and "3.0 MiB  m-bf16" in listed and "s.json" in listed
+    assert main(["cache", "clear", "--kind", "scores"]) == 0
+    assert "deleted 1 entries" in capsys.readouterr().out
+    assert not (tmp_path / "scores" / "s.json").exists()
+    assert (tmp_path / "models" / "m-bf16" / "model.safetensors").is_file()
+    assert main(["cache", "clear", "--kind", "nonsense"]) == 2

@@ -407,3 +407,42 @@ def test_llama_cpp_runs_the_file_and_matches_our_model(llama_cpp, exported, gguf
     assert kl_llama < KL_TOLERANCE
     assert kl_llama < kl_quant / KL_RATIO
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.95
+
+
+def test_a_gguf_is_converted_once_into_the_cache(exported, tmp_path, monkeypatch, capsys):
+    """The first load of a .gguf converts it into a bf16 folder keyed by the file's content;
+    later loads (and a copy of the file elsewhere) read that folder; a changed file converts
+    anew."""
+    import shutil
+
+    import bitplan.model.loading as loading
+    from bitplan.model import load_model
+
+    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))
+    path, _ = exported
+    first = load_model(path)
+    assert "converting tiny.gguf once" in capsys.readouterr().out
+    assert first.source_gguf() == path
+    folders = list((tmp_path / "cache" / "models").iterdir())
+    assert len(folders) == 1 and (folders[0] / "config.json").is_file()
+
+    def no_conversion(*args):
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr(loading, "convert_gguf_to_folder", no_conversion)
+    copy = tmp_path / "elsewhere" / "tiny.gguf"
+    copy.parent.mkdir()
+    shutil.copy(path, copy)
+    again = load_model(copy)
+    tokens = torch.randint(0, first.module.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(again.module(tokens).logits, first.module(tokens).logits)
+    assert again.identity == first.identity
+
+    with copy.open("r+b") as f:  # another file under the same name: converted anew
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(AssertionError, match="converted twice"):
+        load_model(copy)

@@ -18,7 +18,8 @@ from bitplan.errors import BitplanError
 from bitplan.export.load import export_kind, read_export
 from bitplan.jsonio import read_json_object
 from bitplan.model.bundled import BUNDLED, bundled_model
-from bitplan.model.loading import LoadedModel, load_folder, load_gguf_file
+from bitplan.model.converted import converted_folder
+from bitplan.model.loading import LoadedModel, load_folder
 
 
 def load_model(
@@ -28,7 +29,8 @@ def load_model(
 
     ``source`` is a Hugging Face folder (with ``config.json``; a bitplan packed or fake export
     is one), a ``.gguf`` file, a bundled model's key (``gemma3-270m``, ``smollm2-135m``:
-    ``bitplan.model.bundled``), or ``None`` for the embedded default. The model is put in eval
+    ``bitplan.model.bundled``), or ``None`` for the embedded default. A ``.gguf`` is converted
+    once into a bf16 folder in the cache (``converted.py``). The model is put in eval
     mode on the CPU in ``dtype`` (float32 by default: CPU matmuls are fastest and exact-enough
     there).
     """
@@ -48,7 +50,9 @@ def load_model(
     if path.is_file():
         if path.suffix != ".gguf":
             raise BitplanError(f"{path} is a file but not a .gguf; give a .gguf file or a folder")
-        module, tokenizer = load_gguf_file(path, dtype)
+        # Dequantized once into a bf16 folder in the cache, read from there ever after.
+        module, tokenizer = load_folder(converted_folder(path), dtype)
+        note = note or "weights dequantized from a GGUF (cached as bf16)"
     else:
         if not (path / "config.json").is_file():
             raise BitplanError(f"{path} has no config.json; it is not a Hugging Face model folder")

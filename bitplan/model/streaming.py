@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from bitplan.errors import BitplanError
 from bitplan.jsonio import read_json_object
 from bitplan.model.bundled import bundled_model
+from bitplan.model.converted import converted_folder
 from bitplan.model.layers import find_blocks
 from bitplan.model.loading import LoadedModel
 
@@ -103,16 +104,21 @@ def load_streaming(
 ) -> tuple[LoadedModel, BlockLoader]:
     """Load a model for block-at-a-time work: everything outside the decoder blocks in memory,
     the blocks on the meta device until ``BlockLoader.load``. Needs a folder of safetensors
-    (the embedded default is one once converted); a .gguf file must be converted first."""
+    (the embedded default is one once converted; a .gguf file is converted once into the
+    cache, ``converted.py``)."""
     bundled = bundled_model(source)
+    find_gguf = bundled.gguf_path if bundled is not None else None
     if bundled is not None:
         folder, name, note = bundled.ensure_folder(), bundled.name, bundled.note
+    elif (gguf := Path(source).expanduser()).suffix == ".gguf" and gguf.is_file():
+        folder, name = converted_folder(gguf), gguf.stem
+        note, find_gguf = "weights dequantized from a GGUF (cached as bf16)", lambda: gguf
     else:
         folder, name, note = Path(source).expanduser(), Path(source).name, ""
         if not (folder / "config.json").is_file():
             raise BitplanError(
                 f"streaming needs a Hugging Face folder with config.json and safetensors; {folder} "
-                "is not one (a .gguf file must be converted first)"
+                "is not one (nor a .gguf file)"
             )
         read_json_object(folder / "config.json", "a model configuration")
     store = SafetensorsStore(folder)
@@ -134,6 +140,6 @@ def load_streaming(
         source=str(folder),
         note=note,
         weight_reader=store.get,
-        find_gguf=bundled.gguf_path if bundled is not None else None,
+        find_gguf=find_gguf,
     )
     return loaded, BlockLoader(module, store, dtype)
