@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,26 +20,27 @@ from bitplan.evaluate.harness import (
 )
 
 
+def _positive(text: str, option: str, convert: Callable[[str], float], kind: str) -> float:
+    """``text`` read by ``convert``; an argparse error naming ``option`` unless it is a
+    positive ``kind``."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{option} must be {kind}, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{option} must be positive")
+    return value
+
+
 def parse_limit(text: str) -> int | float:
     """lm-eval's limit: a document count per task, or a fraction of each task if below 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--limit must be a number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("--limit must be positive")
+    value = _positive(text, "--limit", float, "a number")
     return value if value < 1 else int(value)
 
 
 def parse_docs(text: str) -> int:
     """A document budget: a positive whole number."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--docs must be a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("--docs must be positive")
-    return value
+    return int(_positive(text, "--docs", int, "a whole number"))
 
 
 def add_document_arguments(parser: argparse.ArgumentParser) -> None:
