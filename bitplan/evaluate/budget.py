@@ -42,6 +42,15 @@ DOCUMENT_SECONDS = {
 MIN_PER_TASK = 4
 
 
+def check_budget(total: int, fewest: int) -> None:
+    """Refuse a budget below ``fewest`` documents, saying what it must cover."""
+    if total < fewest:
+        raise BitplanError(
+            f"--docs {total} is too few for these tasks: give at least {fewest} "
+            "(one per MMLU subject, a few per other task)"
+        )
+
+
 def minimum_documents(tasks: Sequence[str]) -> int:
     """The smallest budget for the standard ``tasks`` (without loading them)."""
     from bitplan.data.shipped import mmlu_subjects
@@ -71,12 +80,7 @@ def allocate(
     available = {task: sum(leaves.values()) for task, leaves in sizes.items()}
     minimum = {task: max(MIN_PER_TASK, len(leaves)) for task, leaves in sizes.items()}
     minimum = {task: min(minimum[task], available[task]) for task in sizes}
-    fewest = sum(minimum.values())
-    if total < fewest:
-        raise BitplanError(
-            f"--docs {total} is too few for {', '.join(sizes)}: give at least {fewest} "
-            "(one per MMLU subject, a few per other task)"
-        )
+    check_budget(total, sum(minimum.values()))
     weight = {task: 1 / math.sqrt(seconds[task]) for task in sizes}
     counts: dict[str, int] = {}
     left, open_tasks = total, set(sizes)

@@ -11,7 +11,7 @@ import torch
 from bitplan.atomic import check_output_file
 from bitplan.data.offline_tasks import DEFAULT_TASKS, resolve_tasks
 from bitplan.errors import BitplanError
-from bitplan.evaluate.budget import minimum_documents
+from bitplan.evaluate.budget import check_budget, minimum_documents
 from bitplan.evaluate.harness import (
     DEFAULT_BATCH_SIZE,
     TaskResults,
@@ -66,11 +66,8 @@ def add_document_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_document_budget(docs: int | None, tasks: str | list[str]) -> None:
     """Refuse a budget too small for ``tasks`` before any model is loaded."""
-    if docs is not None and docs < (fewest := minimum_documents(resolve_tasks(tasks))):
-        raise BitplanError(
-            f"--docs {docs} is too few for these tasks: give at least {fewest} "
-            "(one per MMLU subject, a few per other task)"
-        )
+    if docs is not None:
+        check_budget(docs, minimum_documents(resolve_tasks(tasks)))
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:

@@ -32,8 +32,8 @@ from bitplan.errors import BitplanError
 from bitplan.evaluate.budget import document_samples
 from bitplan.evaluate.tasks import task_manager
 
-#: Batch size that gave the best throughput on a 2-core CPU with SmolLM2-135M (larger batches
-#: spend their time writing [batch, length, vocab] logits); on a GPU pass a larger one.
+#: Batch size that gave the best throughput on a 2-core CPU with SmolLM2-135M (4, 16 and 32
+#: were slower: larger batches pad more; docs/BENCHMARKS.md); on a GPU pass a larger one.
 DEFAULT_BATCH_SIZE = 8
 
 _QUIET_LOGGERS = ("lm_eval", "lm-eval")
@@ -112,8 +112,9 @@ def evaluate_tasks(
     ``tasks`` are standard names (``lambada_openai,hellaswag,piqa,winogrande,mmlu``) or the
     ``bitplan_`` group names; ``limit`` is lm-eval's: the first N documents of every task (of
     every MMLU subject), or a fraction if below 1. ``docs`` instead spends about that many
-    documents in all, spread over the tasks (``budget.py``); the same documents on every call. ``add_bos_token=None`` keeps the tokenizer's
-    own behaviour, as lm-eval's command line does; the reference report set it to True for Llama.
+    documents in all, spread over the tasks (``budget.py``); the same documents on every call.
+    ``add_bos_token=None`` keeps the tokenizer's own behaviour, as lm-eval's command line does;
+    the reference report set it to True for Llama.
     ``dtype`` is what the model runs in (autocast; ``bitplan.compute``).
     """
     from lm_eval import simple_evaluate

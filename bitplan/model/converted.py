@@ -14,6 +14,8 @@ from pathlib import Path
 from bitplan.cache import cache_dir
 
 _CHUNK = 16 << 20
+#: The provenance note of a model read from a converted .gguf.
+CONVERTED_NOTE = "weights dequantized from a GGUF (cached as bf16)"
 
 
 def file_fingerprint(path: Path) -> str:

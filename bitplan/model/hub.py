@@ -23,6 +23,11 @@ def looks_like_hub_id(source: str) -> bool:
     return bool(_HUB_ID.fullmatch(source)) and not Path(source).expanduser().exists()
 
 
+def hub_model(repo_id: str) -> tuple[Path, str, str]:
+    """The snapshot folder of ``repo_id``, the model's short name and a provenance note."""
+    return hub_folder(repo_id), repo_id.split("/")[1], f"hub: {repo_id}"
+
+
 def hub_folder(repo_id: str) -> Path:
     """The local snapshot folder of the Hub model ``repo_id`` (see the module doc)."""
     from huggingface_hub import constants, snapshot_download

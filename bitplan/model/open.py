@@ -18,8 +18,8 @@ from bitplan.errors import BitplanError
 from bitplan.export.load import export_kind, read_export
 from bitplan.jsonio import read_json_object
 from bitplan.model.bundled import BUNDLED, bundled_model
-from bitplan.model.converted import converted_folder
-from bitplan.model.hub import hub_folder, looks_like_hub_id
+from bitplan.model.converted import CONVERTED_NOTE, converted_folder
+from bitplan.model.hub import hub_model, looks_like_hub_id
 from bitplan.model.loading import LoadedModel, load_folder
 
 
@@ -29,18 +29,18 @@ def load_model(
     """Load a causal LM for bitplan.
 
     ``source`` is a Hugging Face folder (with ``config.json``; a bitplan packed or fake export
-    is one), a Hub id read from the Hugging Face cache (``hub.py``), a ``.gguf`` file, a bundled model's key (``gemma3-270m``, ``smollm2-135m``:
-    ``bitplan.model.bundled``), or ``None`` for the embedded default. A ``.gguf`` is converted
-    once into a bf16 folder in the cache (``converted.py``). The model is put in eval
-    mode on the CPU in ``dtype`` (float32 by default: CPU matmuls are fastest and exact-enough
-    there).
+    is one), a Hub id read from the Hugging Face cache (``hub.py``), a ``.gguf`` file, a
+    bundled model's key (``gemma3-270m``, ``smollm2-135m``: ``bitplan.model.bundled``), or
+    ``None`` for the embedded default. A ``.gguf`` is converted once into a bf16 folder in the
+    cache (``converted.py``). The model is put in eval mode on the CPU in ``dtype`` (float32 by
+    default: CPU matmuls are fastest and exact-enough there).
     """
     note = ""
     bundled = bundled_model(source)
     if bundled is not None:
         path, name, note = bundled.ensure_folder(), bundled.name, bundled.note
     elif looks_like_hub_id(str(source)):
-        path, name, note = hub_folder(str(source)), str(source).split("/")[1], f"hub: {source}"
+        path, name, note = hub_model(str(source))
     else:
         path = Path(source).expanduser()
         name = path.stem if path.suffix == ".gguf" else path.name
@@ -55,7 +55,7 @@ def load_model(
             raise BitplanError(f"{path} is a file but not a .gguf; give a .gguf file or a folder")
         # Dequantized once into a bf16 folder in the cache, read from there ever after.
         module, tokenizer = load_folder(converted_folder(path), dtype)
-        note = note or "weights dequantized from a GGUF (cached as bf16)"
+        note = note or CONVERTED_NOTE
     else:
         if not (path / "config.json").is_file():
             raise BitplanError(f"{path} has no config.json; it is not a Hugging Face model folder")

@@ -22,8 +22,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from bitplan.errors import BitplanError
 from bitplan.jsonio import read_json_object
 from bitplan.model.bundled import bundled_model
-from bitplan.model.converted import converted_folder
-from bitplan.model.hub import hub_folder, looks_like_hub_id
+from bitplan.model.converted import CONVERTED_NOTE, converted_folder
+from bitplan.model.hub import hub_model, looks_like_hub_id
 from bitplan.model.layers import find_blocks
 from bitplan.model.loading import LoadedModel
 
@@ -112,10 +112,10 @@ def load_streaming(
     if bundled is not None:
         folder, name, note = bundled.ensure_folder(), bundled.name, bundled.note
     elif looks_like_hub_id(str(source)):
-        folder, name, note = hub_folder(str(source)), str(source).split("/")[1], f"hub: {source}"
+        folder, name, note = hub_model(str(source))
     elif (gguf := Path(source).expanduser()).suffix == ".gguf" and gguf.is_file():
         folder, name = converted_folder(gguf), gguf.stem
-        note, find_gguf = "weights dequantized from a GGUF (cached as bf16)", lambda: gguf
+        note, find_gguf = CONVERTED_NOTE, lambda: gguf
     else:
         folder, name, note = Path(source).expanduser(), Path(source).name, ""
         if not (folder / "config.json").is_file():
