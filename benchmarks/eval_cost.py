@@ -1,5 +1,5 @@
 """Seconds per document of each evaluation task: what the document budget (``--docs``,
-``bitplan/evaluate/budget.py``) weighs its allocation by.
+``bitplan/evaluation/budget.py``) weighs its allocation by.
 
 Each task is evaluated alone at two document counts (``--docs`` with one task, so the same
 seeded documents a budget would pick); the cost per document is the difference in time over
@@ -14,8 +14,8 @@ import argparse
 import time
 
 from bitplan.data.offline_tasks import DEFAULT_TASKS
-from bitplan.evaluate import evaluate_tasks
-from bitplan.evaluate.budget import DOCUMENT_SECONDS, minimum_documents
+from bitplan.evaluation import evaluate_tasks
+from bitplan.evaluation.budget import DOCUMENT_SECONDS, minimum_documents
 from bitplan.model import load_model
 
 

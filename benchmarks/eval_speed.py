@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/eval_speed.py --limit 100 --batch-size 8 --out /tmp/eval_speed
 
-runs (1) ``bitplan.evaluate.evaluate_tasks`` on the embedded default model already in memory,
+runs (1) ``bitplan.evaluation.evaluate_tasks`` on the embedded default model already in memory,
 then (2) ``lm_eval --model hf`` on the same weights (the bf16 cache folder ``load_model`` reads,
 loaded as float32) with the same offline tasks, limit and batch size, one after the other. It
 prints both tables, and each run's wall time and CPU time (user + system; less sensitive than
@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 from bitplan.data.offline_tasks import DEFAULT_TASKS, OFFLINE_TASKS, TASKS_DIR, resolve_tasks
-from bitplan.evaluate.continuation_lm import ContinuationLM
-from bitplan.evaluate.harness import evaluate_tasks, format_results_table, results_from_lm_eval
+from bitplan.evaluation.continuation_lm import ContinuationLM
+from bitplan.evaluation.harness import evaluate_tasks, format_results_table, results_from_lm_eval
 
 #: ContinuationLM's own check, restored after a bitplan-hflm run switched it off.
 TAKES_LOGITS_TO_KEEP = ContinuationLM._takes_logits_to_keep

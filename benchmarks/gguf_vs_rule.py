@@ -33,9 +33,9 @@ import numpy as np
 
 from bitplan.data.calibration import calibration_samples
 from bitplan.data.heldout import heldout_samples
-from bitplan.evaluate.divergence import BaseLogits
-from bitplan.evaluate.llama_cpp import LlamaCppModel
-from bitplan.export import export_model
+from bitplan.evaluation.divergence import BaseLogits
+from bitplan.evaluation.llama_cpp import LlamaCppModel
+from bitplan.exporters import export_model
 from bitplan.model import load_model
 from bitplan.plans import (
     llama_cpp_mix_plan,
@@ -43,9 +43,9 @@ from bitplan.plans import (
     solve_gguf_plans,
     uniform_gguf_plan,
 )
-from bitplan.quantize.gguf import fake_quantize_gguf
-from bitplan.score import score
-from bitplan.score.importance import collect_importance
+from bitplan.quantization.gguf import fake_quantize_gguf
+from bitplan.scoring import score
+from bitplan.scoring.importance import collect_importance
 
 #: llama.cpp mix -> the GGUF types bitplan chooses among (the mix's own types).
 COMPARISONS = {"Q4_K_M": ["q4_k", "q6_k"], "Q3_K_M": ["q3_k", "q4_k", "q5_k"]}

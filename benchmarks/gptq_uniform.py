@@ -14,10 +14,10 @@ import time
 
 from bitplan.data.calibration import calibration_samples
 from bitplan.data.heldout import heldout_samples
-from bitplan.evaluate.divergence import BaseLogits
+from bitplan.evaluation.divergence import BaseLogits
 from bitplan.model import load_model
-from bitplan.quantize import apply_formats
-from bitplan.quantize.sequential import gptq_model
+from bitplan.quantization import apply_formats
+from bitplan.quantization.sequential import gptq_model
 
 
 def main() -> None:

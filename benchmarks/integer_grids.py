@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from bitplan.data.heldout import heldout_samples
-from bitplan.evaluate.divergence import BaseLogits
+from bitplan.evaluation.divergence import BaseLogits
 from bitplan.formats import parse_format
 from bitplan.model import load_model
 

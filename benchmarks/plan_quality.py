@@ -15,12 +15,12 @@ import time
 
 from bitplan.data.calibration import calibration_samples
 from bitplan.data.heldout import heldout_samples
-from bitplan.evaluate.divergence import BaseLogits
+from bitplan.evaluation.divergence import BaseLogits
 from bitplan.formats import parse_format_list
 from bitplan.model import load_model
 from bitplan.plans import BUDGETED_RECIPES, PlanSpace, recipe_plan
-from bitplan.quantize import apply_plan
-from bitplan.score import SCORERS, score
+from bitplan.quantization import apply_plan
+from bitplan.scoring import SCORERS, score
 
 SETTINGS = {"mxfp4,mxfp8": [4.5, 5.0, 6.0], "w2g128,w4g128": [3.0]}
 

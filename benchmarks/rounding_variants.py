@@ -16,10 +16,10 @@ import time
 
 from bitplan.data.calibration import calibration_samples
 from bitplan.data.heldout import heldout_samples
-from bitplan.evaluate.divergence import BaseLogits
+from bitplan.evaluation.divergence import BaseLogits
 from bitplan.model import load_model
 from bitplan.plans import Plan
-from bitplan.quantize.sequential import gptq_model
+from bitplan.quantization.sequential import gptq_model
 
 
 def main() -> None:

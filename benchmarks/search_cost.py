@@ -148,7 +148,7 @@ def child(model_name: str, n_samples: int, n_options: int, dtype: str, scorer: s
 
     from bitplan.compute import cpu_description
     from bitplan.data.calibration import calibration_samples
-    from bitplan.score import score
+    from bitplan.scoring import score
 
     model = _build(model_name)
     if model.tokenizer is None:

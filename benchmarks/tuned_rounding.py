@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from bitplan.data.heldout import heldout_samples
-from bitplan.evaluate.divergence import BaseLogits
+from bitplan.evaluation.divergence import BaseLogits
 from bitplan.jsonio import write_json_atomic
 from bitplan.model import load_model
 

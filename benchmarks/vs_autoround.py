@@ -38,7 +38,7 @@ already written under ``--out`` are reused, so an interrupted run picks up where
     under ``signround/``. Skipped unless named in ``--phases`` (an hour or more on this CPU).
 ``eval``
     Every plan (both tools', plus uniform/head/tail baselines) is applied with
-    ``bitplan.quantize.apply_plan``; KL(base || quantized) on bitplan's held-out text, and the
+    ``bitplan.quantization.apply_plan``; KL(base || quantized) on bitplan's held-out text, and the
     five tasks (``lambada_openai, hellaswag, piqa, winogrande, mmlu``) through lm-eval with
     ``--limit`` (the baselines get KL only). SignRound's models: auto-round's tuned weights
     loaded into the planned layers, activations quantized by bitplan's formats as for every plan.
@@ -121,7 +121,7 @@ def child_bitplan(
     from bitplan.formats import parse_format_list
     from bitplan.model import load_model
     from bitplan.plans import solve_plans
-    from bitplan.score import score
+    from bitplan.scoring import score
 
     imported = time.perf_counter()
     model = load_model(model)
@@ -575,7 +575,7 @@ def unfused_plans(scores_dict: dict, model, budgets: tuple[float, ...]) -> list:
     gate/up sharing one format), i.e. with the freedom AutoScheme's per-layer choice has."""
     from bitplan.formats import parse_format_list
     from bitplan.plans import solve_unfused_plans
-    from bitplan.score import Scores
+    from bitplan.scoring import Scores
 
     scores = Scores.from_dict(scores_dict)
     formats = parse_format_list(scores.options)
@@ -687,7 +687,7 @@ def signround_model(model, result: dict, weights_path: Path):
     import torch
     from safetensors.torch import load_file
 
-    from bitplan.quantize import apply_plan
+    from bitplan.quantization import apply_plan
 
     bits = next(iter(result["per_budget"]))
     plan, check = autoround_plan(result, bits, model)
@@ -711,12 +711,12 @@ def phase_eval(args: argparse.Namespace) -> None:
     import torch
 
     from bitplan.data.heldout import heldout_samples
-    from bitplan.evaluate.divergence import BaseLogits
-    from bitplan.evaluate.harness import evaluate_tasks
+    from bitplan.evaluation.divergence import BaseLogits
+    from bitplan.evaluation.harness import evaluate_tasks
     from bitplan.model import load_model
     from bitplan.plans import Plan
     from bitplan.plans.search import budget_label
-    from bitplan.quantize import apply_plan
+    from bitplan.quantization import apply_plan
 
     torch.manual_seed(0)
     model = load_model(args.model)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from bitplan.model import LoadedModel
     from bitplan.plans import Plan
     from bitplan.plans.search import SearchResult
-    from bitplan.score import Scores
+    from bitplan.scoring import Scores
 
 __all__ = ["apply", "load", "plan_budgets", "score_layers", "search"]
 
@@ -50,7 +50,7 @@ def score_layers(
     """Predicted loss increase of every layer under every option. Without ``tokens``, uses
     ``n_samples`` x ``seq_len`` tokens of the shipped calibration text."""
     from bitplan.data.calibration import calibration_samples
-    from bitplan.score import score as _score
+    from bitplan.scoring import score as _score
 
     if tokens is None:
         tokens = calibration_samples(model.tokenizer, n_samples, seq_len)
@@ -122,10 +122,10 @@ def apply(
     GPTQ rounds block by block on calibration ``tokens`` (default: ``n_samples`` x ``seq_len``
     tokens of ``calib``, the shipped text unless given); ``tuned`` then tunes each block's
     rounding on its output (integer formats). The codes and scales go to an export with
-    ``bitplan.export.export_model(..., rounded=bitplan.quantize.rounded_weights(module))``.
+    ``bitplan.exporters.export_model(..., rounded=bitplan.quantization.rounded_weights(module))``.
     """
     from bitplan.data.calibration import calibration_samples
-    from bitplan.quantize.sequential import quantize_model
+    from bitplan.quantization.sequential import quantize_model
 
     rounding = rounding or plan.rounding
     if rounding != "rtn" and tokens is None:

@@ -81,7 +81,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def _export_formats() -> tuple[str, ...]:
     """The export formats ``--format`` accepts."""
-    from bitplan.export import EXPORT_FORMATS
+    from bitplan.exporters import EXPORT_FORMATS
 
     return EXPORT_FORMATS
 
@@ -132,7 +132,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
         _check_rounding(args.rounding, args.format, args.stream, args.calib)
         # Fail now, not after scoring, when the export would hit an existing path.
-        from bitplan.export import check_destination
+        from bitplan.exporters import check_destination
 
         check_destination(args.quantize, args.format, args.force, reading=args.model)
     elif args.format is not None:
@@ -191,7 +191,7 @@ def _check_rounding(rounding: str, fmt: str, stream: bool, calib: str | None) ->
         from bitplan.data.text import check_text_source
 
         check_text_source(calib)
-    from bitplan.export.writer import get_backend
+    from bitplan.exporters.writer import get_backend
 
     if not get_backend(fmt).stores_rounded:
         raise BitplanError(
@@ -202,13 +202,13 @@ def _check_rounding(rounding: str, fmt: str, stream: bool, calib: str | None) ->
 def _export(model, plan, out: str, fmt: str, force: bool, args: argparse.Namespace):
     """Write ``model`` quantized by ``plan`` to ``out`` in export format ``fmt``, rounded as
     ``args.rounding`` says (default: the plan's rounding)."""
-    from bitplan.export import export_model
+    from bitplan.exporters import export_model
 
     rounded = None
     rounding = args.rounding or plan.rounding
     if rounding != "rtn":
         import bitplan
-        from bitplan.quantize import rounded_weights
+        from bitplan.quantization import rounded_weights
 
         calibration = {k: getattr(args, k) for k in ("calib", "n_samples", "seq_len", "batch_size")}
         rounded = rounded_weights(bitplan.apply(model, plan, rounding, **calibration))
@@ -227,9 +227,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
     rounding = args.rounding or plan.rounding
     _check_rounding(rounding, args.format, args.stream, args.calib)
-    from bitplan.export import check_destination
+    from bitplan.exporters import check_destination
     from bitplan.formats import parse_format
-    from bitplan.quantize.sequential import check_rounding_formats
+    from bitplan.quantization.sequential import check_rounding_formats
 
     check_rounding_formats(rounding, map(parse_format, set(plan.layer_formats.values())))
 
@@ -239,8 +239,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from bitplan.evaluate import run_eval_command
-    from bitplan.evaluate.command import check_eval_arguments
+    from bitplan.evaluation import run_eval_command
+    from bitplan.evaluation.command import check_eval_arguments
     from bitplan.model import load_model
 
     check_eval_arguments(args)  # before loading
@@ -269,9 +269,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
     import shlex
     from pathlib import Path
 
-    from bitplan.compare import DEFAULT_SETTINGS, CompareConfig, Setting, run_compare
+    from bitplan.comparison import DEFAULT_SETTINGS, CompareConfig, Setting, run_compare
     from bitplan.data.offline_tasks import resolve_tasks
-    from bitplan.evaluate.command import check_document_budget
+    from bitplan.evaluation.command import check_document_budget
     from bitplan.model import load_model
     from bitplan.report import write_report
 
@@ -354,9 +354,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from bitplan.data.offline_tasks import DEFAULT_TASKS
-    from bitplan.evaluate.command import add_document_arguments, add_eval_arguments
+    from bitplan.evaluation.command import add_document_arguments, add_eval_arguments
     from bitplan.plans import RECIPES
-    from bitplan.score import SCORERS
+    from bitplan.scoring import SCORERS
 
     export_formats = _export_formats()
 

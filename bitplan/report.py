@@ -14,8 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bitplan.evaluate.harness import documents_label  # noqa: E402
-from bitplan.evaluate.paired import UNRESOLVED, paired_difference  # noqa: E402
+from bitplan.evaluation.harness import documents_label  # noqa: E402
+from bitplan.evaluation.paired import UNRESOLVED, paired_difference  # noqa: E402
 from bitplan.model.layers import LayerTable  # noqa: E402
 from bitplan.plans import BUDGETED_RECIPES, Plan  # noqa: E402
 from bitplan.plots import plot_bits_per_layer  # noqa: E402

@@ -10,7 +10,7 @@ import bitplan
 from bitplan.cli import main
 from bitplan.model import load_model
 from bitplan.plans import Plan
-from bitplan.quantize import apply_plan
+from bitplan.quantization import apply_plan
 
 
 def test_quantize_packed_then_load_matches_fake(tmp_path, tiny_folder):

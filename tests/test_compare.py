@@ -10,10 +10,10 @@ import pytest
 from bitplan.cli import main
 from bitplan.compute import choose_dtype
 from bitplan.data.heldout import heldout_samples
-from bitplan.evaluate.divergence import BaseLogits
+from bitplan.evaluation.divergence import BaseLogits
 from bitplan.model import load_model
 from bitplan.plans import Plan
-from bitplan.quantize import apply_plan
+from bitplan.quantization import apply_plan
 
 
 def test_compare_end_to_end(tiny_folder, tmp_path, capsys):

@@ -20,7 +20,7 @@ def offline(monkeypatch):
 
 def _load(name: str) -> dict:
     """The leaf tasks (by name) of one of our offline groups, loaded as lm-eval loads them."""
-    from bitplan.evaluate.tasks import task_manager
+    from bitplan.evaluation.tasks import task_manager
 
     return task_manager().load([name])["tasks"]
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bitplan.errors import BitplanError
-from bitplan.evaluate import evaluate_tasks
-from bitplan.evaluate.budget import (
+from bitplan.evaluation import evaluate_tasks
+from bitplan.evaluation.budget import (
     DOCUMENT_SECONDS,
     MIN_PER_TASK,
     _proportional,
@@ -20,7 +20,7 @@ from bitplan.evaluate.budget import (
     document_samples,
     minimum_documents,
 )
-from bitplan.evaluate.command import add_eval_arguments, check_eval_arguments
+from bitplan.evaluation.command import add_eval_arguments, check_eval_arguments
 
 # The real tasks' sizes (MMLU reduced to a few subjects, the others as shipped).
 SIZES = {

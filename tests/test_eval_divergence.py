@@ -9,7 +9,7 @@ import torch
 
 from bitplan.data.heldout import heldout_samples
 from bitplan.errors import BitplanError
-from bitplan.evaluate.divergence import BaseLogits
+from bitplan.evaluation.divergence import BaseLogits
 
 
 @pytest.fixture()
@@ -93,7 +93,7 @@ def test_chunked_kl_equals_whole_logits(tiny_model, tokens, monkeypatch):
     for chunk in (10**9, 7 * 320, 320):  # everything at once; 7 tokens; one token at a time
         monkeypatch.setattr(logits_module, "LOGITS_PER_CHUNK", chunk)
         monkeypatch.setattr(
-            "bitplan.evaluate.divergence.token_chunks",
+            "bitplan.evaluation.divergence.token_chunks",
             lambda n, v, _c=chunk: logits_module.token_chunks(n, v, _c),
         )
         result = BaseLogits.compute(tiny_model, tokens).compare(other)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from bitplan.evaluate import add_eval_arguments, evaluate_tasks, format_results_table
-from bitplan.evaluate.command import run_eval_command
+from bitplan.evaluation import add_eval_arguments, evaluate_tasks, format_results_table
+from bitplan.evaluation.command import run_eval_command
 
 
 @pytest.fixture()
@@ -75,7 +75,7 @@ def test_documents_hold_each_documents_accuracy_and_correct_answers_loglik(
 
 
 def test_the_correct_answer_of_each_kind_of_document():
-    from bitplan.evaluate.harness import documents_from_samples
+    from bitplan.evaluation.harness import documents_from_samples
 
     samples = {
         "winogrande": [{"doc_id": 0, "doc": {"answer": "2"}, "target": "x", "acc": 1.0,
@@ -102,7 +102,7 @@ def test_scoring_only_the_answers_gives_lm_evals_own_results(
     """ContinuationLM (the head on scored positions only) against lm-eval's own HFLM code on
     the same documents of every task: the same accuracy per document, the same log-likelihoods
     up to float rounding."""
-    from bitplan.evaluate.continuation_lm import ContinuationLM
+    from bitplan.evaluation.continuation_lm import ContinuationLM
 
     tasks = "lambada_openai,hellaswag,piqa,winogrande,mmlu"
     ours = evaluate_tasks(tiny_model, tiny_tokenizer, tasks=tasks, limit=2, batch_size=3)
@@ -122,7 +122,7 @@ def test_scoring_only_the_answers_gives_lm_evals_own_results(
 def test_built_tasks_are_reused_without_changing_results(offline, tiny_model, tiny_tokenizer):
     """Tasks are built once per process: a later evaluation (other documents in between) gives
     the first one's results exactly, and reads its documents from the same task objects."""
-    from bitplan.evaluate.tasks import task_manager
+    from bitplan.evaluation.tasks import task_manager
 
     tasks = "hellaswag,mmlu"
     first = evaluate_tasks(tiny_model, tiny_tokenizer, tasks=tasks, limit=2)

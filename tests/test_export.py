@@ -10,17 +10,17 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-import bitplan.export.packed as packed_module
+import bitplan.exporters.packed as packed_module
 from bitplan.atomic import check_output_dir, check_output_file
 from bitplan.errors import BitplanError
-from bitplan.export import export_model
-from bitplan.export.folder import PLAN_FILE
-from bitplan.export.report import safetensors_layout
+from bitplan.exporters import export_model
+from bitplan.exporters.folder import PLAN_FILE
+from bitplan.exporters.report import safetensors_layout
 from bitplan.formats import parse_format
 from bitplan.model import load_exported, load_model
 from bitplan.model.loading import LoadedModel
 from bitplan.plans import Plan, build_plan
-from bitplan.quantize import FakeQuantLinear, apply_plan
+from bitplan.quantization import FakeQuantLinear, apply_plan
 
 # By role (q, k, v share "qkv"; gate, up share "gate_up"), per block: every family of format (and both symmetric integer grids).
 MIXED = [
@@ -145,7 +145,7 @@ def ct_config(path):
 
 
 def test_compressed_tensors_decompresses_to_the_fake_weights(tiny, tmp_path):
-    from bitplan.export.compressed import decompress_export
+    from bitplan.exporters.compressed import decompress_export
 
     plan = make_plan(tiny, by_role(MIXED))
     fake = apply_plan(tiny.module, plan)

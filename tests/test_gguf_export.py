@@ -25,10 +25,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bitplan.errors import BitplanError
-from bitplan.evaluate.llama_cpp import LlamaCppModel
-from bitplan.export import export_model
-from bitplan.export.gguf import gguf_size
-from bitplan.export.gguf_layout import gguf_layout
+from bitplan.evaluation.llama_cpp import LlamaCppModel
+from bitplan.exporters import export_model
+from bitplan.exporters.gguf import gguf_size
+from bitplan.exporters.gguf_layout import gguf_layout
 from bitplan.formats.gguf import GGML_TYPES, quantize_rows
 from bitplan.model.loading import LoadedModel
 from bitplan.plans import (
@@ -38,8 +38,8 @@ from bitplan.plans import (
     ungrouped,
     uniform_gguf_plan,
 )
-from bitplan.quantize.gguf import fake_quantize_gguf
-from bitplan.score.importance import collect_importance
+from bitplan.quantization.gguf import fake_quantize_gguf
+from bitplan.scoring.importance import collect_importance
 
 HIDDEN, HEADS, KV_HEADS = 256, 4, 2
 
@@ -360,7 +360,7 @@ def test_llama_quantize_q4_k_m_equals_our_recipe(llama_cpp, gguf_model, tokenize
 def test_activation_rounding_emulation(gguf_model, mixed_plan):
     """``llama_cpp_activations`` rounds each Linear's input as llama.cpp's matmul would: Q8_0
     blocks are exactly Q8_0's quantize-dequantize (ties aside)."""
-    from bitplan.quantize.llama_cpp import round_q8_0, round_q8_k
+    from bitplan.quantization.llama_cpp import round_q8_0, round_q8_k
 
     x = torch.randn(3, 512) * 4
     q8_0 = quantize_rows(x.numpy(), "Q8_0")

@@ -1,4 +1,4 @@
-"""GPTQ rounding (``bitplan.quantize.gptq``) against round-to-nearest and a plain reference."""
+"""GPTQ rounding (``bitplan.quantization.gptq``) against round-to-nearest and a plain reference."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from bitplan.errors import BitplanError
 from bitplan.formats import parse_format
 from bitplan.formats.blocks import from_blocks, to_blocks
-from bitplan.quantize import gptq as gptq_module
-from bitplan.quantize.gptq import Hessian, clipped_scales, gptq_quantize, gptq_round
+from bitplan.quantization import gptq as gptq_module
+from bitplan.quantization.gptq import Hessian, clipped_scales, gptq_quantize, gptq_round
 
 # One of each family and scale rule: integer sym / asym, ragged groups, per-channel, MX, FP8 rows.
 FORMATS = ["w4g32", "w2g64", "w3g128_asym", "w4", "int8", "mxfp4", "mxfp6", "mxfp8", "nvfp4", "fp8"]

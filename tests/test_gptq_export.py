@@ -12,13 +12,13 @@ from test_export import MIXED, by_role, make_plan
 
 import bitplan
 from bitplan.errors import BitplanError
-from bitplan.export import export_model
-from bitplan.export.compressed import decompress_export
+from bitplan.exporters import export_model
+from bitplan.exporters.compressed import decompress_export
 from bitplan.formats import parse_format
 from bitplan.model import load_model
 from bitplan.plans import Plan
-from bitplan.quantize import FakeQuantLinear, apply_plan, rounded_weights
-from bitplan.quantize.gptq import Hessian, gptq_round
+from bitplan.quantization import FakeQuantLinear, apply_plan, rounded_weights
+from bitplan.quantization.gptq import Hessian, gptq_round
 
 # Every family the exports store (packed: all; compressed-tensors: one scheme per fusion group).
 GPTQ_MIXED = [

@@ -1,4 +1,4 @@
-"""GPTQ over a whole model (``bitplan.quantize.sequential``) against a plain reference."""
+"""GPTQ over a whole model (``bitplan.quantization.sequential``) against a plain reference."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from torch import nn
 from bitplan.errors import BitplanError
 from bitplan.formats import parse_format
 from bitplan.model.layers import build_layer_table
-from bitplan.quantize import FakeQuantLinear, apply_formats
-from bitplan.quantize.gptq import Hessian, gptq_round
-from bitplan.quantize.sequential import gptq_model
-from bitplan.score import fisher, score
-from bitplan.score.replay import record_block_inputs
+from bitplan.quantization import FakeQuantLinear, apply_formats
+from bitplan.quantization.gptq import Hessian, gptq_round
+from bitplan.quantization.sequential import gptq_model
+from bitplan.scoring import fisher, score
+from bitplan.scoring.replay import record_block_inputs
 
 
 @pytest.fixture()

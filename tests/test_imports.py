@@ -97,7 +97,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_bitplan_has_no_import_cycle():
     graph = import_graph()
-    assert "bitplan.export.writer" in graph and "bitplan.model.open" in graph
+    assert "bitplan.exporters.writer" in graph and "bitplan.model.open" in graph
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -108,7 +108,7 @@ def test_export_imports_nothing_from_model():
     offending = {
         (module, target)
         for module, targets in graph.items()
-        if module.startswith("bitplan.export")
+        if module.startswith("bitplan.exporters")
         for target in targets
         if target.startswith("bitplan.model")
     }

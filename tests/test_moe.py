@@ -10,9 +10,9 @@ from bitplan.formats import parse_format
 from bitplan.model.layers import build_layer_table, expert_index
 from bitplan.model.moe import UnfusedExperts, unfuse_experts
 from bitplan.plans import solve_plans
-from bitplan.quantize import FakeQuantLinear, apply_plan
-from bitplan.score.fisher import fisher_scores
-from bitplan.score.scores import Scores
+from bitplan.quantization import FakeQuantLinear, apply_plan
+from bitplan.scoring.fisher import fisher_scores
+from bitplan.scoring.scores import Scores
 
 OPTIONS = [parse_format("w2g32"), parse_format("w4g32")]
 

@@ -1,4 +1,4 @@
-"""Paired comparisons of variants on the same documents (``bitplan.evaluate.paired``)."""
+"""Paired comparisons of variants on the same documents (``bitplan.evaluation.paired``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bitplan.evaluate.paired import BETTER, UNRESOLVED, WORSE, Z_95, paired_difference
+from bitplan.evaluation.paired import BETTER, UNRESOLVED, WORSE, Z_95, paired_difference
 
 
 def documents(values: list[float], task: str = "piqa") -> dict[str, dict[str, float]]:

@@ -7,9 +7,9 @@ import torch
 
 from bitplan.formats import parse_format
 from bitplan.model.layers import build_layer_table
-from bitplan.quantize import FakeQuantLinear, apply_formats
-from bitplan.score import Scores, delta_loss_scores, fisher_scores
-from bitplan.score.replay import next_token_loss, record_block_inputs, run_block
+from bitplan.quantization import FakeQuantLinear, apply_formats
+from bitplan.scoring import Scores, delta_loss_scores, fisher_scores
+from bitplan.scoring.replay import next_token_loss, record_block_inputs, run_block
 
 OPTIONS = [parse_format("mxfp4"), parse_format("mxfp8")]
 
@@ -133,7 +133,7 @@ def test_apply_formats_quantizes_weights_and_activations(tiny_model, tokens):
 @pytest.mark.parametrize("max_logits", [320, 5 * 320, 10**9])
 def test_chunked_loss_gradient_equals_unchunked(tiny_model, tokens, max_logits):
     """The loss gradient made a few tokens at a time equals one pass over all logits."""
-    from bitplan.score.replay import loss_gradient
+    from bitplan.scoring.replay import loss_gradient
 
     record = record_block_inputs(tiny_model, tokens)
     hidden = record.final_hidden.detach().requires_grad_(True)
@@ -148,7 +148,7 @@ def test_sampled_label_gradients_have_the_kl_hessian_as_covariance(tiny_model, t
     respect to the hidden state, for a position that predicts (and is zero at one that does
     not)."""
     from bitplan.model.logits import logits_from_hidden
-    from bitplan.score.replay import final_norm, sampled_label_gradient
+    from bitplan.scoring.replay import final_norm, sampled_label_gradient
 
     record = record_block_inputs(tiny_model, tokens[:1, :2])
     hidden = record.final_hidden.detach()  # (1, 2, 96): position 0 predicts, 1 does not
@@ -178,7 +178,7 @@ def test_sampled_label_gradients_have_the_kl_hessian_as_covariance(tiny_model, t
 
 @pytest.mark.parametrize("max_logits", [320, 5 * 320])
 def test_chunked_sampled_label_gradient_equals_unchunked(tiny_model, tokens, max_logits):
-    from bitplan.score.replay import sampled_label_gradient
+    from bitplan.scoring.replay import sampled_label_gradient
 
     hidden = record_block_inputs(tiny_model, tokens).final_hidden
     whole = sampled_label_gradient(tiny_model, hidden, seed=3, max_logits=10**9)
@@ -223,7 +223,7 @@ def test_the_fisher_kl_scorer_is_cached_apart_and_repeatable(tiny_folder, tmp_pa
     """``score(..., scorer="fisher-kl")`` gives the same numbers on every run (the probes are
     seeded) and never those of the loss-gradient scorer (a separate cache key)."""
     from bitplan.model import load_model
-    from bitplan.score import score
+    from bitplan.scoring import score
 
     model = load_model(tiny_folder)
     calib = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(5))

@@ -10,7 +10,7 @@ from bitplan.formats import parse_format
 from bitplan.model import load_model
 from bitplan.model.streaming import load_streaming
 from bitplan.plans import Plan, build_plan
-from bitplan.score.fisher import fisher_scores
+from bitplan.scoring.fisher import fisher_scores
 
 OPTIONS = [parse_format("mxfp4"), parse_format("w4g32")]
 
@@ -78,8 +78,8 @@ def test_search_with_stream_gives_the_same_plan(tiny_folder, tmp_path, monkeypat
 
 @pytest.mark.parametrize("export_format", ["packed", "fake", "compressed-tensors"])
 def test_streamed_export_in_shards_equals_in_memory_export(tiny_folder, tmp_path, export_format):
-    from bitplan.export import export_model
-    from bitplan.export.shards import INDEX_FILE, weight_files
+    from bitplan.exporters import export_model
+    from bitplan.exporters.shards import INDEX_FILE, weight_files
 
     in_memory = load_model(tiny_folder)
     layers = in_memory.layers.decoder_layers()
@@ -106,7 +106,7 @@ def test_streamed_export_in_shards_equals_in_memory_export(tiny_folder, tmp_path
     assert sharded.dense_bytes == whole.dense_bytes
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     if export_format == "compressed-tensors":
-        from bitplan.export.compressed import decompress_export
+        from bitplan.exporters.compressed import decompress_export
 
         a, b = decompress_export(tmp_path / "whole"), decompress_export(tmp_path / "sharded")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,4 +1,4 @@
-"""Block tuning of GPTQ's rounding (``bitplan.quantize.tune``)."""
+"""Block tuning of GPTQ's rounding (``bitplan.quantization.tune``)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from test_gptq_model import plan_for
 
 from bitplan.errors import BitplanError
 from bitplan.formats import parse_format
-from bitplan.quantize import FakeQuantLinear, rounded_weights
-from bitplan.quantize.gptq import Hessian, gptq_sweep
-from bitplan.quantize.sequential import gptq_model
-from bitplan.quantize.tune import SCALE_FACTOR_RANGE, TunableRounding
+from bitplan.quantization import FakeQuantLinear, rounded_weights
+from bitplan.quantization.gptq import Hessian, gptq_sweep
+from bitplan.quantization.sequential import gptq_model
+from bitplan.quantization.tune import SCALE_FACTOR_RANGE, TunableRounding
 
 
 @pytest.fixture()

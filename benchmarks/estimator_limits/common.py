@@ -9,12 +9,12 @@ import argparse
 
 from bitplan.data.calibration import calibration_samples
 from bitplan.data.heldout import heldout_samples
-from bitplan.evaluate.divergence import BaseLogits
+from bitplan.evaluation.divergence import BaseLogits
 from bitplan.formats import parse_format_list
 from bitplan.model import load_model
 from bitplan.plans import solve_plans
-from bitplan.quantize import apply_plan
-from bitplan.score.scores import Scores
+from bitplan.quantization import apply_plan
+from bitplan.scoring.scores import Scores
 
 OPTIONS = parse_format_list("mxfp4,mxfp8")
 BUDGETS = (4.5, 5.0, 6.0)

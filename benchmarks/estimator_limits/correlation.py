@@ -23,17 +23,17 @@ from common import add_model_argument
 from scipy import stats
 from torch import nn
 
-import bitplan.score.fisher as fisher
+import bitplan.scoring.fisher as fisher
 from bitplan.data.calibration import calibration_samples
 from bitplan.formats import parse_format_list
 from bitplan.model import load_model
 from bitplan.model.layers import find_blocks
 from bitplan.model.logits import logits_from_hidden
 from bitplan.plans import PlanSpace
-from bitplan.quantize import FakeQuantLinear, apply_formats
-from bitplan.score import SCORERS, score
-from bitplan.score.replay import final_norm, record_block_inputs, run_block
-from bitplan.score.scores import Scores
+from bitplan.quantization import FakeQuantLinear, apply_formats
+from bitplan.scoring import SCORERS, score
+from bitplan.scoring.replay import final_norm, record_block_inputs, run_block
+from bitplan.scoring.scores import Scores
 
 ROLES = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up"}
 

@@ -11,7 +11,7 @@ import argparse
 
 from common import add_model_argument, calibration_base, plan_kls, setup
 
-from bitplan.quantize import apply_formats
+from bitplan.quantization import apply_formats
 
 
 def main() -> None:

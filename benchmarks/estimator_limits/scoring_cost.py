@@ -15,7 +15,7 @@ from common import add_model_argument
 from bitplan.data.calibration import calibration_samples
 from bitplan.formats import parse_format_list
 from bitplan.model import load_model
-from bitplan.score import score
+from bitplan.scoring import score
 
 
 def main() -> None:

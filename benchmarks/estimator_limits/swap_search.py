@@ -12,8 +12,8 @@ import argparse
 from common import OPTIONS, add_model_argument, calibration_base, setup
 
 from bitplan.plans import solve_plans
-from bitplan.quantize import apply_formats
-from bitplan.score import score
+from bitplan.quantization import apply_formats
+from bitplan.scoring import score
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import time
 import torch
 from common import OPTIONS, add_model_argument, plan_kls, setup
 
-import bitplan.score.fisher as fisher
+import bitplan.scoring.fisher as fisher
 
 
 def main() -> None:

@@ -3,8 +3,8 @@ from bitplan.model.loading import LoadedModel
 
 
 def __getattr__(name: str):
-    # open.py reads bitplan's exports (bitplan.export), whose plans need bitplan.model.layers:
-    # importing it only when asked for keeps `import bitplan.export` (or .plans) from a circle.
+    # open.py reads bitplan's exports (bitplan.exporters), whose plans need bitplan.model.layers:
+    # importing it only when asked for keeps `import bitplan.exporters` (or .plans) from a circle.
     if name in ("load_model", "load_exported"):
         from bitplan.model import open as opening
 

@@ -3,7 +3,7 @@ bitplan's own exports (packed or fake: their formats are re-applied), a bundled 
 nothing for the embedded default.
 
 This is the one module that knows both plain models (``bitplan/model/loading.py``) and bitplan's
-exports (``bitplan/export/load.py``); ``bitplan.export`` imports nothing from ``bitplan.model``,
+exports (``bitplan/exporters/load.py``); ``bitplan.exporters`` imports nothing from ``bitplan.model``,
 so the two never import each other.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from bitplan.errors import BitplanError
-from bitplan.export.load import export_kind, read_export
+from bitplan.exporters.load import export_kind, read_export
 from bitplan.jsonio import read_json_object
 from bitplan.model.bundled import BUNDLED, bundled_model
 from bitplan.model.converted import CONVERTED_NOTE, converted_folder

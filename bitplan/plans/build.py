@@ -24,7 +24,7 @@ from bitplan.solve import Solution, Unit, pareto_front, reachable_range, solve
 
 if TYPE_CHECKING:  # only for hints: the plans stage does not run models or scorers
     from bitplan.model.loading import LoadedModel
-    from bitplan.score.scores import Scores
+    from bitplan.scoring.scores import Scores
 
 
 def build_plan(

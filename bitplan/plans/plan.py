@@ -14,8 +14,8 @@ from bitplan.errors import BitplanError
 from bitplan.jsonio import read_json_object, write_json_atomic
 
 PLAN_VERSION = 1
-#: How a plan's weights are rounded: to nearest, by GPTQ (bitplan/quantize/gptq.py), or by GPTQ
-#: and then tuned on each block's output (bitplan/quantize/tune.py; integer formats). A plan
+#: How a plan's weights are rounded: to nearest, by GPTQ (bitplan/quantization/gptq.py), or by GPTQ
+#: and then tuned on each block's output (bitplan/quantization/tune.py; integer formats). A plan
 #: records the rounding it was made for, and ``bitplan quantize`` applies it by default.
 ROUNDINGS = ("rtn", "gptq", "tuned")
 

@@ -54,7 +54,7 @@ from bitplan.solve import promote_blocks, uniform
 
 if TYPE_CHECKING:
     from bitplan.model.loading import LoadedModel
-    from bitplan.score.scores import Scores
+    from bitplan.scoring.scores import Scores
 
 #: Recipes that promote whole blocks while a budget allows, so they need one.
 BUDGETED_RECIPES = ("head", "tail")

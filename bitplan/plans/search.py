@@ -34,8 +34,8 @@ from bitplan.model.streaming import BlockLoader
 from bitplan.plans.build import PlanSpace, resolve_pins
 from bitplan.plans.plan import ROUNDINGS, Plan, scored_rounding
 from bitplan.plans.recipes import RECIPES, recipe_plan
-from bitplan.quantize.sequential import check_rounding_formats
-from bitplan.score import Scores, score
+from bitplan.quantization.sequential import check_rounding_formats
+from bitplan.scoring import Scores, score
 
 
 @dataclass
@@ -48,7 +48,7 @@ class SearchConfig:
     pins: Sequence[str] = ()  # "REGEX=FORMAT": layers forced to a format (resolve_pins)
     include_head: bool = False  # lm_head in scoring and budget (a pin on lm_head implies it)
     include_scales: bool = True  # count scale/zero-point bits in the budget
-    scorer: str = "fisher"  # bitplan.score.SCORERS
+    scorer: str = "fisher"  # bitplan.scoring.SCORERS
     calib: str | None = None  # calibration text (default: the shipped text)
     n_samples: int = 16
     seq_len: int = 256

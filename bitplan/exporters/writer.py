@@ -2,8 +2,8 @@
 atomic destination (a folder, or one file for GGUF), lets the chosen back end write into it, and
 returns the back end's ``ExportReport``.
 
-To add a back end: write ``bitplan/export/<name>.py`` with a ``write`` function and a
-``BACKEND = Backend(...)`` (see ``bitplan/export/backend.py``), and list it in ``BACKENDS``.
+To add a back end: write ``bitplan/exporters/<name>.py`` with a ``write`` function and a
+``BACKEND = Backend(...)`` (see ``bitplan/exporters/backend.py``), and list it in ``BACKENDS``.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 
 from bitplan.atomic import atomic_file, atomic_folder, check_output_dir, check_output_file
 from bitplan.errors import BitplanError
-from bitplan.export import compressed, fake, gguf, packed
-from bitplan.export.backend import Backend
-from bitplan.export.folder import PLAN_FILE
-from bitplan.export.report import ExportReport
-from bitplan.export.source import ExportSource, planned_formats
+from bitplan.exporters import compressed, fake, gguf, packed
+from bitplan.exporters.backend import Backend
+from bitplan.exporters.folder import PLAN_FILE
+from bitplan.exporters.report import ExportReport
+from bitplan.exporters.source import ExportSource, planned_formats
 from bitplan.formats import Format
 from bitplan.formats.block_scaled import RoundedWeight
 from bitplan.plans import Plan
@@ -125,7 +125,7 @@ def export_model(
     An existing ``out`` is refused unless ``force`` (then replaced only once the new export is
     complete: a failure or an interrupt leaves nothing behind). ``model`` itself is not
     modified. ``rounded`` holds the codes and scales of layers rounded otherwise than to
-    nearest (``bitplan.quantize.rounded_weights`` of a GPTQ model): they are stored as they are.
+    nearest (``bitplan.quantization.rounded_weights`` of a GPTQ model): they are stored as they are.
     ``options`` go to the back end: ``max_shard_bytes`` for the folder formats (a
     streamed model is read one tensor at a time and written in shards of at most that many
     bytes); ``embedding_type``, ``output_type``, ``importance``, ``metadata_from`` for gguf.

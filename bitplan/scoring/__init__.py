@@ -25,9 +25,9 @@ from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
 from bitplan.model.loading import LoadedModel
 from bitplan.model.streaming import BlockLoader
-from bitplan.score.delta_loss import delta_loss_scores
-from bitplan.score.fisher import fisher_scores
-from bitplan.score.scores import Scores
+from bitplan.scoring.delta_loss import delta_loss_scores
+from bitplan.scoring.fisher import fisher_scores
+from bitplan.scoring.scores import Scores
 
 SCORERS = ("fisher", "fisher-kl", "delta-loss")
 
@@ -170,7 +170,7 @@ def _run_scorer(
 def _check_tuned_scoring(rounding: str, scorer: str, formats: list[Format]) -> None:
     """Refuse, before any work, a tuned-rounding score that cannot be computed."""
     from bitplan.formats.bf16 import BF16Format
-    from bitplan.quantize.gptq import check_gptq_format
+    from bitplan.quantization.gptq import check_gptq_format
 
     if rounding != "gptq":
         raise BitplanError(f"unknown rounding {rounding!r}; choose rtn or gptq")

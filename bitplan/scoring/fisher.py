@@ -29,7 +29,7 @@ from bitplan.distributed import all_reduce_sum
 from bitplan.formats import Format
 from bitplan.model.layers import LayerInfo, find_blocks
 from bitplan.model.streaming import BlockLoader
-from bitplan.score.replay import (
+from bitplan.scoring.replay import (
     final_norm,
     linear_weights_in,
     loss_gradient,
@@ -39,7 +39,7 @@ from bitplan.score.replay import (
     sampled_label_gradient,
     to_device,
 )
-from bitplan.score.scores import fill_unrouted_experts
+from bitplan.scoring.scores import fill_unrouted_experts
 
 #: How ΔY is weighed: "diag" ½ Σ G² ΔY² (the default); "token" ½ Σ_t (G_t · ΔY_t)²; "split"
 #: the weight error on the output's diagonal and the input's error on the input's diagonal,
@@ -261,7 +261,7 @@ def fisher_scores(
     With ``rounding="gptq"`` each decoder layer's options are GPTQ-rounded first (its Hessian
     from one extra forward run of its block on the recorded inputs, shared by all options of
     the same input), so that ΔY is the error GPTQ leaves; lm_head stays rounded to nearest, as
-    ``bitplan.quantize.sequential.gptq_model`` leaves it.
+    ``bitplan.quantization.sequential.gptq_model`` leaves it.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, not {form!r}")
@@ -366,10 +366,10 @@ def _gptq_weights(
     """Layer name -> option index -> the layer's weight GPTQ-rounded to that option (float32,
     dequantized), with Hessians from one forward run of ``block`` on ``inputs``. Options GPTQ
     does not round (bf16) are left out: they are rounded to nearest."""
-    # Imported here: bitplan.quantize.sequential imports this package's replay module.
+    # Imported here: bitplan.quantization.sequential imports this package's replay module.
     from bitplan.formats.bf16 import BF16Format
-    from bitplan.quantize.gptq import gptq_round
-    from bitplan.quantize.sequential import collect_hessians, input_view
+    from bitplan.quantization.gptq import gptq_round
+    from bitplan.quantization.sequential import collect_hessians, input_view
 
     tuned_options = {k: fmt for k, fmt in enumerate(options) if not isinstance(fmt, BF16Format)}
     views = list(dict.fromkeys(input_view(fmt) for fmt in tuned_options.values()))

@@ -50,7 +50,7 @@ def fill_unrouted_experts(
 class Scores:
     """Predicted loss increase (nats per token) if one layer alone takes one option."""
 
-    scorer: str  # one of bitplan.score.SCORERS
+    scorer: str  # one of bitplan.scoring.SCORERS
     options: list[str]  # format names, in the order given
     layer_scores: dict[str, dict[str, float]]  # layer name -> option -> score
     model_id: str = ""

@@ -22,14 +22,14 @@ from bitplan.data.calibration import calibration_samples
 from bitplan.data.heldout import heldout_samples
 from bitplan.data.offline_tasks import DEFAULT_TASKS
 from bitplan.errors import BitplanError
-from bitplan.evaluate.divergence import BaseLogits
-from bitplan.evaluate.harness import evaluate_tasks
+from bitplan.evaluation.divergence import BaseLogits
+from bitplan.evaluation.harness import evaluate_tasks
 from bitplan.formats import parse_format_list
 from bitplan.jsonio import write_json_atomic
 from bitplan.model.loading import LoadedModel
 from bitplan.plans import BUDGETED_RECIPES, RECIPES, Plan, PlanSpace, recipe_plan
-from bitplan.quantize.sequential import quantize_model
-from bitplan.score import score
+from bitplan.quantization.sequential import quantize_model
+from bitplan.scoring import score
 
 RESULTS_VERSION = 1
 

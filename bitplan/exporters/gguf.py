@@ -1,15 +1,15 @@
 """The ``gguf`` export: a plan written as one GGUF file that llama.cpp runs (docs/GGUF.md).
 
-Which tensor gets which llama.cpp type is ``bitplan/export/gguf_layout.py``. The tokenizer and
+Which tensor gets which llama.cpp type is ``bitplan/exporters/gguf_layout.py``. The tokenizer and
 the ``general.*`` keys are copied from the GGUF file the model was loaded from (the embedded
 default model comes from one); llama.cpp's ``llama.*`` hyperparameters are written from the
 model's config. Models loaded from a Hugging Face folder are refused for now, unless
 ``metadata_from`` names a GGUF with the same tokenizer. Tensors are quantized and written one at
 a time.
 
-The same numbers as a torch model: ``bitplan.quantize.gguf.fake_quantize_gguf``; the file run by
-llama.cpp: ``bitplan.evaluate.llama_cpp.LlamaCppModel``; the importance matrix:
-``bitplan.score.importance.collect_importance``.
+The same numbers as a torch model: ``bitplan.quantization.gguf.fake_quantize_gguf``; the file run by
+llama.cpp: ``bitplan.evaluation.llama_cpp.LlamaCppModel``; the importance matrix:
+``bitplan.scoring.importance.collect_importance``.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 from bitplan.errors import BitplanError
-from bitplan.export.backend import Backend
-from bitplan.export.gguf_layout import GGUFTensor, permute_rows, tensor_layout
-from bitplan.export.report import ExportReport, export_report
-from bitplan.export.source import ExportSource, planned_formats
+from bitplan.exporters.backend import Backend
+from bitplan.exporters.gguf_layout import GGUFTensor, permute_rows, tensor_layout
+from bitplan.exporters.report import ExportReport, export_report
+from bitplan.exporters.source import ExportSource, planned_formats
 from bitplan.formats import Format
 from bitplan.formats.gguf import quantize_rows
 from bitplan.plans import Plan
@@ -134,7 +134,7 @@ def write_gguf(
 
     ``embedding_type`` / ``output_type``: the token embedding's and the output tensor's types
     when the plan does not set them (default Q4_K / Q6_K, as llama.cpp's Q4_K_M).
-    ``importance``: layer name -> imatrix (``bitplan.score.importance.collect_importance``),
+    ``importance``: layer name -> imatrix (``bitplan.scoring.importance.collect_importance``),
     used to choose scales as ``llama-quantize --imatrix`` does. ``metadata_from``: the GGUF to
     copy metadata and tokenizer from (default: the file the model was loaded from).
     """

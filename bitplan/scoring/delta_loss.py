@@ -19,8 +19,8 @@ from bitplan.distributed import all_reduce_sum
 from bitplan.formats import Format
 from bitplan.model.layers import LayerInfo
 from bitplan.model.logits import final_hidden_states
-from bitplan.quantize import apply_formats
-from bitplan.score.replay import loss_gradient
+from bitplan.quantization import apply_formats
+from bitplan.scoring.replay import loss_gradient
 
 
 def _score_one_option(

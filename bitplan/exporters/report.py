@@ -9,8 +9,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bitplan.export.shards import weight_files
-from bitplan.export.source import ExportSource
+from bitplan.exporters.shards import weight_files
+from bitplan.exporters.source import ExportSource
 from bitplan.formats import Format
 
 

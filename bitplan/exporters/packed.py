@@ -4,7 +4,7 @@ Each planned layer ``<name>`` is stored as the parts of :mod:`bitplan.formats.st
 (``<name>.qweight``, ``<name>.scales``, ``<name>.zeros``, ...) instead of ``<name>.weight``;
 everything else is stored as in a Hugging Face folder. config.json gets a
 ``quantization_config`` with ``"quant_method": "bitplan"`` naming every layer's format, which
-:func:`bitplan.export.load.load_exported` reads to rebuild the fake-quantized model.
+:func:`bitplan.exporters.load.load_exported` reads to rebuild the fake-quantized model.
 """
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from bitplan.errors import BitplanError
-from bitplan.export.backend import Backend
-from bitplan.export.folder import (
+from bitplan.exporters.backend import Backend
+from bitplan.exporters.folder import (
     FORMAT_VERSION,
     model_dtype_name,
     write_config,
     write_side_files,
 )
-from bitplan.export.report import ExportReport, folder_report
-from bitplan.export.shards import DEFAULT_SHARD_BYTES, ShardWriter
-from bitplan.export.source import ExportSource
-from bitplan.export.tensors import dense_tensors
+from bitplan.exporters.report import ExportReport, folder_report
+from bitplan.exporters.shards import DEFAULT_SHARD_BYTES, ShardWriter
+from bitplan.exporters.source import ExportSource
+from bitplan.exporters.tensors import dense_tensors
 from bitplan.formats import Format
 from bitplan.formats.storage import PART_KINDS
 from bitplan.plans import Plan

@@ -114,7 +114,7 @@ def apply_formats(
 def rounded_weights(model: nn.Module) -> dict[str, RoundedWeight]:
     """Layer name -> the tuned codes and scales of every layer of a fake-quantized ``model``
     that was rounded otherwise than to nearest (``sequential.gptq_model``): what
-    ``bitplan.export.export_model(..., rounded=...)`` stores."""
+    ``bitplan.exporters.export_model(..., rounded=...)`` stores."""
     return {
         name: module.rounded
         for name, module in model.named_modules()

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from bitplan.export.gguf_layout import gguf_layout
+from bitplan.exporters.gguf_layout import gguf_layout
 from bitplan.plans import Plan
-from bitplan.quantize.llama_cpp import round_activations
+from bitplan.quantization.llama_cpp import round_activations
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def fake_quantize_gguf(
     row-wise quantization, so no permuting is needed.
 
     With ``llama_cpp_activations`` every Linear also rounds its input as llama.cpp's CPU
-    matmul does for the weight's type (``bitplan.quantize.llama_cpp``), which leaves only
+    matmul does for the weight's type (``bitplan.quantization.llama_cpp``), which leaves only
     summation-order differences.
     """
     importance = dict(importance or {})

@@ -17,7 +17,7 @@ from bitplan.errors import BitplanError
 class LlamaCppModel(nn.Module):
     """A GGUF file run by llama.cpp (``llama-cpp-python``), shaped like a causal LM for
     bitplan's evaluators: ``model(input_ids=...)`` returns an object with ``.logits``
-    (float32, one row per position), so ``bitplan.evaluate.divergence.BaseLogits.compare``
+    (float32, one row per position), so ``bitplan.evaluation.divergence.BaseLogits.compare``
     measures KL and perplexity as llama.cpp computes them."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None):

@@ -29,8 +29,8 @@ from bitplan.data.offline_tasks import (
     resolve_tasks,
 )
 from bitplan.errors import BitplanError
-from bitplan.evaluate.budget import document_samples
-from bitplan.evaluate.tasks import task_manager
+from bitplan.evaluation.budget import document_samples
+from bitplan.evaluation.tasks import task_manager
 
 #: Batch size that gave the best throughput on a 2-core CPU with SmolLM2-135M (4, 16 and 32
 #: were slower: larger batches pad more; docs/BENCHMARKS.md); on a GPU pass a larger one.
@@ -119,7 +119,7 @@ def evaluate_tasks(
     """
     from lm_eval import simple_evaluate
 
-    from bitplan.evaluate.continuation_lm import ContinuationLM
+    from bitplan.evaluation.continuation_lm import ContinuationLM
 
     names = resolve_tasks(tasks)
     if docs is not None and limit is not None:

@@ -32,8 +32,8 @@ from bitplan.formats import Format
 from bitplan.formats.block_scaled import BlockScales, RoundedWeight, nonzero_or_one
 from bitplan.formats.blocks import from_blocks, to_blocks
 from bitplan.formats.integer import IntegerWeights
-from bitplan.quantize import quantized_input, replace_module
-from bitplan.score.replay import run_block
+from bitplan.quantization import quantized_input, replace_module
+from bitplan.scoring.replay import run_block
 
 #: How far tuning may move a group's scale from GPTQ's, as a factor.
 SCALE_FACTOR_RANGE = (0.5, 1.25)

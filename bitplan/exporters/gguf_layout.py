@@ -1,5 +1,5 @@
 """Which tensor of a GGUF file gets which llama.cpp type: the layout that the GGUF export writes
-and that ``bitplan.quantize.gguf`` reproduces as a torch model.
+and that ``bitplan.quantization.gguf`` reproduces as a torch model.
 
 Every planned layer is stored in the plan's llama.cpp type (formats ``q4_k``, ``q6_k`` ...; see
 ``bitplan/formats/gguf.py``, including llama.cpp's fallback for rows that a type's blocks do not
@@ -22,7 +22,7 @@ import torch
 from gguf import MODEL_ARCH, get_tensor_name_map
 
 from bitplan.errors import BitplanError
-from bitplan.export.source import ExportSource, planned_formats
+from bitplan.exporters.source import ExportSource, planned_formats
 from bitplan.formats import BF16Format, Format, parse_format
 from bitplan.formats.gguf import GGML_TYPES, GGUFFormat
 from bitplan.plans import Plan

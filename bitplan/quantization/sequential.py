@@ -25,10 +25,10 @@ from bitplan.formats import Format, parse_format
 from bitplan.formats.bf16 import BF16Format
 from bitplan.model.layers import find_blocks
 from bitplan.plans.plan import ROUNDINGS
-from bitplan.quantize import FakeQuantLinear, apply_formats, apply_plan, replace_module
-from bitplan.quantize.gptq import Hessian, check_gptq_format, gptq_sweep
-from bitplan.quantize.tune import TunableRounding, check_tunable_format, tune_block
-from bitplan.score.replay import record_block_inputs, run_block
+from bitplan.quantization import FakeQuantLinear, apply_formats, apply_plan, replace_module
+from bitplan.quantization.gptq import Hessian, check_gptq_format, gptq_sweep
+from bitplan.quantization.tune import TunableRounding, check_tunable_format, tune_block
+from bitplan.scoring.replay import record_block_inputs, run_block
 
 #: What block tuning brings each block's output close to: the unquantized block's output on the
 #: same (already quantized) inputs, or the unquantized model's own hidden states after the block

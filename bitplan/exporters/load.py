@@ -1,7 +1,7 @@
 """Reading bitplan's own exports (``packed`` and ``fake``) back into a fake-quantized model
 (``bitplan.model.load_model`` opens them through here).
 
-The result is what ``bitplan.quantize.apply_plan`` makes from the original model: every planned
+The result is what ``bitplan.quantization.apply_plan`` makes from the original model: every planned
 layer a ``FakeQuantLinear`` holding the dequantized weight (never quantized a second time:
 fake quantization is not idempotent) and quantizing its input when its format says so. Logits
 equal the in-memory fake model's exactly when loaded in the same dtype.
@@ -20,12 +20,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from bitplan.errors import BitplanError
-from bitplan.export.fake import CONFIG_KEY
-from bitplan.export.folder import FORMAT_VERSION, PLAN_FILE
-from bitplan.export.packed import QUANT_METHOD
-from bitplan.export.shards import read_tensors
+from bitplan.exporters.fake import CONFIG_KEY
+from bitplan.exporters.folder import FORMAT_VERSION, PLAN_FILE
+from bitplan.exporters.packed import QUANT_METHOD
+from bitplan.exporters.shards import read_tensors
 from bitplan.formats import Format, parse_format
-from bitplan.quantize import FakeQuantLinear, replace_module
+from bitplan.quantization import FakeQuantLinear, replace_module
 
 
 @dataclass

@@ -11,8 +11,8 @@ import torch
 from bitplan.atomic import check_output_file
 from bitplan.data.offline_tasks import DEFAULT_TASKS, resolve_tasks
 from bitplan.errors import BitplanError
-from bitplan.evaluate.budget import check_budget, minimum_documents
-from bitplan.evaluate.harness import (
+from bitplan.evaluation.budget import check_budget, minimum_documents
+from bitplan.evaluation.harness import (
     DEFAULT_BATCH_SIZE,
     TaskResults,
     evaluate_tasks,

@@ -1,7 +1,7 @@
 """What an export reads from a model: its torch module, its layer table, and how to read a weight
 that is still on disk (a streamed model).
 
-Back ends take an ``ExportSource``, not a loaded model, so that ``bitplan.export`` needs nothing
+Back ends take an ``ExportSource``, not a loaded model, so that ``bitplan.exporters`` needs nothing
 from ``bitplan.model``; ``ExportSource.of(model)`` takes the parts from a
 ``bitplan.model.LoadedModel``.
 """

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from bitplan.export.source import ExportSource
+from bitplan.exporters.source import ExportSource
 from bitplan.plans import Plan
 
 #: Name of the plan file inside every folder export.

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from bitplan.export.source import ExportSource
+from bitplan.exporters.source import ExportSource
 
 
 def storage_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Measuring a model: task accuracy through lm-eval, and divergence from the base model."""
 
-from bitplan.evaluate.command import add_eval_arguments, run_eval_command
-from bitplan.evaluate.divergence import BaseLogits, Divergence
-from bitplan.evaluate.harness import TaskResults, TaskScore, evaluate_tasks, format_results_table
+from bitplan.evaluation.command import add_eval_arguments, run_eval_command
+from bitplan.evaluation.divergence import BaseLogits, Divergence
+from bitplan.evaluation.harness import TaskResults, TaskScore, evaluate_tasks, format_results_table
 
 __all__ = [
     "BaseLogits",

@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 
 from bitplan.errors import BitplanError
-from bitplan.export.backend import Backend
-from bitplan.export.folder import model_dtype_name, write_config, write_side_files
-from bitplan.export.report import ExportReport, folder_report
-from bitplan.export.shards import DEFAULT_SHARD_BYTES, ShardWriter, read_tensors
-from bitplan.export.source import ExportSource
-from bitplan.export.tensors import dense_tensors
+from bitplan.exporters.backend import Backend
+from bitplan.exporters.folder import model_dtype_name, write_config, write_side_files
+from bitplan.exporters.report import ExportReport, folder_report
+from bitplan.exporters.shards import DEFAULT_SHARD_BYTES, ShardWriter, read_tensors
+from bitplan.exporters.source import ExportSource
+from bitplan.exporters.tensors import dense_tensors
 from bitplan.formats import (
     BF16Format,
     Format,

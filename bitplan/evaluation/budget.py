@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 from bitplan.data.offline_tasks import OFFLINE_TASKS
 from bitplan.errors import BitplanError
-from bitplan.evaluate.tasks import task_manager
+from bitplan.evaluation.tasks import task_manager
 
 #: Seconds per document of each task: SmolLM2-135M in float32, batch size 8, Intel Xeon with
 #: 2 cores, 2026-12-06 (``benchmarks/eval_cost.py``; docs/BENCHMARKS.md). Only their ratios

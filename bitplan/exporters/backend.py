@@ -1,5 +1,5 @@
 """What an export back end is: a named writer that ``export_model`` runs inside an atomic
-destination (``bitplan/export/writer.py`` lists the back ends).
+destination (``bitplan/exporters/writer.py`` lists the back ends).
 
 A back end's ``write(source, plan, formats, destination, *, option=default, ...)`` receives the
 model (an ``ExportSource``), the plan and its formats already checked against the model, and the
@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bitplan.export.report import ExportReport
-from bitplan.export.source import ExportSource
+from bitplan.exporters.report import ExportReport
+from bitplan.exporters.source import ExportSource
 from bitplan.formats import Format
 from bitplan.plans import Plan
 

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bitplan.export.backend import Backend
-from bitplan.export.folder import (
+from bitplan.exporters.backend import Backend
+from bitplan.exporters.folder import (
     FORMAT_VERSION,
     model_dtype_name,
     write_config,
     write_side_files,
 )
-from bitplan.export.report import ExportReport, folder_report
-from bitplan.export.shards import DEFAULT_SHARD_BYTES, ShardWriter
-from bitplan.export.source import ExportSource
-from bitplan.export.tensors import dense_tensors, storage_tensor
+from bitplan.exporters.report import ExportReport, folder_report
+from bitplan.exporters.shards import DEFAULT_SHARD_BYTES, ShardWriter
+from bitplan.exporters.source import ExportSource
+from bitplan.exporters.tensors import dense_tensors, storage_tensor
 from bitplan.formats import Format
 from bitplan.plans import Plan
 

@@ -14,13 +14,13 @@ Four formats, each a back end behind one ``export_model`` (docs/EXPORT.md, docs/
 Every export is written into a temporary folder (or file) next to ``out`` and renamed into
 place when complete, so a failure or an interrupt leaves nothing behind. The back ends read the
 model as an ``ExportSource`` (module, layer table, weight reader); nothing here imports
-``bitplan.model``, which opens bitplan's exports through ``bitplan/export/load.py``.
+``bitplan.model``, which opens bitplan's exports through ``bitplan/exporters/load.py``.
 """
 
-from bitplan.export.load import export_kind
-from bitplan.export.report import ExportReport
-from bitplan.export.source import ExportSource
-from bitplan.export.writer import EXPORT_FORMATS, check_destination, export_model
+from bitplan.exporters.load import export_kind
+from bitplan.exporters.report import ExportReport
+from bitplan.exporters.source import ExportSource
+from bitplan.exporters.writer import EXPORT_FORMATS, check_destination, export_model
 
 __all__ = [
     "EXPORT_FORMATS",
