@@ -24,11 +24,11 @@ _MODEL_HELP = (
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    import bitplan
     from bitplan.accounting import average_bits
     from bitplan.formats import known_format_names, parse_format
-    from bitplan.model import load_model
 
-    model = load_model(args.model)
+    model = bitplan.load(args.model)
     table = model.layers
     decoder = table.decoder_layers()
     head = table.head()
@@ -86,26 +86,14 @@ def _export_formats() -> tuple[str, ...]:
     return EXPORT_FORMATS
 
 
-def _load(source: str | None, stream: bool):
-    """The model, and a block loader when ``stream`` (weights read one block at a time)."""
-    if stream:
-        from bitplan.model.streaming import load_streaming
-
-        return load_streaming(source)
-    from bitplan.model import load_model
-
-    return load_model(source), None
-
-
 def cmd_search(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    import bitplan
     from bitplan.distributed import is_main
-    from bitplan.plans.search import SearchConfig, run_search, write_search_outputs
+    from bitplan.plans.search import SearchConfig
 
-    config = SearchConfig(
-        options=args.options,
-        budgets=args.avg_bits or [],
+    settings = dict(
         recipe=args.recipe,
         pins=args.pin,
         include_head=args.quantize_head,
@@ -120,6 +108,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         rounding=args.rounding,
     )
+    SearchConfig(args.options, args.avg_bits or [], **settings)  # its checks, before loading
     if args.quantize is not None:
         if args.format is None:
             raise BitplanError(f"--quantize needs --format {'|'.join(_export_formats())}")
@@ -139,17 +128,16 @@ def cmd_search(args: argparse.Namespace) -> None:
         raise BitplanError("--format goes with --quantize DIR")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise BitplanError(f"--out {args.out} is a file; give a folder for the plans")
-    model, loader = _load(args.model, args.stream)
-    result = run_search(model, config, loader=loader, log=print)
-
+    model = bitplan.load(args.model, stream=args.stream)
+    result = bitplan.search(
+        model, args.options, args.avg_bits or [], args.out, log=print, **settings
+    )
     if not is_main():  # under torchrun, rank 0 alone writes the results
         return
-    out = Path(args.out)
-    paths = write_search_outputs(result, out)
     print(
         f"{'plan':<28} {'budget':>7} {'achieved':>9} {'w/o scales':>10} {'pred. loss':>11}  formats"
     )
-    for plan, path in zip(result.plans, paths, strict=True):
+    for plan, path in zip(result.plans, result.paths, strict=True):
         budget = "-" if plan.budget_avg_bits is None else f"{plan.budget_avg_bits:g}"
         loss = "-" if plan.predicted_loss is None else f"{plan.predicted_loss:.5f}"
         counts = ", ".join(f"{n}x{fmt}" for fmt, n in plan.format_counts().items())
@@ -162,7 +150,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             f"optimum {'proven' if result.proven_optimal else 'NOT proven'} for every budget "
             f"(exact Pareto front of {len(result.front)} points in front.json)"
         )
-    print(f"wrote {len(result.plans)} plan(s), bits_per_layer.png to {out}/")
+    print(f"wrote {len(result.plans)} plan(s), bits_per_layer.png to {args.out}/")
     if args.quantize is not None:
         print(
             _export(model, result.plans[0], args.quantize, args.format, args.force, args).summary()
@@ -202,21 +190,16 @@ def _check_rounding(rounding: str, fmt: str, stream: bool, calib: str | None) ->
 def _export(model, plan, out: str, fmt: str, force: bool, args: argparse.Namespace):
     """Write ``model`` quantized by ``plan`` to ``out`` in export format ``fmt``, rounded as
     ``args.rounding`` says (default: the plan's rounding)."""
-    from bitplan.exporters import export_model
+    import bitplan
 
-    rounded = None
-    rounding = args.rounding or plan.rounding
-    if rounding != "rtn":
-        import bitplan
-        from bitplan.quantization import rounded_weights
-
-        calibration = {k: getattr(args, k) for k in ("calib", "n_samples", "seq_len", "batch_size")}
-        rounded = rounded_weights(bitplan.apply(model, plan, rounding, **calibration))
+    calibration = {k: getattr(args, k) for k in ("calib", "n_samples", "seq_len", "batch_size")}
     # --embedding-type and --output-type are gguf's options; the other formats have none.
     options = {}
     if fmt == "gguf":
         options = {k: getattr(args, k, None) for k in ("embedding_type", "output_type")}
-    return export_model(model, plan, out, fmt, force=force, rounded=rounded, **options)
+    return bitplan.export(
+        model, plan, out, fmt, force=force, rounding=args.rounding, **calibration, **options
+    )
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -234,19 +217,34 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     check_rounding_formats(rounding, map(parse_format, set(plan.layer_formats.values())))
 
     check_destination(args.out, args.format, args.force, reading=args.model)  # before loading
-    model, _ = _load(args.model, args.stream)
+    import bitplan
+
+    model = bitplan.load(args.model, stream=args.stream)
     print(_export(model, plan, args.out, args.format, args.force, args).summary())
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from bitplan.evaluation import run_eval_command
+    import bitplan
     from bitplan.evaluation.command import check_eval_arguments
-    from bitplan.model import load_model
 
     check_eval_arguments(args)  # before loading
-    model = load_model(args.model)
+    model = bitplan.load(args.model)
     print(f"model: {model.name}  ({model.source})" + (f"; {model.note}" if model.note else ""))
-    run_eval_command(args, model.module, model.tokenizer, _compute_dtype("cpu", args.dtype).dtype)
+    _compute_dtype("cpu", args.dtype)  # said once, before the long part
+    results = bitplan.evaluate(
+        model,
+        tasks=args.tasks,
+        limit=args.limit,
+        docs=args.docs,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        add_bos_token=True if args.add_bos_token else None,
+        output=args.output,
+        quiet=not args.verbose,
+    )
+    print(results)
+    if args.output:
+        print(f"results written to {args.output}")
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
@@ -267,17 +265,14 @@ def _size_text(size: int) -> str:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     import shlex
-    from pathlib import Path
 
-    from bitplan.comparison import DEFAULT_SETTINGS, CompareConfig, Setting, run_compare
+    import bitplan
+    from bitplan.comparison import DEFAULT_SETTINGS, Setting
     from bitplan.data.offline_tasks import resolve_tasks
     from bitplan.evaluation.command import check_document_budget
-    from bitplan.model import load_model
-    from bitplan.report import write_report
 
     settings = [Setting.parse(s) for s in args.setting] if args.setting else list(DEFAULT_SETTINGS)
-    config = CompareConfig(
-        settings=settings,
+    config = dict(
         tasks=[] if args.no_tasks else resolve_tasks(args.tasks),
         limit=args.limit,
         docs=args.docs,
@@ -292,13 +287,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
         calib=args.calib,
         rounding=args.rounding,
     )
-    check_document_budget(config.docs, config.tasks)  # before loading
+    check_document_budget(config["docs"], config["tasks"])  # before loading
     _compute_dtype("cpu", args.dtype)
-    model = load_model(args.model)
-    out = Path(args.out or f"reports/{model.name}")
-    results = run_compare(model, config, out)
+    model = bitplan.load(args.model)
     command = "bitplan " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    report = write_report(results, out, model.layers, command)
+    report = bitplan.compare(
+        model, settings, args.out, command=command, quiet=not args.verbose, **config
+    )
     print(report.read_text())
     print(f"report: {report}  (plots and results.json beside it)")
 
@@ -569,6 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this kind (repeatable; default: all)",
     )
     cache.set_defaults(func=cmd_cache)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--verbose",
+            action="store_true",
+            help="also show other libraries' progress bars, log lines and warnings "
+            "(transformers, datasets, lm-eval; hidden by default)",
+        )
     return parser
 
 
@@ -591,13 +593,13 @@ def _run(args: argparse.Namespace) -> int:
     from bitplan.distributed import init_from_env
 
     init_from_env()  # no-op unless started by torchrun
-    # transformers' own bars ("Loading weights" ...) on every command would bury bitplan's output
-    # and break its one-line errors; bitplan shows its own progress on long work.
-    from transformers.utils import logging as transformers_logging
+    # Other libraries' bars ("Loading weights" on every command ...), log lines and warnings would
+    # bury bitplan's output and its one-line errors; bitplan shows its own progress on long work.
+    from bitplan.quiet import third_party_quiet
 
-    transformers_logging.disable_progress_bar()
     _start_up_done()
-    args.func(args)
+    with third_party_quiet(not args.verbose):
+        args.func(args)
     return 0
 
 

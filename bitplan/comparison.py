@@ -176,9 +176,14 @@ def _base_logits(model: LoadedModel, config: CompareConfig, compute: ComputeDtyp
 
 
 def run_compare(
-    model: LoadedModel, config: CompareConfig, out: Path, progress: bool = True
+    model: LoadedModel,
+    config: CompareConfig,
+    out: Path,
+    progress: bool = True,
+    quiet: bool = True,
 ) -> dict:
-    """Measure every variant, resuming from ``out/results.json`` when its configuration matches.
+    """Measure every variant, resuming from ``out/results.json`` when its configuration matches
+    (``quiet=False`` lets lm-eval log and draw its own bars).
 
     Returns the results dictionary (also in ``out/results.json``)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -241,6 +246,7 @@ def run_compare(
                 config.eval_batch_size,
                 dtype=compute.dtype,
                 docs=config.docs,
+                quiet=quiet,
             ).to_dict()
             tasks.pop("lm_eval", None)  # keep results.json readable: per-task numbers only
         del measured

@@ -69,8 +69,8 @@ def test_search_and_quantize_with_tuned_rounding(tmp_path, tiny_folder, capsys):
     argv = ["quantize", str(folder), "--plan", str(plan_path), *calibration]
     assert main([*argv, "--format", "packed", "--out", str(out)]) == 0
     model = load_model(folder)
-    tuned = bitplan.apply(model, plan, n_samples=4, seq_len=32, progress=False)
-    gptq = bitplan.apply(model, plan, "gptq", n_samples=4, seq_len=32, progress=False)
+    tuned = bitplan.quantize(model, plan, n_samples=4, seq_len=32, progress=False)
+    gptq = bitplan.quantize(model, plan, "gptq", n_samples=4, seq_len=32, progress=False)
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         assert torch.equal(load_model(out).module(ids).logits, tuned(ids).logits)
@@ -100,7 +100,7 @@ def test_search_and_quantize_with_gptq_rounding(tmp_path, tiny_folder, capsys):
     argv = ["quantize", str(folder), "--plan", str(plan_path), *calibration]
     assert main([*argv, "--format", "packed", "--out", str(out)]) == 0
     model = load_model(folder)
-    tuned = bitplan.apply(model, plan, n_samples=4, seq_len=32, progress=False)
+    tuned = bitplan.quantize(model, plan, n_samples=4, seq_len=32, progress=False)
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         assert torch.equal(load_model(out).module(ids).logits, tuned(ids).logits)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+import bitplan
 from bitplan.evaluation import add_eval_arguments, evaluate_tasks, format_results_table
-from bitplan.evaluation.command import run_eval_command
 
 
 @pytest.fixture()
@@ -44,14 +44,16 @@ def test_mmlu_is_the_57_subject_group(offline, tiny_model, tiny_tokenizer):
     assert sum(len(subtasks[group]) for group in subtasks["bitplan_mmlu"]) == 57
 
 
-def test_eval_command_arguments(offline, capsys, tmp_path, tiny_model, tiny_tokenizer):
+def test_eval_arguments_and_the_library_call(offline, tmp_path, tiny):
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
     out = tmp_path / "r.json"
     args = parser.parse_args(["--tasks", "winogrande", "--limit", "2", "--output", str(out)])
     assert args.limit == 2 and args.batch_size == 8
-    run_eval_command(args, tiny_model, tiny_tokenizer)
-    printed = capsys.readouterr().out
+    results = bitplan.evaluate(
+        tiny, tasks=args.tasks, limit=args.limit, dtype="float32", output=args.output
+    )
+    printed = str(results)
     assert "winogrande" in printed and "average (acc)" in printed
     assert json.loads(out.read_text())["tasks"]["winogrande"]["n"] == 2
     assert parser.parse_args(["--limit", "0.5"]).limit == 0.5

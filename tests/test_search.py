@@ -74,16 +74,14 @@ def test_pin_that_splits_a_fusion_group_is_refused(tiny_folder, capsys):
 
 def test_python_api_and_plan_round_trip(tiny_folder, tmp_path):
     model = bitplan.load(str(tiny_folder))
-    scores = bitplan.score_layers(
-        model, ["w2g32", "w4g32"], n_samples=4, seq_len=32, progress=False
-    )
-    plans = bitplan.plan_budgets(model, scores, [3, 3.5], include_scales=False)
+    scores = bitplan.score(model, ["w2g32", "w4g32"], n_samples=4, seq_len=32, progress=False)
+    plans = bitplan.plan(model, scores, [3, 3.5], include_scales=False)
     assert set(plans) == {3, 3.5}
     assert plans[3].predicted_loss >= plans[3.5].predicted_loss
     path = tmp_path / "plan.json"
     plans[3].save(path)
     assert Plan.load(path) == plans[3]
-    quantized = bitplan.apply(model, Plan.load(path))
+    quantized = bitplan.quantize(model, Plan.load(path))
     with torch.no_grad():
         assert torch.isfinite(quantized(torch.tensor([[1, 2, 3]])).logits).all()
     with pytest.raises(BitplanError, match="not a plan file"):
@@ -92,25 +90,28 @@ def test_python_api_and_plan_round_trip(tiny_folder, tmp_path):
 
 
 def test_library_search_writes_what_the_command_writes(tiny_folder, tmp_path, capsys):
-    from bitplan.plans.search import SearchConfig, run_search, write_search_outputs
-
     argv = ["search", str(tiny_folder), "--options", "mxfp4,mxfp8", "--avg-bits", "5", "6",
             "--dtype", "float32", *SMALL, "--out", str(tmp_path / "cli")]  # fmt: skip
     assert main(argv) == 0
     model = bitplan.load(str(tiny_folder))
-    result = bitplan.search(
-        model, "mxfp4,mxfp8", [5, 6], dtype="float32", n_samples=4, seq_len=32, progress=False
-    )
+    settings = dict(dtype="float32", n_samples=4, seq_len=32, progress=False)
+    result = bitplan.search(model, "mxfp4,mxfp8", [5, 6], tmp_path / "lib", **settings)
     assert [p.budget_avg_bits for p in result.plans] == [5, 6] and result.proven_optimal
     assert result.front and result.scores is not None
-    paths = write_search_outputs(result, tmp_path / "lib")
-    assert [p.name for p in paths] == ["plan_bitplan_5.json", "plan_bitplan_6.json"]
+    assert [p.name for p in result.paths] == ["plan_bitplan_5.json", "plan_bitplan_6.json"]
     for name in ("plan_bitplan_5.json", "plan_bitplan_6.json", "front.json"):
         assert (tmp_path / "lib" / name).read_bytes() == (tmp_path / "cli" / name).read_bytes()
-    # a recipe scores nothing
-    config = SearchConfig("mxfp4,mxfp8", budgets=[6], recipe="tail", include_scales=False)
-    tail = run_search(model, config)
+    # a recipe scores nothing, through search or plan
+    tail = bitplan.search(model, "mxfp4,mxfp8", 6, recipe="tail", include_scales=False)
     assert tail.scores is None and tail.front == [] and tail.plans[0].recipe == "tail"
+    plans = bitplan.plan(model, None, 6, recipe="tail", options="mxfp4,mxfp8", include_scales=False)
+    assert plans[6].layer_formats == tail.plans[0].layer_formats
+    (uniform,) = bitplan.plan(model, None, recipe="uniform", options="mxfp4,mxfp8").values()
+    assert set(uniform.layer_formats.values()) == {"mxfp4"}
+    # the solver's plans through bitplan.plan are search's
+    assert bitplan.plan(model, result.scores, [5, 6]) == dict(
+        zip([5, 6], result.plans, strict=True)
+    )
     # importing the module does not shadow the top-level function
     assert callable(bitplan.search)
 
@@ -140,7 +141,7 @@ def test_unfused_plans_choose_per_layer(tiny_folder):
     from bitplan.plans import PlanSpace, solve_unfused_plans
 
     model = bitplan.load(str(tiny_folder))
-    scores = bitplan.score_layers(model, ["mxfp4", "mxfp8"], n_samples=4, seq_len=32)
+    scores = bitplan.score(model, ["mxfp4", "mxfp8"], n_samples=4, seq_len=32)
     formats = [parse_format("mxfp4"), parse_format("mxfp8")]
     (fused,) = PlanSpace.build(model.layers, formats, include_scales=False).solve(
         scores, [6], model.identity

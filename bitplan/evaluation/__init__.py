@@ -1,6 +1,6 @@
 """Measuring a model: task accuracy through lm-eval, and divergence from the base model."""
 
-from bitplan.evaluation.command import add_eval_arguments, run_eval_command
+from bitplan.evaluation.command import add_eval_arguments
 from bitplan.evaluation.divergence import BaseLogits, Divergence
 from bitplan.evaluation.harness import TaskResults, TaskScore, evaluate_tasks, format_results_table
 
@@ -12,5 +12,4 @@ __all__ = [
     "add_eval_arguments",
     "evaluate_tasks",
     "format_results_table",
-    "run_eval_command",
 ]

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import Any
-
-import torch
 
 from bitplan.atomic import check_output_file
 from bitplan.data.offline_tasks import DEFAULT_TASKS, resolve_tasks
@@ -14,9 +11,6 @@ from bitplan.errors import BitplanError
 from bitplan.evaluation.budget import check_budget, minimum_documents
 from bitplan.evaluation.harness import (
     DEFAULT_BATCH_SIZE,
-    TaskResults,
-    evaluate_tasks,
-    format_results_table,
 )
 
 
@@ -90,7 +84,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="prepend the BOS token to every request (the reference report did so for Llama)",
     )
     parser.add_argument("--output", metavar="JSON", help="also write the results to this JSON file")
-    parser.add_argument("--verbose", action="store_true", help="show lm-eval's own log messages")
 
 
 def check_eval_arguments(args: argparse.Namespace) -> None:
@@ -103,30 +96,3 @@ def check_eval_arguments(args: argparse.Namespace) -> None:
         raise BitplanError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.output:
         check_output_file(args.output, force=True)
-
-
-def run_eval_command(
-    args: argparse.Namespace,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    dtype: torch.dtype = torch.float32,
-) -> TaskResults:
-    """Evaluate ``model`` as ``args`` say (computing in ``dtype``), print the table, write JSON
-    if asked."""
-    check_eval_arguments(args)
-    results = evaluate_tasks(
-        model,
-        tokenizer,
-        tasks=args.tasks,
-        limit=args.limit,
-        docs=args.docs,
-        batch_size=args.batch_size,
-        add_bos_token=True if args.add_bos_token else None,
-        output_json=args.output,
-        quiet=not args.verbose,
-        dtype=dtype,
-    )
-    print(format_results_table(results))
-    if args.output:
-        print(f"results written to {args.output}")
-    return results

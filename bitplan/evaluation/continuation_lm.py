@@ -41,7 +41,17 @@ def _same_input(request: Request) -> list[int]:
 
 
 class ContinuationLM(HFLM):
-    """``HFLM`` whose log-likelihoods compute the head only on the scored positions."""
+    """``HFLM`` whose log-likelihoods compute the head only on the scored positions.
+
+    ``quiet`` hides lm-eval's own bars ("Tokenizing inputs"); the bar of the requests scored
+    here is bitplan's and stays."""
+
+    def __init__(self, *args: Any, quiet: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.quiet = quiet
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.quiet)
 
     def _loglikelihood_tokens(
         self,
@@ -58,7 +68,7 @@ class ContinuationLM(HFLM):
             group_fn=_same_input,
         )
         results: list[tuple[float, bool]] = []
-        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="requests")
+        bar = tqdm(total=len(requests), disable=self.rank != 0, desc="requests", leave=False)
         for chunk in order.get_batched(n=int(self.batch_size)):
             for request, context, answer, logprobs in self._score_batch(chunk):
                 for request_str, tokens, cached in order.get_cache(

@@ -8,13 +8,11 @@ serves fake-quantized models), with its log-likelihoods computed on the scored p
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,12 +29,11 @@ from bitplan.data.offline_tasks import (
 from bitplan.errors import BitplanError
 from bitplan.evaluation.budget import document_samples
 from bitplan.evaluation.tasks import task_manager
+from bitplan.quiet import third_party_quiet
 
 #: Batch size that gave the best throughput on a 2-core CPU with SmolLM2-135M (4, 16 and 32
 #: were slower: larger batches pad more; docs/BENCHMARKS.md); on a GPU pass a larger one.
 DEFAULT_BATCH_SIZE = 8
-
-_QUIET_LOGGERS = ("lm_eval", "lm-eval")
 
 
 @dataclass
@@ -73,6 +70,9 @@ class TaskResults:
     def average(self) -> float:
         """Mean ``acc`` over the tasks, as the reference report averages its five tasks."""
         return sum(s.acc for s in self.scores.values()) / len(self.scores)
+
+    def __str__(self) -> str:
+        return format_results_table(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -115,7 +115,8 @@ def evaluate_tasks(
     documents in all, spread over the tasks (``budget.py``); the same documents on every call.
     ``add_bos_token=None`` keeps the tokenizer's own behaviour, as lm-eval's command line does;
     the reference report set it to True for Llama.
-    ``dtype`` is what the model runs in (autocast; ``bitplan.compute``).
+    ``dtype`` is what the model runs in (autocast; ``bitplan.compute``). ``quiet`` keeps
+    lm-eval's (and the libraries beneath it) log lines, bars and warnings out (``bitplan.quiet``).
     """
     from lm_eval import simple_evaluate
 
@@ -128,13 +129,14 @@ def evaluate_tasks(
     was_training = model.training
     try:
         device = next(model.parameters()).device
-        with _quiet_lm_eval(quiet), autocast(device, dtype):
+        with third_party_quiet(quiet), autocast(device, dtype):
             samples = None if docs is None else document_samples(docs, names)[0]
             lm = ContinuationLM(
                 pretrained=model,
                 tokenizer=tokenizer,
                 batch_size=batch_size,
                 add_bos_token=add_bos_token,
+                quiet=quiet,
             )
             raw = simple_evaluate(
                 model=lm,
@@ -276,20 +278,3 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return str(value)
-
-
-@contextlib.contextmanager
-def _quiet_lm_eval(quiet: bool) -> Iterator[None]:
-    """lm-eval logs several INFO/WARNING lines per task (61 tasks for MMLU); keep errors only."""
-    if not quiet:
-        yield
-        return
-    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)

@@ -8,6 +8,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -19,6 +20,9 @@ from bitplan.errors import BitplanError
 from bitplan.model.fingerprint import model_fingerprint
 from bitplan.model.layers import LayerTable, build_layer_table
 from bitplan.model.moe import unfuse_experts
+
+if TYPE_CHECKING:
+    from bitplan.model.streaming import BlockLoader
 
 
 @dataclass
@@ -35,6 +39,8 @@ class LoadedModel:
     weight_reader: Callable[[str], torch.Tensor] | None = None
     # The GGUF a converted model came from (a bundled model's), found when first asked for.
     find_gguf: Callable[[], Path] | None = None
+    # Loads one decoder block's weights at a time (``load_streaming``); None when all are loaded.
+    block_loader: BlockLoader | None = None
     layers: LayerTable = field(init=False)
     _identity: str | None = field(default=None, init=False, repr=False)
 

@@ -145,4 +145,5 @@ def load_streaming(
         weight_reader=store.get,
         find_gguf=find_gguf,
     )
-    return loaded, BlockLoader(module, store, dtype)
+    loaded.block_loader = BlockLoader(module, store, dtype)
+    return loaded, loaded.block_loader

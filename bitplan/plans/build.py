@@ -106,6 +106,20 @@ class PlanSpace:
         )
         return cls(table, tuple(formats), include_head, include_scales, dict(pins or {}), units)
 
+    @classmethod
+    def with_pin_specs(
+        cls,
+        table: LayerTable,
+        formats: Sequence[Format],
+        pin_specs: Sequence[str] = (),
+        include_head: bool = False,
+        include_scales: bool = True,
+    ) -> PlanSpace:
+        """The space of a search whose pins are ``REGEX=FORMAT`` strings (``resolve_pins``); a
+        pin on lm_head brings lm_head into the plan."""
+        pins, pins_lm_head = resolve_pins(pin_specs, table, formats)
+        return cls.build(table, formats, include_head or pins_lm_head, include_scales, pins)
+
     def reachable_range(self) -> tuple[float, float]:
         """The lowest and highest average bits any plan here can reach."""
         return reachable_range(self.units, self.pins)

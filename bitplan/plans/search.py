@@ -31,7 +31,7 @@ from bitplan.jsonio import write_json_atomic
 from bitplan.model.layers import LayerTable
 from bitplan.model.loading import LoadedModel
 from bitplan.model.streaming import BlockLoader
-from bitplan.plans.build import PlanSpace, resolve_pins
+from bitplan.plans.build import PlanSpace
 from bitplan.plans.plan import ROUNDINGS, Plan, scored_rounding
 from bitplan.plans.recipes import RECIPES, recipe_plan
 from bitplan.quantization.sequential import check_rounding_formats
@@ -106,6 +106,7 @@ class SearchResult:
     scores: Scores | None
     front: list[tuple[float, float]]  # (average bits, predicted loss), cheapest first
     table: LayerTable  # the model's layers, for the plot
+    paths: list[Path] = field(default_factory=list)  # the plan files, once written
 
     @property
     def proven_optimal(self) -> bool:
@@ -121,13 +122,12 @@ def run_search(
 ) -> SearchResult:
     """Score ``model`` and solve every budget of ``config`` (or build its recipe's plans).
 
-    ``loader`` (from ``load_streaming``) keeps one block's weights in memory at a time while
-    scoring; ``log`` receives the lines worth showing while it runs (the compute dtype, the
+    ``loader`` (default: a streamed model's own, ``load_streaming``) keeps one block's weights
+    in memory at a time while scoring; ``log`` receives the lines worth showing while it runs (the compute dtype, the
     scoring time), ``print`` for the command line."""
     formats = config.formats
-    pins, pins_lm_head = resolve_pins(config.pins, model.layers, formats)
-    space = PlanSpace.build(
-        model.layers, formats, config.include_head or pins_lm_head, config.include_scales, pins
+    space = PlanSpace.with_pin_specs(
+        model.layers, formats, config.pins, config.include_head, config.include_scales
     )
     _check_budgets(space, config, log)
     budgets = list(config.budgets)

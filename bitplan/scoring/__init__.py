@@ -59,8 +59,8 @@ def score(
 ) -> Scores:
     """Score every budgeted layer of ``model`` for every option on calibration ``tokens``.
 
-    ``loader`` (from ``load_streaming``) makes the fisher scorer read one block's weights at a
-    time; ``device`` is where blocks are computed (``cuda``, ``cuda:1`` ...); ``dtype`` what the
+    ``loader`` (default: a streamed model's own, ``load_streaming``) makes the fisher scorer
+    read one block's weights at a time; ``device`` is where blocks are computed (``cuda``, ``cuda:1`` ...); ``dtype`` what the
     passes compute in: ``auto`` (chosen for the device, ``bitplan.compute``), ``float32``,
     ``bfloat16`` or ``float16``. Scores computed in different dtypes are cached apart.
     ``rounding="gptq"`` scores the error GPTQ leaves instead of round-to-nearest's (fisher
@@ -71,6 +71,7 @@ def score(
     if rounding != "rtn":
         _check_tuned_scoring(rounding, scorer, formats)
     layers = model.layers.selected(include_head)
+    loader = loader if loader is not None else model.block_loader
     if loader is not None and scorer not in _FISHER_GRADIENT:
         raise BitplanError("streaming works with the fisher scorer only; drop --stream")
     model_id = model.identity

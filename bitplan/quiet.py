@@ -1,0 +1,139 @@
+"""Other libraries' output off while bitplan works: their progress bars, log lines and warnings.
+
+transformers draws "Loading weights" bars on every load, datasets a bar per split it prepares,
+lm-eval a "building contexts" bar per task (61 for MMLU) and several log lines each, and all of
+them warn about things a bitplan user cannot change. That buries bitplan's own bars and one-line
+messages, so the command line runs every command inside :func:`third_party_quiet` unless
+``--verbose``; ``bitplan.evaluate`` does the same around lm-eval unless ``quiet=False``.
+bitplan's own bars and warnings are left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import subprocess
+import warnings
+from collections.abc import Iterator
+
+#: Loggers of the libraries bitplan drives, kept to errors.
+QUIET_LOGGERS = ("lm_eval", "lm-eval", "transformers", "datasets", "huggingface_hub", "accelerate")
+
+
+@contextlib.contextmanager
+def third_party_quiet(enabled: bool = True) -> Iterator[None]:
+    """Within the block, other libraries log errors only, draw no bars and warn nothing;
+    everything is as before afterwards."""
+    if not enabled:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_loggers_at_error())
+        stack.enter_context(_no_third_party_warnings())
+        stack.enter_context(_no_hub_bars())
+        stack.enter_context(_no_transformers_bars())
+        stack.enter_context(_no_datasets_bars())
+        stack.enter_context(_no_lm_eval_bars())
+        yield
+
+
+@contextlib.contextmanager
+def _loggers_at_error() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _no_third_party_warnings() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("default", module=r"bitplan(\.|$)")  # bitplan's own stay
+        yield
+
+
+@contextlib.contextmanager
+def _no_hub_bars() -> Iterator[None]:
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
+@contextlib.contextmanager
+def _no_transformers_bars() -> Iterator[None]:
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _no_datasets_bars() -> Iterator[None]:
+    try:
+        from datasets.utils import (
+            are_progress_bars_disabled,
+            disable_progress_bars,
+            enable_progress_bars,
+        )
+    except ImportError:  # datasets comes with lm-eval; without it there is nothing to quiet
+        yield
+        return
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
+@contextlib.contextmanager
+def _no_lm_eval_bars() -> Iterator[None]:
+    """lm-eval has no switch for its per-task bar, and asks git for the current folder's commit
+    (printing git's "fatal: not a git repository" outside one): both are replaced while quiet."""
+    try:
+        import lm_eval.api.task as task_module
+        import lm_eval.evaluator as evaluator_module
+    except ImportError:
+        yield
+        return
+    bar, git_hash = task_module.tqdm, evaluator_module.get_git_commit_hash
+    task_module.tqdm = functools.partial(bar, disable=True)
+    evaluator_module.get_git_commit_hash = _git_commit_hash_silently
+    try:
+        yield
+    finally:
+        task_module.tqdm, evaluator_module.get_git_commit_hash = bar, git_hash
+
+
+def _git_commit_hash_silently() -> str | None:
+    """The current folder's git commit, as lm-eval records it, without git's complaints."""
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always"], capture_output=True, text=True, check=False
+        )
+    except OSError:
+        return None
+    return done.stdout.strip() or None
