@@ -274,6 +274,20 @@ def test_logits_equal(arch, folder, packed, fake_model):
     assert not torch.allclose(logits(load_model(folder).module), logits(fake_model), atol=1e-3)
 
 
+STEPS = ("info", "search", "packed_export", "reload", "reload_in_transformers", "logits_equal")
+
+
+def test_the_docs_matrix_names_every_cell():
+    """docs/ARCHITECTURE.md's matrix has a row per architecture naming the test of each step."""
+    docs = (Path(__file__).parent.parent / "docs" / "ARCHITECTURE.md").read_text()
+    assert all(callable(globals().get(f"test_{step}")) for step in STEPS)
+    table = [line for line in docs.splitlines() if line.startswith("| ")]
+    for arch in ARCHITECTURES:
+        (row,) = [line for line in table if f"`test_info[{arch}]`" in line]
+        missing = [step for step in STEPS if f"`test_{step}[{arch}]`" not in row]
+        assert not missing, (arch, missing)
+
+
 # What bitplan refuses, with an error naming the architecture.
 
 
