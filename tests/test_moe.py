@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+from bitplan.errors import BitplanError
 from bitplan.formats import parse_format
 from bitplan.model.layers import build_layer_table, expert_index
 from bitplan.model.moe import UnfusedExperts, unfuse_experts
@@ -99,3 +100,23 @@ def test_search_and_fake_quantization_respect_expert_groups(moe_model):
         assert module.fmt.name == plan.layer_formats[layer.name]
     with torch.no_grad():
         assert torch.isfinite(quantized(tokens).logits).all()
+
+
+def test_unfused_experts_keep_the_models_dtype(moe_model):
+    moe_model.to(torch.bfloat16)
+    unfuse_experts(moe_model)
+    expert = moe_model.model.layers[0].mlp.experts[0]
+    assert expert.gate_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():  # float32 experts in a bfloat16 model would not multiply
+        assert moe_model(torch.tensor([[1, 2, 3]])).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("is_transposed", True), ("has_bias", True), ("is_concatenated", False)]
+)
+def test_experts_layouts_that_cannot_be_split_are_refused(moe_model, flag, value):
+    """transformers marks other expert layouts on the module; splitting them as gate rows then up
+    rows of experts x 2I x H would compute another function."""
+    setattr(moe_model.model.layers[1].mlp.experts, flag, value)
+    with pytest.raises(BitplanError, match=f"unsupported model Qwen3MoeForCausalLM: .*{flag}"):
+        unfuse_experts(moe_model)

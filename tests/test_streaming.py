@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bitplan.cli import main
+from bitplan.errors import BitplanError
 from bitplan.formats import parse_format
 from bitplan.model import load_model
 from bitplan.model.streaming import load_streaming
@@ -115,3 +116,21 @@ def test_streamed_export_in_shards_equals_in_memory_export(tiny_folder, tmp_path
         expected = load_model(tmp_path / "whole").module(ids).logits
         got = load_model(tmp_path / "sharded").module(ids).logits
     assert torch.equal(got, expected)
+
+
+def test_fused_projections_stream_but_fused_experts_are_refused(tmp_path, tiny_tokenizer):
+    """Phi-3's qkv_proj and gate_up_proj are single Linear layers and stream like any other;
+    MoE experts stored as 3-D parameters cannot stream yet."""
+    from test_architectures import ARCHITECTURES, save_tiny_model
+
+    for arch in ("phi3", "qwen3_moe"):
+        save_tiny_model(
+            ARCHITECTURES[arch].config(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / arch
+        )
+    streamed, loader = load_streaming(tmp_path / "phi3")
+    assert [layer.role for layer in streamed.layers.decoder_layers()[:4]] == [
+        "o", "qkv", "gate_up", "down"
+    ]  # fmt: skip
+    assert not any(p.is_meta for p in loader.load(0).parameters())
+    with pytest.raises(BitplanError, match="streaming does not support mixture-of-experts"):
+        load_streaming(tmp_path / "qwen3_moe")

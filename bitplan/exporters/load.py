@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,16 +77,33 @@ def fake_quant_linear(linear: nn.Linear, fmt: Format) -> FakeQuantLinear:
     return new
 
 
+#: Changes a freshly built model the way bitplan's loader changed the model an export was
+#: written from, so that the export's layer names exist in it (``bitplan.model.open`` passes
+#: ``bitplan.model.moe.unfuse_experts``: one Linear per MoE expert projection).
+Restructure = Callable[[nn.Module], object]
+
+
+def _unchanged(module: nn.Module) -> None:
+    return None
+
+
+def _missing_layer(where: object, name: str) -> BitplanError:
+    hint = ""
+    if ".experts." in name:
+        hint = " (an MoE export: open it with bitplan.model.load_model, which unfuses the experts)"
+    return BitplanError(f"{where} names layer {name}, which its model does not have{hint}")
+
+
 def _wrap_layers(module: nn.Module, formats: dict[str, Format]) -> None:
     modules = dict(module.named_modules())
     for name, fmt in formats.items():
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
-            raise BitplanError(f"the export names layer {name}, which its model does not have")
+            raise _missing_layer("the export", name)
         replace_module(module, name, fake_quant_linear(linear, fmt))
 
 
-def _load_packed(path: Path, dtype: torch.dtype) -> nn.Module:
+def _load_packed(path: Path, dtype: torch.dtype, restructure: Restructure) -> nn.Module:
     config = AutoConfig.from_pretrained(path)
     record = config.quantization_config
     _check_version(record, path)
@@ -93,6 +111,7 @@ def _load_packed(path: Path, dtype: torch.dtype) -> nn.Module:
     formats = {name: parse_format(fmt) for name, fmt in record["layers"].items()}
     with init_empty_weights():  # parameters on the meta device, buffers real
         module = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    restructure(module)  # still empty: the stored tensors are placed below
     modules = dict(module.named_modules())
 
     stored = read_tensors(path)
@@ -100,7 +119,7 @@ def _load_packed(path: Path, dtype: torch.dtype) -> nn.Module:
     for name, fmt in formats.items():
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
-            raise BitplanError(f"{path} names layer {name}, which its model does not have")
+            raise _missing_layer(path, name)
         shape = (linear.out_features, linear.in_features)
         parts = {part: stored.pop(f"{name}.{part}") for part in fmt.part_bits(shape)}
         state[f"{name}.weight"] = fmt.decode(parts, shape).to(dtype)
@@ -120,8 +139,9 @@ def _load_packed(path: Path, dtype: torch.dtype) -> nn.Module:
     return module
 
 
-def _load_fake(path: Path, dtype: torch.dtype) -> nn.Module:
+def _load_fake(path: Path, dtype: torch.dtype, restructure: Restructure) -> nn.Module:
     module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    restructure(module)
     record = getattr(module.config, CONFIG_KEY)
     _check_version(record, path)
     formats = {name: parse_format(fmt) for name, fmt in record["layer_formats"].items()}
@@ -129,14 +149,21 @@ def _load_fake(path: Path, dtype: torch.dtype) -> nn.Module:
     return module
 
 
-def read_export(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> ExportedModel:
-    """Read a ``packed`` or ``fake`` export as a fake-quantized model, in eval mode on the CPU."""
+def read_export(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    restructure: Restructure = _unchanged,
+) -> ExportedModel:
+    """Read a ``packed`` or ``fake`` export as a fake-quantized model, in eval mode on the CPU.
+
+    ``restructure`` is applied to the model transformers builds before the export's layers are
+    looked up in it (``Restructure``)."""
     path = Path(path).expanduser()
     kind = export_kind(path)
     if kind is None:
         raise BitplanError(f"{path} is not a bitplan packed or fake export")
     try:
-        module = (_load_packed if kind == "packed" else _load_fake)(path, dtype)
+        module = (_load_packed if kind == "packed" else _load_fake)(path, dtype, restructure)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (ValueError, KeyError, OSError) as err:
         raise BitplanError(f"cannot load the bitplan {kind} export {path}: {err}") from err

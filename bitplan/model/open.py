@@ -21,6 +21,7 @@ from bitplan.model.bundled import BUNDLED, bundled_model
 from bitplan.model.converted import CONVERTED_NOTE, converted_folder
 from bitplan.model.hub import hub_model, looks_like_hub_id
 from bitplan.model.loading import LoadedModel, load_folder
+from bitplan.model.moe import unfuse_experts
 
 
 def load_model(
@@ -77,7 +78,8 @@ def load_model(
 def load_exported(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a ``packed`` or ``fake`` export as a fake-quantized model, in eval mode on the CPU."""
     path = Path(path).expanduser()
-    exported = read_export(path, dtype)
+    # An MoE export names one Linear per expert projection: unfuse the rebuilt model's experts.
+    exported = read_export(path, dtype, restructure=unfuse_experts)
     return LoadedModel(
         module=exported.module,
         tokenizer=exported.tokenizer,

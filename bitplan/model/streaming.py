@@ -26,6 +26,7 @@ from bitplan.model.converted import CONVERTED_NOTE, converted_folder
 from bitplan.model.hub import hub_model, looks_like_hub_id
 from bitplan.model.layers import find_blocks
 from bitplan.model.loading import LoadedModel
+from bitplan.model.moe import fused_experts
 
 
 def _tensor_names(file: Path) -> list[str]:
@@ -130,7 +131,8 @@ def load_streaming(
         module = AutoModelForCausalLM.from_config(config, dtype=dtype)
     module.eval()
     blocks_path, _ = find_blocks(module)
-    if any(getattr(m, "gate_up_proj", None) is not None for m in module.modules()):
+    # Fused 3-D experts only: a dense model's gate_up_proj Linear (Phi-3) streams like any other.
+    if fused_experts(module):
         raise BitplanError(
             "streaming does not support mixture-of-experts models yet; drop --stream"
         )
