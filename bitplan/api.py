@@ -12,6 +12,7 @@ attribute ``bitplan.score`` to the module.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,6 +81,7 @@ def plan(
     pins: Sequence[str] = (),
     include_head: bool = False,
     include_scales: bool = True,
+    serve: str | None = None,
 ) -> dict[float, Plan]:
     """Plans keyed by budget (average bits per weight): the proven-optimal plan of each budget
     for ``scores``, or, with ``recipe``, a baseline: ``uniform`` (every layer in the cheapest of
@@ -88,16 +90,22 @@ def plan(
 
     ``pins`` are ``"REGEX=FORMAT"``: layers forced to a format, counted in the budget (pinning
     ``lm_head`` brings it into the plan). ``include_scales=False`` counts element bits only, as
-    the reference's tables do."""
+    the reference's tables do. ``serve`` (``vllm``, ``llama.cpp``, ``transformers``) keeps to
+    what that engine can run (``bitplan.serving``) and records it in the plans."""
     from bitplan.errors import BitplanError
     from bitplan.formats import parse_format_list
     from bitplan.plans import PlanSpace, recipe_plan
+    from bitplan.serving import check_model, check_options
 
     if scores is None and options is None:
         raise BitplanError("give the scores, or the options of a recipe (options='mxfp4,mxfp8')")
     names = options if options is not None else scores.options
     formats = parse_format_list(names if isinstance(names, str) else list(names))
-    space = PlanSpace.with_pin_specs(model.layers, formats, pins, include_head, include_scales)
+    check_options(serve, formats)
+    check_model(serve, getattr(model.module.config, "model_type", None))
+    space = PlanSpace.with_pin_specs(
+        model.layers, formats, pins, include_head, include_scales, serve
+    )
     budgets = [avg_bits] if isinstance(avg_bits, (int, float)) else list(avg_bits)
     if recipe is not None:
         plans = [recipe_plan(space, recipe, b, model.identity) for b in budgets or [None]]
@@ -139,8 +147,9 @@ def export(
     model: LoadedModel,
     plan: Plan,
     out: str | os.PathLike,
-    format: str = "packed",
+    format: str | None = None,
     *,
+    serve: str | None = None,
     force: bool = False,
     quantized: torch.nn.Module | None = None,
     rounding: str | None = None,
@@ -153,6 +162,10 @@ def export(
     """Write ``model`` quantized by ``plan`` to ``out`` in ``format``: ``fake``, ``packed``,
     ``compressed-tensors`` (vLLM's checkpoint) or ``gguf`` (one llama.cpp file).
 
+    ``serve`` (default: the engine the plan was made for, if any) checks the plan against that
+    engine's rules (``bitplan.serving``) before anything is written, and picks its checkpoint
+    format when ``format`` is not given (else ``packed``).
+
     The weights are rounded as ``rounding`` says (default: the plan's own); a model already
     rounded by ``bitplan.quantize`` can be given as ``quantized`` instead, and its codes are
     stored as they are. An existing ``out`` is refused unless ``force`` (then replaced only
@@ -161,11 +174,19 @@ def export(
     sizes (``report.summary()``)."""
     from bitplan.exporters import export_model
     from bitplan.quantization import rounded_weights
+    from bitplan.serving import EXPORT_FORMATS, check_model, check_plan
 
+    serve = serve or plan.serve
+    format = format or EXPORT_FORMATS.get(serve, "packed")
+    shapes = {layer.name: layer.shape for layer in model.layers}
+    notes = check_plan(serve, plan.layer_formats, shapes, format)  # before any work
+    if serve is not None:
+        check_model(serve, getattr(model.module.config, "model_type", None))
     if quantized is None and (rounding or plan.rounding) != "rtn":
         quantized = quantize(model, plan, rounding, None, n_samples, seq_len, calib, batch_size)
     rounded = rounded_weights(quantized) if quantized is not None else None
-    return export_model(model, plan, out, format, force=force, rounded=rounded, **options)
+    report = export_model(model, plan, out, format, force=force, rounded=rounded, **options)
+    return dataclasses.replace(report, notes=report.notes + notes)
 
 
 def evaluate(

@@ -107,11 +107,14 @@ def cmd_search(args: argparse.Namespace) -> None:
         device=args.device,
         dtype=args.dtype,
         rounding=args.rounding,
+        serve=args.serve,
     )
     SearchConfig(args.options, args.avg_bits or [], **settings)  # its checks, before loading
     if args.quantize is not None:
-        if args.format is None:
-            raise BitplanError(f"--quantize needs --format {'|'.join(_export_formats())}")
+        args.format = _export_format(args.format, args.serve, "--quantize needs")
+        from bitplan.serving import check_plan
+
+        check_plan(args.serve, {}, None, args.format)  # the engine reads this format
         if len(args.avg_bits or []) > 1:
             raise BitplanError(
                 "--quantize writes one model: give a single --avg-bits budget "
@@ -198,14 +201,36 @@ def _export(model, plan, out: str, fmt: str, force: bool, args: argparse.Namespa
     if fmt == "gguf":
         options = {k: getattr(args, k, None) for k in ("embedding_type", "output_type")}
     return bitplan.export(
-        model, plan, out, fmt, force=force, rounding=args.rounding, **calibration, **options
+        model,
+        plan,
+        out,
+        fmt,
+        serve=args.serve,
+        force=force,
+        rounding=args.rounding,
+        **calibration,
+        **options,
     )
+
+
+def _export_format(given: str | None, serve: str | None, needs: str) -> str:
+    """--format, or the checkpoint format of the engine served."""
+    from bitplan.serving import EXPORT_FORMATS
+
+    if given is not None:
+        return given
+    if serve is None:
+        raise BitplanError(f"{needs} --format {'|'.join(_export_formats())} (or --serve ENGINE)")
+    return EXPORT_FORMATS[serve]
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from bitplan.plans import Plan
+    from bitplan.serving import check_plan
 
     plan = Plan.load(args.plan)
+    serve = args.serve or plan.serve
+    args.format = _export_format(args.format, serve, "bitplan quantize needs")
     if args.stream and args.format == "gguf":
         raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
     rounding = args.rounding or plan.rounding
@@ -215,6 +240,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from bitplan.quantization.sequential import check_rounding_formats
 
     check_rounding_formats(rounding, map(parse_format, set(plan.layer_formats.values())))
+    check_plan(serve, plan.layer_formats, None, args.format)  # what can be known before loading
 
     check_destination(args.out, args.format, args.force, reading=args.model)  # before loading
     import bitplan
@@ -339,6 +365,19 @@ def add_rounding_argument(parser: argparse.ArgumentParser, default: str | None) 
     parser.add_argument("--rounding", choices=ROUNDINGS, default=default, help=what)
 
 
+def add_serve_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    from bitplan.serving import EXPORT_FORMATS, SERVE_TARGETS
+
+    formats = ", ".join(f"{engine}: {fmt}" for engine, fmt in EXPORT_FORMATS.items())
+    parser.add_argument(
+        "--serve",
+        choices=SERVE_TARGETS,
+        help=f"keep {what} to what this engine can run: options it has no kernel for are "
+        "refused with the reason and its source, fusion groups offer only the options it runs "
+        f"in their shapes, and the export is checked the same way ({formats}; docs/EXPORT.md)",
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, like every other error of bitplan (argparse
     would print the whole usage first); its sub-command parsers are of this class too."""
@@ -459,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="export format for --quantize",
     )
     search.add_argument("--force", action="store_true", help="with --quantize: replace DIR")
+    add_serve_argument(search, "the plans")
     search.set_defaults(func=cmd_search)
 
     quantize = sub.add_parser(
@@ -473,7 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("model", nargs="?", default=None, help=_MODEL_HELP)
     quantize.add_argument("--plan", required=True, help="a plan JSON from bitplan search")
-    quantize.add_argument("--format", required=True, choices=export_formats)
+    quantize.add_argument(
+        "--format",
+        choices=export_formats,
+        help="export format (default with --serve or a plan made for an engine: its checkpoint "
+        "format, compressed-tensors for vllm and transformers, gguf for llama.cpp)",
+    )
     quantize.add_argument("--out", required=True, help="output folder (or .gguf file)")
     quantize.add_argument("--force", action="store_true", help="replace an existing --out")
     quantize.add_argument(
@@ -486,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--embedding-type", help="gguf only: type of the token embedding")
     quantize.add_argument("--output-type", help="gguf only: type of the output tensor")
     add_rounding_argument(quantize, None)
+    add_serve_argument(quantize, "the export (default: the engine the plan was made for)")
     add_calibration_arguments(quantize, "for --rounding gptq or tuned: ")
     quantize.set_defaults(func=cmd_quantize)
 

@@ -27,7 +27,6 @@ vLLM runs each group as one fused matmul with one scheme.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +100,9 @@ def _scheme_name(fmt: Format | None) -> str:
 _HANDLERS: HandlerRegistry[type] = HandlerRegistry("compressed-tensors")
 
 
-def _layer_scheme(name: str, fmt: Format, in_features: int) -> _LayerScheme:
+def layer_scheme(name: str, fmt: Format, in_features: int) -> _LayerScheme:
+    """How layer ``name`` in ``fmt``, reading ``in_features`` inputs, is stored (its scheme and
+    group size as written); a format the export cannot store is refused."""
     try:
         handler = _HANDLERS.lookup(fmt)
     except BitplanError as err:
@@ -133,11 +134,10 @@ class _IntegerHandler:
     @staticmethod
     def layer_scheme(name: str, fmt: IntFormat | Int8W8A8Format, in_features: int) -> _LayerScheme:
         compression = "int-quantized" if fmt.quantizes_activations else "pack-quantized"
-        group = fmt.group_size
-        if group is None or group >= in_features:  # one group per row
+        stored = fmt.even_group_size(in_features)
+        if stored is None:  # one group per row
             return _LayerScheme(fmt, compression, "channel", None)
-        stored = math.gcd(in_features, group)
-        return _LayerScheme(fmt, compression, "group", stored, expanded=stored != group)
+        return _LayerScheme(fmt, compression, "group", stored, expanded=stored != fmt.group_size)
 
     @staticmethod
     def quantization_scheme(layer: _LayerScheme, targets: list[str]):
@@ -308,7 +308,7 @@ def write_compressed(
     modules = dict(source.module.named_modules())
     quantized = {n: f for n, f in formats.items() if not isinstance(f, BF16Format)}
     layer_schemes = {
-        name: _layer_scheme(name, fmt, modules[name].in_features) for name, fmt in quantized.items()
+        name: layer_scheme(name, fmt, modules[name].in_features) for name, fmt in quantized.items()
     }
     targets: dict[_LayerScheme, list[str]] = {}
     for name, layer in layer_schemes.items():

@@ -26,13 +26,13 @@ from bitplan.exporters.source import ExportSource, planned_formats
 from bitplan.formats import BF16Format, Format, parse_format
 from bitplan.formats.gguf import GGML_TYPES, GGUFFormat
 from bitplan.plans import Plan
+from bitplan.serving import check_gguf_architecture
 
 #: llama.cpp's type for the output tensor (and a tied token embedding): Q6_K, or Q8_0 when the
 #: rows do not divide into 256-blocks (``llama_tensor_get_type_impl``).
 DEFAULT_OUTPUT_TYPE = "q6_k"
 #: An untied token embedding: llama.cpp's Q4_K_M keeps it in the mix's base type.
 DEFAULT_EMBEDDING_TYPE = "q4_k"
-_SUPPORTED_MODEL_TYPES = ("llama",)
 
 
 @dataclass(frozen=True)
@@ -108,11 +108,7 @@ def tensor_layout(
     """``gguf_layout`` for the formats of a plan already checked against the model."""
     module = source.module
     config = module.config
-    if getattr(config, "model_type", None) not in _SUPPORTED_MODEL_TYPES:
-        raise BitplanError(
-            f"GGUF export supports llama-architecture models (Llama, SmolLM2, ...), not "
-            f"{getattr(config, 'model_type', type(module).__name__)!r}"
-        )
+    check_gguf_architecture(getattr(config, "model_type", type(module).__name__))
     names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
     planned = {layer: _as_gguf_format(fmt, layer) for layer, fmt in formats.items()}
     embed = module.get_input_embeddings()

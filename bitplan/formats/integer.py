@@ -39,6 +39,7 @@ The rule is written once, as :func:`find_int_scales` (a group's scale and zero p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +113,15 @@ class IntegerWeights(BlockScaledFormat):
 
     def block_size(self, length: int) -> int:
         return self.group_size or length
+
+    def even_group_size(self, in_features: int) -> int | None:
+        """The group size of a layout whose groups all have one size (what compressed-tensors
+        and vLLM need), for a row of ``in_features``: the format's own when it divides the row,
+        else the largest size that divides both (the short last group then shares its scale over
+        several stored groups); None when one group covers the row."""
+        if self.group_size is None or self.group_size >= in_features:
+            return None
+        return math.gcd(in_features, self.group_size)
 
     def find_scales(self, blocks: torch.Tensor) -> BlockScales:
         return find_int_scales(blocks, self.bits, self.symmetric, full_range=self.full_range)

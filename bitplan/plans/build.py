@@ -40,6 +40,7 @@ def build_plan(
     predicted_loss: float | None = None,
     scorer: str | None = None,
     proven_optimal: bool = False,
+    serve: str | None = None,
 ) -> Plan:
     """A Plan from a choice of formats, made the same way for every kind of plan.
 
@@ -67,6 +68,7 @@ def build_plan(
         # what it is predicted to lose
         predicted_loss=predicted_loss,
         proven_optimal=proven_optimal,
+        serve=serve,
     )
 
 
@@ -82,6 +84,7 @@ class PlanSpace:
     include_scales: bool
     pins: dict[str, str]  # fusion group -> option
     units: tuple[Unit, ...]  # costs only, no scores
+    serve: str | None = None  # the engine the plans are for (bitplan.serving)
 
     @classmethod
     def build(
@@ -91,7 +94,10 @@ class PlanSpace:
         include_head: bool = False,
         include_scales: bool = True,
         pins: Mapping[str, str] | None = None,
+        serve: str | None = None,
     ) -> PlanSpace:
+        """One unit per fusion group; with ``serve``, a group offers only the options that
+        engine can run in its layers' shapes."""
         units = tuple(
             Unit(
                 name=group,
@@ -99,12 +105,13 @@ class PlanSpace:
                 weights=sum(layer.params for layer in layers),
                 costs={
                     fmt.name: sum(fmt.weight_bits(layer.shape, include_scales) for layer in layers)
-                    for fmt in formats
+                    for fmt in _servable(formats, group, layers, serve)
                 },
             )
             for group, layers in table.groups(include_head).items()
         )
-        return cls(table, tuple(formats), include_head, include_scales, dict(pins or {}), units)
+        pins = dict(pins or {})
+        return cls(table, tuple(formats), include_head, include_scales, pins, units, serve)
 
     @classmethod
     def with_pin_specs(
@@ -114,11 +121,12 @@ class PlanSpace:
         pin_specs: Sequence[str] = (),
         include_head: bool = False,
         include_scales: bool = True,
+        serve: str | None = None,
     ) -> PlanSpace:
         """The space of a search whose pins are ``REGEX=FORMAT`` strings (``resolve_pins``); a
         pin on lm_head brings lm_head into the plan."""
         pins, pins_lm_head = resolve_pins(pin_specs, table, formats)
-        return cls.build(table, formats, include_head or pins_lm_head, include_scales, pins)
+        return cls.build(table, formats, include_head or pins_lm_head, include_scales, pins, serve)
 
     def reachable_range(self) -> tuple[float, float]:
         """The lowest and highest average bits any plan here can reach."""
@@ -170,7 +178,28 @@ class PlanSpace:
             predicted_loss=None if math.isnan(solution.score) else solution.score,
             scorer=scorer,
             proven_optimal=solution.proven_optimal,
+            serve=self.serve,
         )
+
+
+def _servable(
+    formats: Sequence[Format], group: str, layers: Sequence[LayerInfo], serve: str | None
+) -> list[Format]:
+    """The options ``serve`` can run in every layer of a fusion group (all without ``serve``);
+    a group left with none is refused, with the reasons."""
+    if serve is None:
+        return list(formats)
+    from bitplan.serving import layer_refusal
+
+    refusals = {
+        fmt.name: next(filter(None, (layer_refusal(serve, fmt, x.shape) for x in layers)), None)
+        for fmt in formats
+    }
+    allowed = [fmt for fmt in formats if refusals[fmt.name] is None]
+    if not allowed:
+        reasons = "; ".join(f"{name}: {why}" for name, why in refusals.items())
+        raise BitplanError(f"--serve {serve} can run none of the options in {group}: {reasons}")
+    return allowed
 
 
 def solve_plans(

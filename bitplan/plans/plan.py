@@ -44,6 +44,7 @@ class Plan:
     proven_optimal: bool = False
     group_formats: dict[str, str] = field(default_factory=dict)  # fusion group -> format
     rounding: str = "rtn"  # ROUNDINGS: what the scores assumed, what quantize does by default
+    serve: str | None = None  # the engine it was made for (bitplan.serving), checked on export
     version: int = PLAN_VERSION
 
     def format_counts(self) -> dict[str, int]:
@@ -77,6 +78,7 @@ class Plan:
             "include_scales": (self.include_scales, bool),
             "include_head": (self.include_head, bool),
             "rounding": (self.rounding, str),
+            "serve": (self.serve, (str, type(None))),
         }
         for name, (value, kind) in expected.items():
             # bool is an int to Python, but not a number of bits

@@ -36,6 +36,7 @@ from bitplan.plans.plan import ROUNDINGS, Plan, scored_rounding
 from bitplan.plans.recipes import RECIPES, recipe_plan
 from bitplan.quantization.sequential import check_rounding_formats
 from bitplan.scoring import Scores, score
+from bitplan.serving import check_model, check_options, option_notes
 
 
 @dataclass
@@ -57,6 +58,7 @@ class SearchConfig:
     device: str = "cpu"  # where blocks are computed
     dtype: str | ComputeDtype = "auto"  # what the passes compute in (bitplan.compute)
     rounding: str = "rtn"  # ROUNDINGS: what the scores assume, recorded in the plans
+    serve: str | None = None  # an engine the plans must run on (bitplan.serving.SERVE_TARGETS)
     formats: list[Format] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +90,7 @@ class SearchConfig:
                 f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}"
             )
         check_rounding_formats(self.rounding, self.formats)
+        check_options(self.serve, self.formats)
 
     @property
     def options_label(self) -> str:
@@ -126,9 +129,13 @@ def run_search(
     in memory at a time while scoring; ``log`` receives the lines worth showing while it runs (the compute dtype, the
     scoring time), ``print`` for the command line."""
     formats = config.formats
+    check_model(config.serve, getattr(model.module.config, "model_type", None))
     space = PlanSpace.with_pin_specs(
-        model.layers, formats, config.pins, config.include_head, config.include_scales
+        model.layers, formats, config.pins, config.include_head, config.include_scales, config.serve
     )
+    if log is not None and config.serve is not None:
+        for note in option_notes(config.serve, formats):
+            log(f"note: {note}")
     _check_budgets(space, config, log)
     budgets = list(config.budgets)
 
