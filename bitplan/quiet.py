@@ -15,7 +15,7 @@ import functools
 import logging
 import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 #: Loggers of the libraries bitplan drives, kept to errors.
 QUIET_LOGGERS = ("lm_eval", "lm-eval", "transformers", "datasets", "huggingface_hub", "accelerate")
@@ -60,53 +60,45 @@ def _no_third_party_warnings() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _no_hub_bars() -> Iterator[None]:
-    from huggingface_hub.utils import (
-        are_progress_bars_disabled,
-        disable_progress_bars,
-        enable_progress_bars,
+def _bars_off(
+    are_disabled: Callable[[], bool], disable: Callable[[], None], enable: Callable[[], None]
+) -> Iterator[None]:
+    """A library's own progress-bar switch off, and back as it was."""
+    was_disabled = are_disabled()
+    disable()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable()
+
+
+def _no_hub_bars() -> contextlib.AbstractContextManager[None]:
+    from huggingface_hub import utils
+
+    return _bars_off(
+        utils.are_progress_bars_disabled, utils.disable_progress_bars, utils.enable_progress_bars
     )
 
-    was_disabled = are_progress_bars_disabled()
-    disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            enable_progress_bars()
 
-
-@contextlib.contextmanager
-def _no_transformers_bars() -> Iterator[None]:
+def _no_transformers_bars() -> contextlib.AbstractContextManager[None]:
     from transformers.utils import logging as transformers_logging
 
-    was_enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            transformers_logging.enable_progress_bar()
+    return _bars_off(
+        lambda: not transformers_logging.is_progress_bar_enabled(),
+        transformers_logging.disable_progress_bar,
+        transformers_logging.enable_progress_bar,
+    )
 
 
-@contextlib.contextmanager
-def _no_datasets_bars() -> Iterator[None]:
+def _no_datasets_bars() -> contextlib.AbstractContextManager[None]:
     try:
-        from datasets.utils import (
-            are_progress_bars_disabled,
-            disable_progress_bars,
-            enable_progress_bars,
-        )
+        from datasets import utils
     except ImportError:  # datasets comes with lm-eval; without it there is nothing to quiet
-        yield
-        return
-    was_disabled = are_progress_bars_disabled()
-    disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            enable_progress_bars()
+        return contextlib.nullcontext()
+    return _bars_off(
+        utils.are_progress_bars_disabled, utils.disable_progress_bars, utils.enable_progress_bars
+    )
 
 
 @contextlib.contextmanager
