@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import subprocess
 import warnings
@@ -34,7 +35,8 @@ def third_party_quiet(enabled: bool = True) -> Iterator[None]:
         stack.enter_context(_no_hub_bars())
         stack.enter_context(_no_transformers_bars())
         stack.enter_context(_no_datasets_bars())
-        stack.enter_context(_no_lm_eval_bars())
+        stack.enter_context(_no_switchless_bars())
+        stack.enter_context(_no_git_complaint())
         yield
 
 
@@ -101,23 +103,45 @@ def _no_datasets_bars() -> contextlib.AbstractContextManager[None]:
     )
 
 
+#: Modules that draw a bar with no switch to turn it off: lm-eval's per-task "building contexts"
+#: bar, transformers' "Converting and de-quantizing GGUF tensors" (bitplan says it converts).
+_SWITCHLESS_BARS = ("lm_eval.api.task", "transformers.modeling_gguf_pytorch_utils")
+
+
 @contextlib.contextmanager
-def _no_lm_eval_bars() -> Iterator[None]:
-    """lm-eval has no switch for its per-task bar, and asks git for the current folder's commit
-    (printing git's "fatal: not a git repository" outside one): both are replaced while quiet."""
+def _no_switchless_bars() -> Iterator[None]:
+    """Their module-level ``tqdm`` replaced by a disabled one while quiet."""
+    modules = []
+    for name in _SWITCHLESS_BARS:
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError:  # an optional library: nothing to quiet
+            continue
+    bars = [module.tqdm for module in modules]
+    for module, bar in zip(modules, bars, strict=True):
+        module.tqdm = functools.partial(bar, disable=True)
     try:
-        import lm_eval.api.task as task_module
+        yield
+    finally:
+        for module, bar in zip(modules, bars, strict=True):
+            module.tqdm = bar
+
+
+@contextlib.contextmanager
+def _no_git_complaint() -> Iterator[None]:
+    """lm-eval asks git for the current folder's commit, and git prints "fatal: not a git
+    repository" outside one: the question is asked silently instead."""
+    try:
         import lm_eval.evaluator as evaluator_module
     except ImportError:
         yield
         return
-    bar, git_hash = task_module.tqdm, evaluator_module.get_git_commit_hash
-    task_module.tqdm = functools.partial(bar, disable=True)
+    git_hash = evaluator_module.get_git_commit_hash
     evaluator_module.get_git_commit_hash = _git_commit_hash_silently
     try:
         yield
     finally:
-        task_module.tqdm, evaluator_module.get_git_commit_hash = bar, git_hash
+        evaluator_module.get_git_commit_hash = git_hash
 
 
 def _git_commit_hash_silently() -> str | None:

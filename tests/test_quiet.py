@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import warnings
 
@@ -27,11 +28,14 @@ def test_quiet_silences_others_and_restores_everything():
         with third_party_quiet():
             assert not transformers_logging.is_progress_bar_enabled()
             assert lm_eval_logger.getEffectiveLevel() == logging.ERROR
+            for name in ("lm_eval.api.task", "transformers.modeling_gguf_pytorch_utils"):
+                assert importlib.import_module(name).tqdm([]).disable  # bars with no switch
             warnings.warn_explicit("theirs", UserWarning, "x.py", 1, module="transformers.x")
             warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="bitplan.scoring")
         warnings.warn_explicit("theirs again", UserWarning, "x.py", 2, module="transformers.x")
     assert [str(w.message) for w in caught] == ["ours", "theirs again"]
     assert transformers_logging.is_progress_bar_enabled() and lm_eval_logger.level == before
+    assert not importlib.import_module("lm_eval.api.task").tqdm([]).disable
 
 
 @pytest.mark.parametrize("verbose", [False, True])
