@@ -29,6 +29,9 @@ class Format(ABC):
 
     #: True when the format also quantizes the layer's input activations (MX, NVFP4, W8A8 ...).
     quantizes_activations: bool = False
+    #: True when the format cannot be quantized without an importance matrix (llama.cpp's
+    #: lowest-bit i-quants).
+    requires_importance: bool = False
 
     @abstractmethod
     def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:

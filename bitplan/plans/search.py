@@ -26,14 +26,15 @@ from bitplan.data.calibration import calibration_samples
 from bitplan.data.text import check_text_source
 from bitplan.distributed import is_main
 from bitplan.errors import BitplanError
-from bitplan.formats import Format, parse_format_list
+from bitplan.formats import BF16Format, Format, parse_format_list
+from bitplan.formats.gguf import GGUFFormat
 from bitplan.jsonio import write_json_atomic
 from bitplan.model.layers import LayerTable
 from bitplan.model.loading import LoadedModel
 from bitplan.model.streaming import BlockLoader
 from bitplan.plans.build import PlanSpace
 from bitplan.plans.plan import ROUNDINGS, Plan, scored_rounding
-from bitplan.plans.recipes import RECIPES, recipe_plan
+from bitplan.plans.recipes import RECIPES, recipe_plan, ungrouped
 from bitplan.quantization.sequential import check_rounding_formats
 from bitplan.scoring import Scores, score
 from bitplan.serving import check_model, check_options, option_notes
@@ -130,8 +131,9 @@ def run_search(
     scoring time), ``print`` for the command line."""
     formats = config.formats
     check_model(config.serve, getattr(model.module.config, "model_type", None))
+    table = planning_table(model.layers, formats)
     space = PlanSpace.with_pin_specs(
-        model.layers, formats, config.pins, config.include_head, config.include_scales, config.serve
+        table, formats, config.pins, config.include_head, config.include_scales, config.serve
     )
     if log is not None and config.serve is not None:
         for note in option_notes(config.serve, formats):
@@ -144,7 +146,7 @@ def run_search(
             recipe_plan(space, config.recipe, budget, model.identity)
             for budget in (budgets or [None])
         ]
-        return SearchResult(_rounded(plans, config.rounding), None, [], model.layers)
+        return SearchResult(_rounded(plans, config.rounding), None, [], table)
 
     if not budgets:
         raise BitplanError("give one or more target budgets with --avg-bits, e.g. 4.5 5 6")
@@ -177,7 +179,19 @@ def run_search(
             f"{scores.scorer} in {scores.seconds:.1f} s{hit}"
         )
     plans = _rounded(space.solve(scores, budgets, model.identity), config.rounding)
-    return SearchResult(plans, scores, space.front(scores), model.layers)
+    return SearchResult(plans, scores, space.front(scores), table)
+
+
+def planning_table(table: LayerTable, formats: Sequence[Format]) -> LayerTable:
+    """What a plan chooses for: each fusion group (engines fuse q/k/v and gate/up into one
+    matmul with one scheme), but each layer when every option is a llama.cpp type, because a
+    GGUF file stores and llama.cpp runs every tensor on its own."""
+    gguf = [isinstance(fmt, GGUFFormat) for fmt in formats]
+    if any(gguf) and all(
+        g or isinstance(f, BF16Format) for g, f in zip(gguf, formats, strict=True)
+    ):
+        return ungrouped(table)
+    return table
 
 
 def _rounded(plans: list[Plan], rounding: str) -> list[Plan]:
