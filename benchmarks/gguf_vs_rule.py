@@ -1,29 +1,30 @@
 """bitplan's GGUF plans against llama.cpp's own mixes at the same file size, measured in llama.cpp.
 
-On the embedded default (SmolLM2-135M-Instruct), for each llama.cpp mix (Q4_K_M; Q3_K_M):
+For each llama.cpp mix (``--mixes all``: every mix ``bitplan/plans/recipes.py`` reproduces):
 
-* the mix itself, as llama.cpp's rules choose it (``bitplan/plans/recipes.py``; checked
-  here byte for byte against ``llama_model_quantize`` run on an F32 file of the same model);
-* bitplan's plan over the same GGUF types, solved per tensor from Fisher scores on the default
-  calibration text, at the mix's own average bits (so the file is no larger);
-* uniform files of the lowest and the highest type.
+* the mix itself, as llama.cpp's rules choose it (checked here byte for byte against
+  ``llama_model_quantize`` run on an F32 file of the same model, where llama.cpp can quantize
+  the mix without an importance matrix);
+* bitplan's plan, solved per tensor from Fisher scores on the default calibration text over
+  ``--options`` (default ``gguf-all``: every llama.cpp type that needs no importance matrix; or
+  ``mix``: the types the mix itself uses), at the mix's own average bits over the decoder layers,
+  with the mix's token-embedding and output types (so the two files have the same tensor bytes
+  up to the choice, and bitplan's is never larger);
 
-Every file is written by ``export_model`` and run by llama.cpp (llama-cpp-python): KL divergence
-and perplexity on held-out text are computed from llama.cpp's logits, against llama.cpp running
-the unquantized model (an F32 file). As a check of the export, the files of bitplan's plan and of
-the uniform high type are also compared with bitplan's own fake-quantized model of the same
-plan, with and without llama.cpp's activation rounding emulated.
+both written with an importance matrix collected on the calibration tokens (``--no-imatrix``:
+without), as ``llama-quantize --imatrix`` uses it. ``--front 3,4,5`` adds bitplan plans at
+those budgets, for the curve of KL against size. Every KL, top-1 agreement and perplexity is
+computed from llama.cpp's logits (llama-cpp-python) on held-out text, against llama.cpp running
+the unquantized model (an F32 file). Results go to ``OUT/results.json`` as each file is measured;
+a second run resumes; ``--plot FILE`` draws KL against file size.
 
-    .venv/bin/python benchmarks/gguf_vs_rule.py [--mixes Q4_K_M,Q3_K_M] [--imatrix] [--model M]
-
-``--model gemma3-270m`` is refused by the GGUF export until it writes Gemma-3's architecture
-(issue 21: GGUF for every architecture llama.cpp runs); the export names the reason.
+    .venv/bin/python benchmarks/gguf_vs_rule.py [--model gemma3-270m] [--mixes all] \\
+        [--options gguf-all|mix] [--front 3,4,5,6] [--plot docs/gguf_vs_rule.png]
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import time
 from pathlib import Path
@@ -36,29 +37,36 @@ from bitplan.data.heldout import heldout_samples
 from bitplan.evaluation.divergence import BaseLogits
 from bitplan.evaluation.llama_cpp import LlamaCppModel
 from bitplan.exporters import export_model
+from bitplan.formats import parse_format_list
 from bitplan.model import load_model
 from bitplan.plans import (
+    LLAMA_CPP_MIXES,
     llama_cpp_mix_plan,
     mix_tensor_types,
     solve_gguf_plans,
     uniform_gguf_plan,
 )
-from bitplan.quantization.gguf import fake_quantize_gguf
 from bitplan.scoring import score
 from bitplan.scoring.importance import collect_importance
 
-#: llama.cpp mix -> the GGUF types bitplan chooses among (the mix's own types).
-COMPARISONS = {"Q4_K_M": ["q4_k", "q6_k"], "Q3_K_M": ["q3_k", "q4_k", "q5_k"]}
+#: The embedding and output types of the ``--front`` files (llama.cpp's Q4_K_M's).
+FRONT_TENSOR_TYPES = mix_tensor_types("Q4_K_M")
 
 
-def llama_cpp_quantize(source: Path, target: Path, mix: str) -> None:
+def llama_cpp_quantize(source: Path, target: Path, mix: str) -> bool:
+    """llama.cpp's own ``mix`` of the F32 file ``source``; False where llama.cpp refuses (a mix
+    that needs an importance matrix)."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}")
     params.nthread = 2
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
-        raise RuntimeError(f"llama_model_quantize failed for {mix}")
+    try:
+        return (
+            llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) == 0
+        )
+    except Exception:  # llama.cpp throws through the C API for "requires an imatrix"
+        return False
 
 
 def same_tensors(a: Path, b: Path) -> tuple[int, int]:
@@ -75,163 +83,206 @@ def same_tensors(a: Path, b: Path) -> tuple[int, int]:
     return equal, len(ta)
 
 
-def export_check(model, plan, path: Path, heldout, embedding_type, output_type, threads) -> dict:
-    """How llama.cpp running ``path`` compares with bitplan's fake-quantized model of ``plan``:
-    pointwise, and against the unquantized torch model with and without llama.cpp's activation
-    rounding emulated."""
-    base = BaseLogits.compute(model.module, heldout)
-    runner = LlamaCppModel(path, n_ctx=heldout.shape[1], n_threads=threads)
-    result = {"llama.cpp": base.compare(runner, batch_size=1)}
-    for label, emulate in (("weights only", False), ("weights + activation rounding", True)):
-        fake = fake_quantize_gguf(model, plan, embedding_type, output_type, None, emulate)
-        result[label] = base.compare(fake)
-        if not emulate:
-            fake_logits = BaseLogits.compute(fake, heldout)
-            result["fake vs llama.cpp"] = fake_logits.compare(runner, batch_size=1)
-            del fake_logits
-        del fake
-        gc.collect()
-    runner.close()
-    return result
+def mix_options(mix: str, model) -> list[str]:
+    """The types llama.cpp's ``mix`` uses in the decoder layers (before fallback)."""
+    return sorted(set(llama_cpp_mix_plan(model, mix, "probe").layer_formats.values()))
+
+
+class Results:
+    """results.json: one row per measured file, written after each."""
+
+    def __init__(self, path: Path, setting: dict) -> None:
+        self.path = path
+        self.data = {"setting": setting, "rows": {}, "checks": {}}
+        if path.is_file():
+            previous = json.loads(path.read_text())
+            if previous.get("setting") != setting:
+                raise SystemExit(f"{path} holds another setting; choose another --out-dir")
+            self.data = previous
+
+    def has(self, key: str) -> bool:
+        return key in self.data["rows"]
+
+    def add(self, key: str, row: dict) -> None:
+        self.data["rows"][key] = row
+        self.save()
+
+    def check(self, key: str, line: str) -> None:
+        self.data["checks"][key] = line
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="bundled model key or folder (default: embedded default)")
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/bitplan-gguf"))
-    parser.add_argument("--mixes", default="Q4_K_M")
+    parser.add_argument("--mixes", default="all", help="comma-separated mixes, or all")
+    parser.add_argument("--options", default="gguf-all", help="gguf-all, mix, or a format list")
+    parser.add_argument("--front", default="", help="extra bitplan budgets (bits per weight)")
+    parser.add_argument("--no-imatrix", action="store_true")
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--heldout-samples", type=int, default=8)
     parser.add_argument("--heldout-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--imatrix", action="store_true", help="also with importance matrices")
+    parser.add_argument("--plot", type=Path, help="draw KL against file size into this PNG")
     args = parser.parse_args()
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    mixes = list(LLAMA_CPP_MIXES) if args.mixes == "all" else args.mixes.split(",")
+    front = [float(b) for b in args.front.split(",") if b]
 
     model = load_model(args.model)
     model_id = model.identity
+    setting = {
+        "model": model_id,
+        "options": args.options,
+        "imatrix": not args.no_imatrix,
+        "calib": [args.calib_samples, args.calib_len],
+        "heldout": [args.heldout_samples, args.heldout_len],
+    }
+    results = Results(out / "results.json", setting)
     calib = calibration_samples(model.tokenizer, args.calib_samples, args.calib_len)
     heldout = heldout_samples(model.tokenizer, args.heldout_samples, args.heldout_len)
-    n_ctx = args.heldout_len
-    mixes = args.mixes.split(",")
-    importance = collect_importance(model, calib, include_head=False) if args.imatrix else None
+    importance = None if args.no_imatrix else collect_importance(model, calib, include_head=False)
 
     # The unquantized model as llama.cpp runs it: the base of every KL below.
-    f32_plan = uniform_gguf_plan(model, "f32", model_id)
     f32_path = out / "f32.gguf"
-    export_model(
-        model, f32_plan, f32_path, "gguf", force=True, embedding_type="f32", output_type="f32"
-    )
-
-    files: list[tuple[str, str, Path, object]] = []  # (mix, label, path, report)
-    checks: dict[str, str] = {}
-    emulation: dict[str, dict] = {}
-    for mix in mixes:
-        options = COMPARISONS[mix]
-        scores = score(model, options, calib, scorer="fisher")
-        print(f"scores: {len(scores.layer_scores)} layers x {options} in {scores.seconds:.0f} s")
-        embedding_type, output_type = mix_tensor_types(mix)
-        rule = llama_cpp_mix_plan(model, mix, model_id)
-        low, high = options[0], options[-1]
-        ours = solve_gguf_plans(model, options, scores, [rule.avg_bits], model_id)[0]
-        plans = [
-            (f"uniform {low}", uniform_gguf_plan(model, low, model_id)),
-            (f"llama.cpp {mix} (rule)", rule),
-            (f"bitplan {','.join(options)}", ours),
-            (f"uniform {high}", uniform_gguf_plan(model, high, model_id)),
-        ]
-        variants = [("", None)] + ([(" + imatrix", importance)] if importance else [])
-        for suffix, imp in variants:
-            for label, plan in plans:
-                if imp is not None and label.startswith("uniform"):
-                    continue
-                name = label.split()[0] + "-" + label.split()[1].replace(",", "_")
-                path = out / f"{mix}-{name}{'-imatrix' if imp else ''}.gguf"
-                report = export_model(
-                    model,
-                    plan,
-                    path,
-                    "gguf",
-                    force=True,
-                    embedding_type=embedding_type,
-                    output_type=output_type,
-                    importance=imp,
-                )
-                files.append((mix, label + suffix, path, report))
-                print(report.summary())
-                if imp is None and label.startswith(("bitplan", f"uniform {high}")):
-                    emulation[f"{mix} {label}"] = export_check(
-                        model, plan, path, heldout, embedding_type, output_type, args.threads
-                    )
-        theirs = out / f"{mix}-llama-quantize.gguf"
-        llama_cpp_quantize(f32_path, theirs, mix)
-        rule_path = next(p for m, lab, p, _ in files if m == mix and lab.endswith("(rule)"))
-        equal, total = same_tensors(rule_path, theirs)
-        checks[mix] = f"{equal}/{total} tensors byte-identical to llama_model_quantize {mix}"
-        print(checks[mix])
-
-    runner = LlamaCppModel(f32_path, n_ctx=n_ctx, n_threads=args.threads)
+    if not f32_path.is_file():
+        f32 = uniform_gguf_plan(model, "f32", model_id)
+        export_model(model, f32, f32_path, "gguf", embedding_type="f32", output_type="f32")
+    runner = LlamaCppModel(f32_path, n_ctx=args.heldout_len, n_threads=args.threads)
     base = BaseLogits.compute(runner, heldout, batch_size=1)
     runner.close()
-    torch_check = base.compare(model.module)
-    checks["torch vs llama.cpp F32"] = (
-        f"KL(llama.cpp F32 || bitplan's torch model): {torch_check.kl:.2e}; ppl llama.cpp F32 "
-        f"{base.base_ppl:.4f}, torch {torch_check.ppl:.4f}"
-    )
-    rows = []
-    for mix, label, path, report in files:
-        runner = LlamaCppModel(path, n_ctx=n_ctx, n_threads=args.threads)
-        result = base.compare(runner, batch_size=1)
-        runner.close()
-        rows.append(
-            {
-                "mix": mix,
-                "recipe": label,
-                "file_bytes": report.file_bytes,
-                "tensor_bytes": report.tensor_bytes,
-                "bpw_file": report.bits_per_weight,
-                "bpw_layers": report.planned_bits_per_weight,
-                "kl": result.kl,
-                "top1": result.top1_agreement,
-                "ppl": result.ppl,
-                "types": report.type_counts,
-            }
-        )
-        print(json.dumps(rows[-1]))
-    print()
     print(f"base (llama.cpp, F32): perplexity {base.base_ppl:.4f} on {base.num_predictions} tokens")
-    print("| mix | recipe | file MiB | bpw (file) | bpw (layers) | KL (nats/token) | top-1 | ppl |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(
-            f"| {r['mix']} | {r['recipe']} | {r['file_bytes'] / 2**20:.2f} | {r['bpw_file']:.4f} "
-            f"| {r['bpw_layers']:.4f} | {r['kl']:.5f} | {r['top1']:.4f} | {r['ppl']:.3f} |"
+
+    def measure(key: str, plan, embedding_type: str, output_type: str, **extra) -> None:
+        if results.has(key):
+            return
+        path = out / f"{key.replace(' ', '_').replace(',', '+')}.gguf"
+        t0 = time.perf_counter()
+        report = export_model(
+            model,
+            plan,
+            path,
+            "gguf",
+            force=True,
+            embedding_type=embedding_type,
+            output_type=output_type,
+            importance=importance,
         )
-    print()
-    print(
-        "| plan | weights only (torch) | + activation rounding (torch) | llama.cpp | fake vs llama.cpp |"
-    )
-    print("|---|---|---|---|---|")
-    for label, result in emulation.items():
-        cells = [
-            f"KL {result[key].kl:.5f}, ppl {result[key].ppl:.3f}"
-            for key in ("weights only", "weights + activation rounding", "llama.cpp")
-        ]
-        pointwise = result["fake vs llama.cpp"]
-        cells.append(f"KL {pointwise.kl:.2e}, top-1 {pointwise.top1_agreement:.4f}")
-        print(f"| {label} | " + " | ".join(cells) + " |")
-    for key, line in checks.items():
-        print(f"- {key}: {line}")
-    summary = {
-        "rows": rows,
-        "checks": checks,
-        "emulation": {k: {n: d.to_dict() for n, d in v.items()} for k, v in emulation.items()},
-    }
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
+        runner = LlamaCppModel(path, n_ctx=args.heldout_len, n_threads=args.threads)
+        measured = base.compare(runner, batch_size=1)
+        runner.close()
+        row = {
+            "file_bytes": report.file_bytes,
+            "tensor_bytes": report.tensor_bytes,
+            "bpw_file": report.bits_per_weight,
+            "bpw_layers": report.planned_bits_per_weight,
+            "kl": measured.kl,
+            "top1": measured.top1_agreement,
+            "ppl": measured.ppl,
+            "types": report.type_counts,
+            "seconds": time.perf_counter() - t0,
+            **extra,
+        }
+        results.add(key, row)
+        path.unlink()  # the files are large; the numbers are what is kept
+        print(key, json.dumps({k: v for k, v in row.items() if k != "types"}))
+
+    gguf_all = args.options == "gguf-all"
+    scores = {}
+
+    def scores_for(options: list[str]):
+        names = ",".join(options)
+        if names not in scores:
+            scores[names] = score(model, parse_format_list(options), calib, scorer="fisher")
+        return scores[names]
+
+    all_options = [f.name for f in parse_format_list(args.options)] if gguf_all else None
+    for mix in mixes:
+        rule = llama_cpp_mix_plan(model, mix, model_id)
+        embedding_type, output_type = mix_tensor_types(mix)
+        options = all_options or (
+            mix_options(mix, model) if args.options == "mix" else args.options.split(",")
+        )
+        ours = solve_gguf_plans(model, options, scores_for(options), [rule.avg_bits], model_id)[0]
+        measure(f"{mix} rule", rule, embedding_type, output_type, mix=mix, recipe="rule")
+        measure(f"{mix} bitplan", ours, embedding_type, output_type, mix=mix, recipe="bitplan")
+        check = f"{mix} vs llama_model_quantize"
+        if check not in results.data["checks"]:
+            theirs, mine = out / f"{mix}-llama-quantize.gguf", out / f"{mix}-rule-plain.gguf"
+            if llama_cpp_quantize(f32_path, theirs, mix):
+                export_model(model, rule, mine, "gguf", force=True, embedding_type=embedding_type,
+                             output_type=output_type)  # fmt: skip
+                equal, total = same_tensors(mine, theirs)
+                line = f"{equal}/{total} tensors byte-identical (without imatrix)"
+                mine.unlink()
+                theirs.unlink()
+            else:
+                line = "llama_model_quantize refuses this mix without an importance matrix"
+            results.check(check, line)
+            print(check, line)
+    if front:
+        options = all_options or args.options.split(",")
+        plans = solve_gguf_plans(model, options, scores_for(options), front, model_id)
+        for budget, plan in zip(front, plans, strict=True):
+            measure(f"front {budget:g}", plan, *FRONT_TENSOR_TYPES, recipe="bitplan front")
+
+    print_table(results.data, mixes)
+    if args.plot:
+        plot(results.data, args.plot, model.name)
     print(f"done in {time.perf_counter() - started:.0f} s")
+
+
+def print_table(data: dict, mixes: list[str]) -> None:
+    rows = data["rows"]
+    print("| mix | file MiB | rule KL | bitplan KL | bitplan ÷ rule | top-1 rule / bitplan "
+          "| ppl rule / bitplan |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for mix in mixes:
+        rule, ours = rows.get(f"{mix} rule"), rows.get(f"{mix} bitplan")
+        if rule is None or ours is None:
+            continue
+        print(
+            f"| {mix} | {rule['file_bytes'] / 2**20:.2f} / {ours['file_bytes'] / 2**20:.2f} "
+            f"| {rule['kl']:.5f} | {ours['kl']:.5f} | {ours['kl'] / rule['kl']:.2f} "
+            f"| {rule['top1']:.4f} / {ours['top1']:.4f} | {rule['ppl']:.3f} / {ours['ppl']:.3f} |"
+        )
+    for key, line in data["checks"].items():
+        print(f"- {key}: {line}")
+
+
+def plot(data: dict, path: Path, model_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = data["rows"].values()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for recipe, style in (("rule", "o-"), ("bitplan", "s-"), ("bitplan front", "x:")):
+        points = sorted((r["file_bytes"] / 2**20, r["kl"]) for r in rows if r["recipe"] == recipe)
+        if points:
+            label = {"rule": "llama.cpp mixes", "bitplan": "bitplan at each mix's size"}
+            ax.plot(*zip(*points, strict=True), style, label=label.get(recipe, "bitplan front"))
+    for r in rows:
+        if r["recipe"] == "rule":
+            ax.annotate(r["mix"], (r["file_bytes"] / 2**20, r["kl"]), fontsize=7)
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel("KL(F32 || file), nats/token (llama.cpp)")
+    ax.set_yscale("log")
+    ax.set_title(f"{model_name}: GGUF files, KL against size")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":
