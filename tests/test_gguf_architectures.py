@@ -17,6 +17,8 @@ one-line BitplanError.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import test_gguf_export
 import torch
@@ -104,6 +106,13 @@ def test_every_supported_architecture_is_in_the_matrix(tiny_tokenizer):
     assert set(GGUF_MODEL_TYPES) == set(GGUF_ARCHITECTURES)
     tested = {llama_cpp_config(arch, 300).model_type for arch in GGUF_ARCHS}
     assert tested == set(GGUF_MODEL_TYPES)
+
+
+def test_the_docs_table_lists_every_architecture():
+    docs = (Path(__file__).parent.parent / "docs" / "GGUF.md").read_text()
+    section = docs.split("## Architectures")[1].split("\n## ")[0]
+    for model_type, arch in GGUF_ARCHITECTURES.items():
+        assert f"| `{model_type}` | `{arch.name}`" in section, model_type
 
 
 def test_the_file_holds_the_architecture(arch, model, plan, exported):
