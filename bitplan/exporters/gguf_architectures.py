@@ -57,6 +57,7 @@ class GGUFArchitecture:
 
 
 def head_dim(config: PretrainedConfig) -> int:
+    """The attention head size (Phi-3 and Qwen2 configs leave it to hidden / heads)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
