@@ -122,8 +122,8 @@ RULES = (
     ),
     Rule(
         "llama.cpp",
-        "bitplan writes llama-architecture GGUF files only (for now)",
-        "bitplan/serving.py, GGUF_MODEL_TYPES (issue 21 adds more)",
+        "bitplan writes GGUF files of llama, mistral, qwen2, qwen3, gemma3 and phi3 models",
+        "bitplan/serving.py, GGUF_MODEL_TYPES (docs/GGUF.md, Architectures)",
         "search (before scoring), export",
     ),
     Rule(
@@ -209,21 +209,24 @@ def check_options(engine: str | None, formats: Iterable[Format]) -> None:
 
 
 def check_model(engine: str | None, model_type: str | None) -> None:
-    """Refuse a model the engine's export cannot write (bitplan's GGUF writer: llama only)."""
+    """Refuse a model the engine's export cannot write (bitplan's GGUF writer: GGUF_MODEL_TYPES)."""
     if engine == "llama.cpp":
         check_gguf_architecture(model_type)
 
 
-#: The architectures whose GGUF tensor names and metadata bitplan writes.
-GGUF_MODEL_TYPES = ("llama",)
+#: The transformers model types whose GGUF files bitplan writes: the keys of
+#: ``bitplan.exporters.gguf_architectures.ARCHITECTURES`` (kept here so that ``--serve`` checks a
+#: model before the exporters are imported; tests/test_gguf_architectures.py keeps them equal).
+GGUF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 
 
 def check_gguf_architecture(model_type: str | None) -> None:
-    """Refuse a model whose GGUF file bitplan cannot write yet."""
+    """Refuse a model whose GGUF file bitplan cannot write (mixture-of-experts models among
+    them)."""
     if model_type not in GGUF_MODEL_TYPES:
         raise BitplanError(
-            f"GGUF export supports llama-architecture models (Llama, SmolLM2, ...), not "
-            f"{model_type!r}"
+            f"GGUF export writes {', '.join(GGUF_MODEL_TYPES)} models (transformers model_type), "
+            f"not {model_type!r}"
         )
 
 

@@ -22,6 +22,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bitplan.errors import BitplanError
@@ -83,14 +84,21 @@ def build_gguf_llama(vocab_size: int, tied: bool = True, seed: int = 0) -> Loade
         bos_token_id=0,
         eos_token_id=0,
     )
-    module = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.dim() == 2:
-                param.mul_(10.0 if "embed" in name or "lm_head" in name else 3.0)
-            else:
-                param.add_(0.1 * torch.randn_like(param))
+    module = make_peaked(LlamaForCausalLM(config).eval())
     return LoadedModel(module=module, tokenizer=None, name="tiny-gguf", source="/nonexistent")
+
+
+@torch.no_grad()
+def make_peaked(module: nn.Module) -> nn.Module:
+    """Scale a random model's matrices up so that its logits are peaked (llama.cpp's small
+    differences, and quantization's, then show in KL), and jitter norms and biases so that they
+    matter (and wrong offsets or orders show)."""
+    for name, param in module.named_parameters():
+        if param.dim() == 2:
+            param.mul_(10.0 if "embed" in name or "lm_head" in name else 3.0)
+        else:
+            param.add_(0.1 * torch.randn_like(param))
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -123,22 +131,30 @@ def exported(tmp_path_factory, gguf_model, mixed_plan, tokenizer_gguf):
 # ---------------------------------------------------------------- the file
 
 
-def test_file_holds_the_plans_types_and_values(exported, gguf_model, mixed_plan):
-    path, report = exported
+def assert_file_holds_the_layout(path: Path, model: LoadedModel, plan) -> gguf.GGUFReader:
+    """Every tensor of the file has its layout's name and type, and holds the fake-quantized
+    model's values (in llama.cpp's rotary row order, plus the layout's offset); returns the
+    reader."""
     reader = gguf.GGUFReader(path)
-    layout = {t.name: t for t in gguf_layout(gguf_model, mixed_plan)}
-    fake = dict(fake_quantize_gguf(gguf_model, mixed_plan).named_parameters())
+    layout = {t.name: t for t in gguf_layout(model, plan)}
+    fake = dict(fake_quantize_gguf(model, plan).named_parameters())
     assert {t.name for t in reader.tensors} == set(layout)
     for tensor in reader.tensors:
         planned = layout[tensor.name]
         assert tensor.tensor_type.name == planned.type_name
         values = gguf.quants.dequantize(np.array(tensor.data), tensor.tensor_type)
-        expected = fake[planned.parameter].detach()
+        expected = fake[planned.parameter].detach() + planned.offset
         if planned.heads is not None:  # llama.cpp's rotary row order
             rows = expected.shape[0]
             expected = expected.reshape(planned.heads, 2, rows // planned.heads // 2, -1)
             expected = expected.swapaxes(1, 2).reshape(rows, -1)
         np.testing.assert_array_equal(values.reshape(expected.shape), expected.numpy())
+    return reader
+
+
+def test_file_holds_the_plans_types_and_values(exported, gguf_model, mixed_plan):
+    path, _ = exported
+    reader = assert_file_holds_the_layout(path, gguf_model, mixed_plan)
     assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
     assert reader.fields["llama.block_count"].contents() == 2
     assert "general.file_type" not in reader.fields
@@ -391,22 +407,31 @@ def kl_per_token(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
     return (p_log.exp() * (p_log - q_log)).sum(-1).mean().item()
 
 
-def test_llama_cpp_runs_the_file_and_matches_our_model(llama_cpp, exported, gguf_model, mixed_plan):
-    path, _ = exported
-    fake = fake_quantize_gguf(gguf_model, mixed_plan)
+def llama_cpp_agreement(
+    path: Path, model: LoadedModel, plan, tokens: torch.Tensor, emulate: bool = False
+) -> tuple[float, float, float]:
+    """How llama.cpp running ``path`` agrees with bitplan's fake-quantized model of ``plan`` on
+    ``tokens`` (with llama.cpp's activation rounding emulated if ``emulate``): KL(fake ||
+    llama.cpp) and KL(unquantized || fake) per token, and top-1 agreement."""
+    fake = fake_quantize_gguf(model, plan, llama_cpp_activations=emulate)
     runner = LlamaCppModel(path, n_ctx=64, n_threads=2)
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, gguf_model.module.config.vocab_size, (3, 48), generator=generator)
     with torch.no_grad():
         ours = torch.log_softmax(fake(tokens).logits, -1)
         theirs = torch.log_softmax(runner(input_ids=tokens).logits, -1)
-        base = torch.log_softmax(gguf_model.module(tokens).logits, -1)
+        base = torch.log_softmax(model.module(tokens).logits, -1)
     runner.close()
-    kl_llama = kl_per_token(ours, theirs)
-    kl_quant = kl_per_token(base, ours)
+    top1 = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    return kl_per_token(ours, theirs), kl_per_token(base, ours), top1
+
+
+def test_llama_cpp_runs_the_file_and_matches_our_model(llama_cpp, exported, gguf_model, mixed_plan):
+    path, _ = exported
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, gguf_model.module.config.vocab_size, (3, 48), generator=generator)
+    kl_llama, kl_quant, top1 = llama_cpp_agreement(path, gguf_model, mixed_plan, tokens)
     assert kl_llama < KL_TOLERANCE
     assert kl_llama < kl_quant / KL_RATIO
-    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.95
+    assert top1 > 0.95
 
 
 def test_a_gguf_is_converted_once_into_the_cache(exported, tmp_path, monkeypatch, capsys):

@@ -110,13 +110,13 @@ def test_llama_cpp_refuses_an_architecture_bitplan_cannot_write_before_scoring(
     tmp_path, tiny_tokenizer, monkeypatch, capsys
 ):
     monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))
-    config = ARCHITECTURES["qwen2"].config(len(tiny_tokenizer))
-    save_tiny_model(config, tiny_tokenizer, tmp_path / "qwen2")
+    config = ARCHITECTURES["qwen3_moe"].config(len(tiny_tokenizer))
+    save_tiny_model(config, tiny_tokenizer, tmp_path / "qwen3_moe")
     capsys.readouterr()
-    argv = ["search", str(tmp_path / "qwen2"), "--options", "q4_k,q8_0", "--avg-bits", "6",
+    argv = ["search", str(tmp_path / "qwen3_moe"), "--options", "q4_k,q8_0", "--avg-bits", "6",
             "--serve", "llama.cpp", "--out", str(tmp_path / "plans"), *SMALL]  # fmt: skip
     assert main(argv) == 2
-    assert "not 'qwen2'" in capsys.readouterr().err
+    assert "not 'qwen3_moe'" in capsys.readouterr().err
     assert not (tmp_path / "cache" / "scores").exists()
 
 

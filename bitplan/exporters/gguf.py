@@ -2,8 +2,9 @@
 
 Which tensor gets which llama.cpp type is ``bitplan/exporters/gguf_layout.py``. The tokenizer and
 the ``general.*`` keys are copied from the GGUF file the model was loaded from (the embedded
-default model comes from one); llama.cpp's ``llama.*`` hyperparameters are written from the
-model's config. Models loaded from a Hugging Face folder are refused for now, unless
+default model comes from one); llama.cpp's hyperparameters (``llama.*``, ``gemma3.*`` ...) are
+written from the model's config, as ``bitplan/exporters/gguf_architectures.py`` says for its
+architecture. Models loaded from a Hugging Face folder are refused for now, unless
 ``metadata_from`` names a GGUF with the same tokenizer. Tensors are quantized and written one at
 a time.
 
@@ -26,6 +27,11 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 from bitplan.errors import BitplanError
 from bitplan.exporters.backend import Backend
+from bitplan.exporters.gguf_architectures import (
+    attention_notes,
+    gguf_architecture,
+    write_hyperparameters,
+)
 from bitplan.exporters.gguf_layout import GGUFTensor, permute_rows, tensor_layout
 from bitplan.exporters.report import ExportReport, export_report
 from bitplan.exporters.source import ExportSource, planned_formats
@@ -67,29 +73,6 @@ def _read_metadata(path: str, _mtime: int, _size: int) -> list:
     return entries
 
 
-def _write_hyperparameters(writer: GGUFWriter, config) -> None:
-    """llama.cpp's ``llama.*`` keys, from the model's own config (so they always describe the
-    tensors written)."""
-    rope = getattr(config, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default")
-    if rope_type != "default":
-        raise BitplanError(f"GGUF export does not handle {rope_type!r} rope scaling yet")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim * config.num_attention_heads != config.hidden_size:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-
-
 def _check_tokenizer(metadata: list, source: ExportSource, path: Path) -> None:
     tokens = next((value for key, value, *_ in metadata if key == "tokenizer.ggml.tokens"), None)
     vocab = source.module.config.vocab_size
@@ -109,6 +92,8 @@ def _tensor_bytes(
 ) -> np.ndarray:
     """The bytes stored for one tensor."""
     weight = param.detach().to("cpu", torch.float32)
+    if tensor.offset:
+        weight = weight + tensor.offset
     if tensor.heads is not None:
         weight = permute_rows(weight, tensor.heads)
     data = quantize_rows(
@@ -138,6 +123,8 @@ def write_gguf(
     used to choose scales as ``llama-quantize --imatrix`` does. ``metadata_from``: the GGUF to
     copy metadata and tokenizer from (default: the file the model was loaded from).
     """
+    config = source.module.config
+    arch = gguf_architecture(config)  # first: a model it cannot write is refused for that
     meta_path = Path(metadata_from) if metadata_from is not None else source.find_gguf()
     if meta_path is None:
         raise BitplanError(
@@ -150,11 +137,11 @@ def write_gguf(
     layout = tensor_layout(source, formats, embedding_type, output_type)
     importance = dict(importance or {})
     params = dict(source.module.named_parameters())
-    writer = GGUFWriter(path, "llama")
+    writer = GGUFWriter(path, arch.name)
     try:
         for key, value, vtype, sub_type in metadata:
             writer.add_key_value(key, value, vtype, sub_type=sub_type)
-        _write_hyperparameters(writer, source.module.config)
+        write_hyperparameters(writer, config, arch)
         writer.add_string(_PLAN_KEY, _plan_note(plan))
         for t in layout:
             rows = t.params // t.shape[-1]
@@ -172,7 +159,8 @@ def write_gguf(
             writer.write_tensor_data(_tensor_bytes(t, params[t.parameter], importance))
     finally:
         writer.close()
-    return _report(path, path.stat().st_size, source, formats, layout)
+    notes = attention_notes(config, arch)
+    return _report(path, path.stat().st_size, source, formats, layout, notes)
 
 
 def is_bitplan_gguf(path: Path) -> bool:
@@ -206,6 +194,7 @@ def _report(
     source: ExportSource,
     formats: dict[str, Format],
     layout: list[GGUFTensor],
+    notes: list[str] | None = None,
 ) -> ExportReport:
     counts: dict[str, int] = {}
     for t in layout:
@@ -228,6 +217,7 @@ def _report(
         type_counts=counts,
         embedding_type=embedding.type_name,
         output_type=output.type_name,
+        notes=notes or [],
     )
 
 

@@ -5,10 +5,10 @@ Every planned layer is stored in the plan's llama.cpp type (formats ``q4_k``, ``
 ``bitplan/formats/gguf.py``, including llama.cpp's fallback for rows that a type's blocks do not
 divide), the norms in F32, and the token embedding and output tensor in ``embedding_type`` /
 ``output_type`` (llama.cpp's defaults: Q6_K for the output, and for a token embedding tied to
-it, falling back to Q8_0 on rows that 256 does not divide; Q4_K for an untied embedding). Only
-llama-architecture models (Llama, SmolLM2, ...) have a layout. The q and k projections are
-stored with llama.cpp's rotary row order (the inverse of the permutation transformers' GGUF
-loader undoes).
+it, falling back to Q8_0 on rows that 256 does not divide; Q4_K for an untied embedding).
+Tensor names and transformations are the architecture's (``gguf_architectures.py``): in llama
+files the q and k projections are stored in llama.cpp's rotary row order (the permutation
+transformers' GGUF loader undoes), in Gemma's the norms shifted by one.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from gguf import MODEL_ARCH, get_tensor_name_map
+from gguf import get_tensor_name_map
 
 from bitplan.errors import BitplanError
+from bitplan.exporters.gguf_architectures import gguf_architecture
 from bitplan.exporters.source import ExportSource, planned_formats
 from bitplan.formats import BF16Format, Format, parse_format
 from bitplan.formats.gguf import GGML_TYPES, GGUFFormat
 from bitplan.plans import Plan
-from bitplan.serving import check_gguf_architecture
 
 #: llama.cpp's type for the output tensor (and a tied token embedding): Q6_K, or Q8_0 when the
 #: rows do not divide into 256-blocks (``llama_tensor_get_type_impl``).
@@ -46,6 +46,7 @@ class GGUFTensor:
     fmt: Format  # the format it is quantized with (a GGUFFormat)
     heads: int | None  # q / k projections: heads to permute rows for; None otherwise
     layer: str | None  # the planned Linear layer it stores, if any
+    offset: float = 0.0  # added to the values stored (Gemma's norms: llama.cpp scales by w)
 
     @property
     def params(self) -> int:
@@ -108,8 +109,8 @@ def tensor_layout(
     """``gguf_layout`` for the formats of a plan already checked against the model."""
     module = source.module
     config = module.config
-    check_gguf_architecture(getattr(config, "model_type", type(module).__name__))
-    names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    arch = gguf_architecture(config)
+    names = get_tensor_name_map(arch.arch, config.num_hidden_layers)
     planned = {layer: _as_gguf_format(fmt, layer) for layer, fmt in formats.items()}
     embed = module.get_input_embeddings()
     head = module.get_output_embeddings()
@@ -131,8 +132,11 @@ def tensor_layout(
         shape = tuple(param.shape)
         # q / k rows (and biases) go in llama.cpp's rotary order.
         heads = {"q_proj": q_heads, "k_proj": k_heads}.get(layer.rpartition(".")[2])
+        heads = heads if arch.interleaved_rope else None
+        offset = 0.0
         if param.dim() == 1:
             fmt, layer = GGUFFormat("F32"), None
+            offset = arch.norm_offset if parameter.endswith("norm.weight") else 0.0
         elif param is embed.weight:
             # A tied embedding is also the output: it takes a planned head's format.
             fmt, layer = emb_fmt, (head_name if tied and head_name in planned else None)
@@ -143,5 +147,5 @@ def tensor_layout(
         else:
             raise BitplanError(f"the plan does not cover {layer}; plan every decoder layer")
         type_name = fmt.tensor_type(shape) if len(shape) == 2 else fmt.type_name
-        tensors.append(GGUFTensor(name, parameter, shape, type_name, fmt, heads, layer))
+        tensors.append(GGUFTensor(name, parameter, shape, type_name, fmt, heads, layer, offset))
     return tensors

@@ -79,7 +79,7 @@ class ExportReport:
             f"{self.bits_per_weight:.4f} bits per weight (whole file; {types})",
             f"  planned layers: {self.planned_bits_per_weight:.4f} bits per weight; token "
             f"embedding {self.embedding_type}, output {self.output_type}",
-        ]
+        ] + [f"  note: {note}" for note in self.notes]
 
 
 def export_report(
