@@ -108,6 +108,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         rounding=args.rounding,
         serve=args.serve,
+        target_size=args.target_size,
     )
     SearchConfig(args.options, args.avg_bits or [], **settings)  # its checks, before loading
     if args.quantize is not None:
@@ -378,6 +379,25 @@ def add_serve_argument(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10}
+_SIZE_UNITS |= {"mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """A file size: ``80MiB``, ``1.5GB``, ``83886080`` (bytes)."""
+    number = text.strip().lower().rstrip("bikmg")
+    unit = text.strip().lower()[len(number) :]
+    try:
+        size = float(number) * _SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size; write e.g. 80MiB, 1.5GB or a number of bytes"
+        ) from None
+    if not 1 <= size < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return int(size)
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, like every other error of bitplan (argparse
     would print the whole usage first); its sub-command parsers are of this class too."""
@@ -434,8 +454,17 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--options", required=True, help="comma-separated formats, e.g. mxfp4,mxfp8"
     )
-    search.add_argument(
+    budget = search.add_mutually_exclusive_group()
+    budget.add_argument(
         "--avg-bits", type=float, nargs="+", metavar="BITS", help="target average bits per weight"
+    )
+    budget.add_argument(
+        "--target-size",
+        type=parse_size,
+        metavar="SIZE",
+        help="instead of --avg-bits: the largest .gguf file to make, everything counted "
+        "(metadata, embedding, output), e.g. 80MiB, 1.5GB or a number of bytes; options must "
+        "be llama.cpp types (e.g. gguf-all)",
     )
     search.add_argument("--out", default="plans", help="output folder (default: plans)")
     search.add_argument(

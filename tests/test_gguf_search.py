@@ -9,7 +9,9 @@ import pytest
 from test_gguf_export import build_gguf_llama, write_tokenizer_gguf
 
 import bitplan
+from bitplan.cli import main
 from bitplan.errors import BitplanError
+from bitplan.exporters.gguf import gguf_file_bytes
 from bitplan.formats import parse_format_list
 from bitplan.formats.gguf import gguf_format_names
 
@@ -49,3 +51,58 @@ def test_a_search_among_gguf_types_chooses_per_tensor_and_exports(
     # with other formats in the list, fusion groups still share one
     mixed = bitplan.search(model, "q4_0,w8g32", 6, **settings).plans[0]
     assert "model.layers.0.self_attn.qkv" in mixed.group_formats
+
+
+@pytest.fixture()
+def gguf_loaded(tiny_tokenizer, tmp_path, monkeypatch):
+    """The tiny llama with its tokenizer and a GGUF to copy metadata from, as a model loaded
+    from a .gguf is."""
+    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))
+    metadata = write_tokenizer_gguf(tmp_path / "tokenizer.gguf", tiny_tokenizer)
+    model = build_gguf_llama(len(tiny_tokenizer))
+    return dataclasses.replace(model, tokenizer=tiny_tokenizer, find_gguf=lambda: metadata)
+
+
+def test_the_file_size_is_known_exactly_before_writing(gguf_loaded, tmp_path):
+    settings = dict(n_samples=4, seq_len=32, dtype="float32", progress=False)
+    plans = bitplan.search(gguf_loaded, "q4_0,q5_1,q8_0,gguf:bf16", [5, 7, 12], **settings).plans
+    for k, plan in enumerate(plans):
+        for types in ({}, {"embedding_type": "q8_0", "output_type": "f16"}):
+            path = tmp_path / f"{k}-{len(types)}.gguf"
+            report = bitplan.export(gguf_loaded, plan, path, "gguf", **types)
+            assert gguf_file_bytes(gguf_loaded, plan, **types) == report.file_bytes
+            assert path.stat().st_size == report.file_bytes
+
+
+def test_a_target_size_gives_the_largest_plan_that_fits(gguf_loaded, tmp_path):
+    settings = dict(n_samples=4, seq_len=32, dtype="float32", progress=False)
+    options = "q4_0,q5_1,q8_0,gguf:bf16"
+    (low, high) = bitplan.search(gguf_loaded, options, [4.5, 16], **settings).plans
+    small, large = gguf_file_bytes(gguf_loaded, low), gguf_file_bytes(gguf_loaded, high)
+    for target in (small, (small + large) // 2, large - 1000, large + 10**6):
+        (plan,) = bitplan.search(gguf_loaded, options, target_size=target, **settings).plans
+        size = gguf_file_bytes(gguf_loaded, plan)
+        assert size <= target
+        # nothing in the options' steps would have fitted too: the next budget up overflows
+        if size < large:
+            (bigger,) = bitplan.search(
+                gguf_loaded, options, [plan.avg_bits + 0.15], **settings
+            ).plans
+            fits = gguf_file_bytes(gguf_loaded, bigger) <= target
+            assert not fits or bigger.layer_formats == plan.layer_formats
+    with pytest.raises(BitplanError, match="below the smallest file these options make"):
+        bitplan.search(gguf_loaded, options, target_size=small - 1, **settings)
+    with pytest.raises(BitplanError, match="llama.cpp types"):
+        bitplan.search(gguf_loaded, "mxfp4,mxfp8", target_size=small, **settings)
+    with pytest.raises(BitplanError, match="not both"):
+        bitplan.search(gguf_loaded, options, [5], target_size=small, **settings)
+
+
+def test_target_size_on_the_command_line(tiny_folder, capsys):
+    argv = ["search", str(tiny_folder), "--options", "gguf-all", "--target-size"]
+    assert main([*argv, "80XB"]) == 2
+    assert "not a size; write e.g. 80MiB" in capsys.readouterr().err
+    assert main([*argv, "80MiB", "--avg-bits", "5"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert main([*argv, "80MiB"]) == 2  # a model from a folder has no GGUF metadata to size
+    assert "copies the tokenizer and metadata from a GGUF file" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -125,33 +126,12 @@ def write_gguf(
     """
     config = source.module.config
     arch = gguf_architecture(config)  # first: a model it cannot write is refused for that
-    meta_path = Path(metadata_from) if metadata_from is not None else source.find_gguf()
-    if meta_path is None:
-        raise BitplanError(
-            f"GGUF export copies the tokenizer and metadata from a GGUF file, and {source.name} "
-            "was loaded from a Hugging Face folder; load the model from its .gguf (or use the "
-            "embedded default), or pass metadata_from=<a .gguf of the same model>"
-        )
-    metadata = _source_metadata(meta_path)
-    _check_tokenizer(metadata, source, meta_path)
+    metadata = _metadata(source, metadata_from)
     layout = tensor_layout(source, formats, embedding_type, output_type)
     importance = dict(importance or {})
     params = dict(source.module.named_parameters())
-    writer = GGUFWriter(path, arch.name)
+    writer = _indexed_writer(path, arch, metadata, config, plan, layout)
     try:
-        for key, value, vtype, sub_type in metadata:
-            writer.add_key_value(key, value, vtype, sub_type=sub_type)
-        write_hyperparameters(writer, config, arch)
-        writer.add_string(_PLAN_KEY, _plan_note(plan))
-        for t in layout:
-            rows = t.params // t.shape[-1]
-            writer.add_tensor_info(
-                t.name,
-                (rows, t.nbytes // rows) if len(t.shape) == 2 else (t.nbytes,),
-                np.dtype(np.uint8),
-                t.nbytes,
-                raw_dtype=GGMLQuantizationType[t.type_name],
-            )
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -161,6 +141,71 @@ def write_gguf(
         writer.close()
     notes = attention_notes(config, arch)
     return _report(path, path.stat().st_size, source, formats, layout, notes)
+
+
+def gguf_file_bytes(
+    model: object,
+    plan: Plan,
+    embedding_type: str | None = None,
+    output_type: str | None = None,
+    metadata_from: str | os.PathLike | None = None,
+) -> int:
+    """The exact size in bytes of the file ``export_model(model, plan, ..., "gguf")`` writes
+    (with the same options), without quantizing anything: the metadata and tensor index are
+    written to a temporary file and measured, and each tensor's data takes its stored bytes
+    padded to the file's alignment, as the writer pads them."""
+    source = ExportSource.of(model)
+    config = source.module.config
+    arch = gguf_architecture(config)
+    metadata = _metadata(source, metadata_from)
+    layout = tensor_layout(source, planned_formats(source, plan), embedding_type, output_type)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "index.gguf"
+        writer = _indexed_writer(path, arch, metadata, config, plan, layout)
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+        finally:
+            writer.close()
+        index = path.stat().st_size
+    pad = functools.partial(GGUFWriter.ggml_pad, n=writer.data_alignment)
+    return pad(index) + sum(pad(t.nbytes) for t in layout)
+
+
+def _metadata(source: ExportSource, metadata_from: str | os.PathLike | None) -> list:
+    """The metadata to copy (tokenizer ...), from ``metadata_from`` or the model's own GGUF."""
+    meta_path = Path(metadata_from) if metadata_from is not None else source.find_gguf()
+    if meta_path is None:
+        raise BitplanError(
+            f"GGUF export copies the tokenizer and metadata from a GGUF file, and {source.name} "
+            "was loaded from a Hugging Face folder; load the model from its .gguf (or use the "
+            "embedded default), or pass metadata_from=<a .gguf of the same model>"
+        )
+    metadata = _source_metadata(meta_path)
+    _check_tokenizer(metadata, source, meta_path)
+    return metadata
+
+
+def _indexed_writer(
+    path: Path, arch, metadata: list, config, plan: Plan, layout: list[GGUFTensor]
+) -> GGUFWriter:
+    """A writer holding the file's metadata and tensor index, nothing written yet."""
+    writer = GGUFWriter(path, arch.name)
+    for key, value, vtype, sub_type in metadata:
+        writer.add_key_value(key, value, vtype, sub_type=sub_type)
+    write_hyperparameters(writer, config, arch)
+    writer.add_string(_PLAN_KEY, _plan_note(plan))
+    for t in layout:
+        rows = t.params // t.shape[-1]
+        writer.add_tensor_info(
+            t.name,
+            (rows, t.nbytes // rows) if len(t.shape) == 2 else (t.nbytes,),
+            np.dtype(np.uint8),
+            t.nbytes,
+            raw_dtype=GGMLQuantizationType[t.type_name],
+        )
+    return writer
 
 
 def is_bitplan_gguf(path: Path) -> bool:

@@ -60,6 +60,7 @@ class SearchConfig:
     dtype: str | ComputeDtype = "auto"  # what the passes compute in (bitplan.compute)
     rounding: str = "rtn"  # ROUNDINGS: what the scores assume, recorded in the plans
     serve: str | None = None  # an engine the plans must run on (bitplan.serving.SERVE_TARGETS)
+    target_size: int | None = None  # bytes of the whole .gguf file, instead of budgets
     formats: list[Format] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +93,21 @@ class SearchConfig:
             )
         check_rounding_formats(self.rounding, self.formats)
         check_options(self.serve, self.formats)
+        if self.target_size is not None:
+            self._check_target_size()
+
+    def _check_target_size(self) -> None:
+        if self.budgets or self.recipe is not None:
+            raise BitplanError("give a target size or --avg-bits budgets, not both")
+        if not isinstance(self.target_size, int) or self.target_size <= 0:
+            raise BitplanError(f"target size {self.target_size!r} is not a positive byte count")
+        if not all(isinstance(fmt, (GGUFFormat, BF16Format)) for fmt in self.formats):
+            raise BitplanError(
+                "--target-size is the size of a .gguf file: give llama.cpp types as options "
+                "(e.g. gguf-all, or q4_k,q6_k)"
+            )
+        if not self.include_scales:
+            raise BitplanError("--target-size counts every stored byte: drop --ignore-scale-bits")
 
     @property
     def options_label(self) -> str:
@@ -148,7 +164,7 @@ def run_search(
         ]
         return SearchResult(_rounded(plans, config.rounding), None, [], table)
 
-    if not budgets:
+    if not budgets and config.target_size is None:
         raise BitplanError("give one or more target budgets with --avg-bits, e.g. 4.5 5 6")
     tokens = calibration_samples(
         model.tokenizer, n_samples=config.n_samples, seq_len=config.seq_len, source=config.calib
@@ -178,8 +194,46 @@ def run_search(
             f"scored {len(scores.layer_scores)} layers x {len(formats)} options with "
             f"{scores.scorer} in {scores.seconds:.1f} s{hit}"
         )
+    if config.target_size is not None:
+        budgets = [budget_for_file_size(space, scores, model, config.target_size, log)]
     plans = _rounded(space.solve(scores, budgets, model.identity), config.rounding)
     return SearchResult(plans, scores, space.front(scores), table)
+
+
+def budget_for_file_size(
+    space: PlanSpace,
+    scores: Scores,
+    model: LoadedModel,
+    target: int,
+    log: Callable[[str], object] | None = None,
+) -> float:
+    """The largest budget (average bits) whose plan makes a .gguf file of at most ``target``
+    bytes, everything counted (the export's default embedding and output types). A file is its
+    planned layers' bytes plus a part the choice barely moves (metadata, embedding, norms,
+    padding): measured on the cheapest plan, then corrected by the solved plan's measured file
+    until it fits."""
+    from bitplan.exporters.gguf import gguf_file_bytes, gguf_size
+
+    weights = sum(unit.weights for unit in space.units)
+    low, high = space.reachable_range()
+    (cheapest,) = space.solve(scores, [low + 1e-9], model.identity)  # low, safe from rounding
+    smallest = gguf_file_bytes(model, cheapest)
+    if smallest > target:
+        raise BitplanError(
+            f"target size {target:,} bytes is below the smallest file these options make "
+            f"({smallest:,} bytes)"
+        )
+    fixed = smallest - gguf_size(model, cheapest).quantized_bytes
+    budget = min((target - fixed) * 8 / weights, high)
+    for _ in range(8):
+        (plan,) = space.solve(scores, [budget], model.identity)
+        size = gguf_file_bytes(model, plan)
+        if size <= target:
+            if log is not None:
+                log(f"target size {target:,} bytes: budget {budget:.6f} bits, file {size:,} bytes")
+            return budget
+        budget -= max(size - target, 1) * 8 / weights
+    raise BitplanError(f"no plan found within {target:,} bytes after 8 corrections")
 
 
 def planning_table(table: LayerTable, formats: Sequence[Format]) -> LayerTable:
