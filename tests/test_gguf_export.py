@@ -7,9 +7,9 @@ and are skipped without it:
 * its C quantizer (``ggml_quantize_chunk``, which bitplan calls through ctypes when it is
   installed) writes the same bytes as bitplan's numpy port for every type the port has, with
   and without an importance matrix;
-* ``llama_model_quantize`` (what ``llama-quantize`` runs) turns an F32 file into a Q4_K_M file
-  identical, tensor for tensor, to bitplan's export of its Q4_K_M recipe;
 * llama.cpp loads bitplan's file and its logits match bitplan's fake-quantized model.
+
+llama.cpp's mixes and the i-quants, file against file: ``tests/test_gguf_mixes.py``.
 """
 
 from __future__ import annotations
@@ -328,35 +328,6 @@ def test_port_equals_llama_cpps_quantizer(llama_cpp, type_name, with_imatrix):
     ours = port_quantize_rows(x, type_name, imatrix)
     np.testing.assert_array_equal(ours, ggml_quantize_rows(x, type_name, imatrix))
     np.testing.assert_array_equal(ours, quantize_rows(x, type_name, imatrix))
-
-
-def test_llama_quantize_q4_k_m_equals_our_recipe(llama_cpp, gguf_model, tokenizer_gguf, tmp_path):
-    """llama.cpp's own Q4_K_M, from an F32 file, is bitplan's Q4_K_M recipe byte for byte."""
-    f32 = uniform_gguf_plan(gguf_model, "f32", model_id="tiny")
-    source = tmp_path / "f32.gguf"
-    export_model(
-        gguf_model,
-        f32,
-        source,
-        "gguf",
-        embedding_type="f32",
-        output_type="f32",
-        metadata_from=tokenizer_gguf,
-    )
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.nthread = 1
-    theirs = tmp_path / "theirs.gguf"
-    assert llama_cpp.llama_model_quantize(str(source).encode(), str(theirs).encode(), params) == 0
-    plan = llama_cpp_mix_plan(gguf_model, "Q4_K_M", model_id="tiny")
-    ours = tmp_path / "ours.gguf"
-    export_model(gguf_model, plan, ours, "gguf", metadata_from=tokenizer_gguf)
-    their_tensors = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
-    our_tensors = {t.name: t for t in gguf.GGUFReader(ours).tensors}
-    assert set(their_tensors) == set(our_tensors)
-    for name, tensor in our_tensors.items():
-        assert tensor.tensor_type == their_tensors[name].tensor_type, name
-        np.testing.assert_array_equal(np.array(tensor.data), np.array(their_tensors[name].data))
 
 
 def test_activation_rounding_emulation(gguf_model, mixed_plan):
