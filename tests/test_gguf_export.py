@@ -4,16 +4,16 @@ A tiny llama (hidden 256, so that the k-quants apply) with the conftest BPE toke
 GGUF tokenizer metadata. The llama.cpp tests need ``llama-cpp-python`` (the set-up builds it)
 and are skipped without it:
 
-* its C quantizer (``ggml_quantize_chunk``, called through ctypes) writes the same bytes as
-  bitplan for every type, with and without an importance matrix;
-* ``llama_model_quantize`` (what ``llama-quantize`` runs) turns an F32 file into a Q4_K_M file
-  identical, tensor for tensor, to bitplan's export of its Q4_K_M recipe;
+* its C quantizer (``ggml_quantize_chunk``, which bitplan calls through ctypes when it is
+  installed) writes the same bytes as bitplan's numpy port for every type the port has, with
+  and without an importance matrix;
 * llama.cpp loads bitplan's file and its logits match bitplan's fake-quantized model.
+
+llama.cpp's mixes and the i-quants, file against file: ``tests/test_gguf_mixes.py``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 from pathlib import Path
@@ -30,16 +30,19 @@ from bitplan.evaluation.llama_cpp import LlamaCppModel
 from bitplan.exporters import export_model
 from bitplan.exporters.gguf import gguf_size
 from bitplan.exporters.gguf_layout import gguf_layout
-from bitplan.formats.gguf import GGML_TYPES, quantize_rows
+from bitplan.formats.ggml_quantizer import ggml_quantize_rows
+from bitplan.formats.gguf import PORTED_TYPES, port_quantize_rows, quantize_rows
 from bitplan.model.loading import LoadedModel
 from bitplan.plans import (
     llama_cpp_mix_plan,
     mix_layer_type,
     plan_from_formats,
+    solve_gguf_plans,
     ungrouped,
     uniform_gguf_plan,
 )
 from bitplan.quantization.gguf import fake_quantize_gguf
+from bitplan.scoring import score
 from bitplan.scoring.importance import collect_importance
 
 HIDDEN, HEADS, KV_HEADS = 256, 4, 2
@@ -67,17 +70,27 @@ def write_tokenizer_gguf(path: Path, tokenizer) -> Path:
     return path
 
 
-def build_gguf_llama(vocab_size: int, tied: bool = True, seed: int = 0) -> LoadedModel:
-    """Two blocks, hidden 256 (k-quants fit), weights scaled up so that logits are peaked."""
+def build_gguf_llama(
+    vocab_size: int,
+    tied: bool = True,
+    seed: int = 0,
+    *,
+    hidden: int = HIDDEN,
+    intermediate: int = 512,
+    blocks: int = 2,
+    kv_heads: int = KV_HEADS,
+) -> LoadedModel:
+    """By default two blocks, hidden 256 (k-quants fit), weights scaled up so that logits are
+    peaked."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=HIDDEN,
-        intermediate_size=512,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=blocks,
         num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        head_dim=HIDDEN // HEADS,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // HEADS,
         max_position_embeddings=256,
         tie_word_embeddings=tied,
         rms_norm_eps=1e-5,
@@ -285,52 +298,40 @@ def test_collect_importance(gguf_model):
 # ---------------------------------------------------------------- llama.cpp itself
 
 
+def test_i_quants_as_scored_plan_options(llama_cpp, gguf_model, tokenizer_gguf, tmp_path):
+    """``bitplan search --options iq4_xs,iq3_s,q4_k``: the scorers quantize every option with
+    ``quantize_weight`` and no imatrix, the solver mixes the i-quants in, the file holds them.
+    An option that llama.cpp refuses without an imatrix (iq2_xs) is refused, saying so."""
+    options = ["iq4_xs", "iq3_s", "q4_k"]
+    tokens = torch.randint(0, gguf_model.module.config.vocab_size, (2, 16))
+    scores = score(gguf_model, options, tokens, cache=False, progress=False)
+    for layer_scores in scores.layer_scores.values():
+        assert all(math.isfinite(v) and v >= 0 for v in layer_scores.values())
+    total = {o: sum(s[o] for s in scores.layer_scores.values()) for o in options}
+    assert total["iq3_s"] > total["iq4_xs"]  # fewer bits, more loss
+    plan = solve_gguf_plans(gguf_model, options, scores, [4.0])[0]
+    assert {"iq4_xs", "iq3_s"} <= set(plan.layer_formats.values())
+    path = tmp_path / "iquants.gguf"
+    export_model(gguf_model, plan, path, "gguf", metadata_from=tokenizer_gguf)
+    stored = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert {"IQ4_XS", "IQ3_S"} <= stored
+    with pytest.raises(BitplanError, match="IQ2_XS needs an importance matrix"):
+        score(gguf_model, ["iq2_xs", "q4_k"], tokens, cache=False, progress=False)
+
+
 @pytest.fixture(scope="module")
 def llama_cpp():
     return pytest.importorskip("llama_cpp")
 
 
-@pytest.fixture(scope="module")
-def ggml_quantize_chunk(llama_cpp):
-    """ggml's own quantizer, through ctypes: (type, float32 rows, imatrix) -> bytes."""
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    candidates = sorted(lib_dir.glob("libggml-base.*")) + sorted(lib_dir.glob("libggml.*"))
-    lib = ctypes.CDLL(str(candidates[0]))
-    fn = lib.ggml_quantize_chunk
-    fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    fn.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-
-    def quantize(type_name: str, rows: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-        rows = np.ascontiguousarray(rows, np.float32)
-        ggml_type = GGML_TYPES[type_name]
-        row_bytes = rows.shape[1] // ggml_type.block_size * ggml_type.type_size
-        out = np.zeros((rows.shape[0], row_bytes), np.uint8)
-        imatrix_ptr = None
-        if imatrix is not None:
-            imatrix = np.ascontiguousarray(imatrix, np.float32)
-            imatrix_ptr = imatrix.ctypes.data
-        written = fn(
-            int(ggml_type.ggml),
-            rows.ctypes.data,
-            out.ctypes.data,
-            0,
-            rows.shape[0],
-            rows.shape[1],
-            imatrix_ptr,
-        )
-        assert written == out.nbytes
-        return out
-
-    return quantize
+PORT_TYPES = sorted(PORTED_TYPES)
 
 
-QUANTIZED_TYPES = [name for name in GGML_TYPES if name not in ("F16", "F32")]
-
-
-@pytest.mark.parametrize("type_name", QUANTIZED_TYPES)
+@pytest.mark.parametrize("type_name", PORT_TYPES)
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
-def test_codes_equal_llama_cpps_quantizer(ggml_quantize_chunk, type_name, with_imatrix):
+def test_port_equals_llama_cpps_quantizer(llama_cpp, type_name, with_imatrix):
+    """bitplan's numpy port writes the bytes of llama.cpp's own ggml_quantize_chunk (which
+    bitplan itself uses when llama-cpp-python is installed)."""
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((40, 512)) * 0.02).astype(np.float32)
     x[0, :40] = 0
@@ -340,37 +341,9 @@ def test_codes_equal_llama_cpps_quantizer(ggml_quantize_chunk, type_name, with_i
     x[4, :64] = np.float32(0.01) * rng.integers(-8, 8, 64)
     x[5] = rng.standard_t(2, 512).astype(np.float32) * 0.01  # heavy tails
     imatrix = (rng.lognormal(0, 1.5, 512) ** 2).astype(np.float32) if with_imatrix else None
-    ours = quantize_rows(x, type_name, imatrix)
-    np.testing.assert_array_equal(ours, ggml_quantize_chunk(type_name, x, imatrix))
-
-
-def test_llama_quantize_q4_k_m_equals_our_recipe(llama_cpp, gguf_model, tokenizer_gguf, tmp_path):
-    """llama.cpp's own Q4_K_M, from an F32 file, is bitplan's Q4_K_M recipe byte for byte."""
-    f32 = uniform_gguf_plan(gguf_model, "f32", model_id="tiny")
-    source = tmp_path / "f32.gguf"
-    export_model(
-        gguf_model,
-        f32,
-        source,
-        "gguf",
-        embedding_type="f32",
-        output_type="f32",
-        metadata_from=tokenizer_gguf,
-    )
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.nthread = 1
-    theirs = tmp_path / "theirs.gguf"
-    assert llama_cpp.llama_model_quantize(str(source).encode(), str(theirs).encode(), params) == 0
-    plan = llama_cpp_mix_plan(gguf_model, "Q4_K_M", model_id="tiny")
-    ours = tmp_path / "ours.gguf"
-    export_model(gguf_model, plan, ours, "gguf", metadata_from=tokenizer_gguf)
-    their_tensors = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
-    our_tensors = {t.name: t for t in gguf.GGUFReader(ours).tensors}
-    assert set(their_tensors) == set(our_tensors)
-    for name, tensor in our_tensors.items():
-        assert tensor.tensor_type == their_tensors[name].tensor_type, name
-        np.testing.assert_array_equal(np.array(tensor.data), np.array(their_tensors[name].data))
+    ours = port_quantize_rows(x, type_name, imatrix)
+    np.testing.assert_array_equal(ours, ggml_quantize_rows(x, type_name, imatrix))
+    np.testing.assert_array_equal(ours, quantize_rows(x, type_name, imatrix))
 
 
 def test_activation_rounding_emulation(gguf_model, mixed_plan):

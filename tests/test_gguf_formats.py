@@ -1,7 +1,8 @@
 """GGUF tensor types as formats: names, llama.cpp's bit costs and fallback, and quantization that
 matches the ``gguf`` package's reference implementations bit for bit.
 
-(Equality with llama.cpp's own C quantizers is in ``test_gguf_llama_cpp.py``.)
+(Equality of the numpy port with llama.cpp's own C quantizer is in ``test_gguf_export.py``; the
+i-quants and llama.cpp's mixes, file against file, in ``test_gguf_mixes.py``.)
 """
 
 from __future__ import annotations
@@ -13,16 +14,23 @@ from gguf import GGMLQuantizationType, quants
 
 from bitplan.errors import BitplanError
 from bitplan.formats import BF16Format, MXFormat, parse_format, parse_format_list
+from bitplan.formats.ggml_quantizer import ggml_available, ggml_dequantize_rows
 from bitplan.formats.gguf import (
     GGML_TYPES,
+    PORTED_TYPES,
     GGUFFormat,
     bits_per_weight,
     dequantize_rows,
+    port_quantize_rows,
     quantize_rows,
     resolve_type,
 )
 
+#: The i-quants need llama.cpp's ggml (llama-cpp-python) to quantize.
+needs_ggml = pytest.mark.skipif(not ggml_available(), reason="needs llama-cpp-python")
 K_QUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+I_QUANTS = [name for name in GGML_TYPES if name.startswith("IQ")]
+NEEDS_IMATRIX = [name for name in I_QUANTS if GGML_TYPES[name].needs_imatrix]
 #: Types the gguf package can quantize itself (k-quants it can only dequantize).
 GGUF_PY_QUANTIZES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "BF16"]
 IMATRIX_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
@@ -59,6 +67,10 @@ def random_rows(seed: int, rows: int = 48, cols: int = 512) -> np.ndarray:
         ("gguf:mxfp4", "gguf:mxfp4"),
         ("GGUF:BF16", "gguf:bf16"),
         (" f16 ", "f16"),
+        ("iq4_xs", "iq4_xs"),
+        ("IQ2_XXS", "iq2_xxs"),
+        ("gguf:iq1_m", "iq1_m"),
+        ("GGUF:IQ4_NL", "iq4_nl"),
     ],
 )
 def test_gguf_names_parse(spelling, canonical):
@@ -127,6 +139,68 @@ def test_bits_as_llama_cpp_counts_them(type_name, bpw, element_bits):
     assert data.nbytes * 8 == fmt.weight_bits(shape)
 
 
+@pytest.mark.parametrize(
+    ("type_name", "bpw", "block", "fallback", "needs_imatrix"),
+    [
+        ("IQ4_NL", 4.5, 32, "F16", False),
+        ("IQ4_XS", 4.25, 256, "IQ4_NL", False),
+        ("IQ3_S", 3.4375, 256, "IQ4_NL", False),
+        ("IQ3_XXS", 3.0625, 256, "IQ4_NL", True),
+        ("IQ2_S", 2.5625, 256, "IQ4_NL", True),
+        ("IQ2_XS", 2.3125, 256, "IQ4_NL", True),
+        ("IQ2_XXS", 2.0625, 256, "IQ4_NL", True),
+        ("IQ1_M", 1.75, 256, "IQ4_NL", True),
+        ("IQ1_S", 1.5625, 256, "IQ4_NL", True),
+    ],
+)
+def test_i_quant_bits_fallback_and_imatrix(type_name, bpw, block, fallback, needs_imatrix):
+    ggml_type = GGML_TYPES[type_name]
+    assert (ggml_type.bits_per_weight, ggml_type.block_size) == (bpw, block)
+    assert (ggml_type.fallback, ggml_type.needs_imatrix) == (fallback, needs_imatrix)
+    assert GGUFFormat(type_name).weight_bits((64, 1024)) == 64 * 1024 * bpw
+    if ggml_available():  # what is counted is what is stored
+        x = random_rows(0, 8, 1024)
+        data = quantize_rows(x, type_name, np.ones(1024, np.float32))
+        assert data.nbytes * 8 == GGUFFormat(type_name).weight_bits((8, 1024))
+
+
+@pytest.mark.parametrize("type_name", NEEDS_IMATRIX)
+def test_i_quants_refuse_to_quantize_without_an_imatrix(type_name):
+    """As llama-quantize does (and ggml aborts the process for some): a one-line error that
+    says what to pass."""
+    fmt = GGUFFormat(type_name)
+    with pytest.raises(
+        BitplanError, match=rf"^{type_name} needs an importance matrix.*importance="
+    ):
+        fmt.quantize_weight(torch.randn(4, 512))
+    # Rows that fall back to IQ4_NL need none, as in llama.cpp.
+    if ggml_available():
+        assert fmt.quantize_weight(torch.randn(4, 576)).shape == (4, 576)
+
+
+def test_without_llama_cpp_the_port_quantizes(monkeypatch):
+    """llama-cpp-python is optional: the port's types work without it."""
+    import bitplan.formats.gguf as gguf_module
+
+    def no_ggml(*args):
+        raise AssertionError("ggml called")
+
+    monkeypatch.setattr(gguf_module, "ggml_available", lambda: False)
+    monkeypatch.setattr(gguf_module, "ggml_quantize_rows", no_ggml)
+    x = random_rows(1)
+    np.testing.assert_array_equal(quantize_rows(x, "Q4_K"), port_quantize_rows(x, "Q4_K"))
+    with pytest.raises(BitplanError, match="numpy port has no IQ4_XS"):
+        port_quantize_rows(x, "IQ4_XS")
+
+
+def test_without_llama_cpp_i_quants_say_what_to_install(monkeypatch):
+    from bitplan.formats import ggml_quantizer
+
+    monkeypatch.setattr(ggml_quantizer.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(BitplanError, match=r"install llama-cpp-python \(pip install"):
+        ggml_quantizer._library.__wrapped__()  # what a first i-quant would load
+
+
 # SmolLM2-135M: every layer but down_proj reads rows of 576 = 2.25 x 256.
 @pytest.mark.parametrize(
     ("name", "shape", "stored", "bpw"),
@@ -141,6 +215,10 @@ def test_bits_as_llama_cpp_counts_them(type_name, bpw, element_bits):
         ("q8_0", (576, 576), "Q8_0", 8.5),
         ("q8_0", (8, 100), "F16", 16.0),  # not even 32 divides: llama.cpp writes F16
         ("q4_k", (8, 100), "F16", 16.0),
+        pytest.param("iq2_xs", (576, 576), "IQ4_NL", 4.5, marks=needs_ggml),
+        pytest.param("iq4_xs", (576, 576), "IQ4_NL", 4.5, marks=needs_ggml),
+        pytest.param("iq4_xs", (576, 1536), "IQ4_XS", 4.25, marks=needs_ggml),
+        ("iq1_m", (8, 100), "F16", 16.0),  # IQ4_NL does not fit either: "must use F16"
     ],
 )
 def test_llama_cpp_fallback_for_rows_blocks_do_not_divide(name, shape, stored, bpw):
@@ -173,19 +251,44 @@ def test_bytes_equal_the_gguf_package_quantizer(type_name, seed):
     np.testing.assert_array_equal(ours, reference)
 
 
-@pytest.mark.parametrize("type_name", list(GGML_TYPES))
+def with_ggml(type_names: list[str]) -> list:
+    """The type names, those that only ggml quantizes marked to need it."""
+    return [t if t in PORTED_TYPES else pytest.param(t, marks=needs_ggml) for t in type_names]
+
+
+def importance_if_needed(type_name: str) -> np.ndarray | None:
+    return (
+        np.linspace(0.5, 2, 512, dtype=np.float32) if GGML_TYPES[type_name].needs_imatrix else None
+    )
+
+
+@pytest.mark.parametrize("type_name", with_ggml(list(GGML_TYPES)))
 def test_quantize_dequantize_equals_the_gguf_package(type_name):
     """quantize_weight == the gguf package's dequantize of the bytes we write (for the types it
     can quantize, of the bytes it writes itself)."""
     x = random_rows(3)
     fmt = GGUFFormat(type_name)
     ggml = GGMLQuantizationType[type_name]
+    importance = importance_if_needed(type_name)
     data = (
-        quants.quantize(x, ggml) if type_name in GGUF_PY_QUANTIZES else quantize_rows(x, type_name)
+        quants.quantize(x, ggml)
+        if type_name in GGUF_PY_QUANTIZES
+        else quantize_rows(x, type_name, importance)
     )
     expected = quants.dequantize(data, ggml).astype(np.float32)
-    result = fmt.quantize_weight(torch.from_numpy(x))
+    result = fmt.quantize_weight(torch.from_numpy(x), importance=importance)
     np.testing.assert_array_equal(result.numpy(), expected)
+
+
+@needs_ggml
+@pytest.mark.parametrize("type_name", [t for t in GGML_TYPES if t not in ("BF16", "F16", "F32")])
+def test_gguf_package_dequantizes_as_ggml_does(type_name):
+    """bitplan dequantizes with the gguf package; llama.cpp with ggml's dequantize_row_*."""
+    x = random_rows(7)
+    data = quantize_rows(x, type_name, importance_if_needed(type_name))
+    np.testing.assert_array_equal(
+        dequantize_rows(data, type_name), ggml_dequantize_rows(data, type_name, x.shape[1])
+    )
 
 
 @pytest.mark.parametrize("type_name", K_QUANTS)
@@ -212,7 +315,7 @@ def test_shape_dtype_and_zeros(dtype):
 # ---------------------------------------------------------------- importance matrix
 
 
-@pytest.mark.parametrize("type_name", IMATRIX_TYPES)
+@pytest.mark.parametrize("type_name", with_ggml(IMATRIX_TYPES + ["IQ4_NL", "IQ4_XS", "IQ3_S"]))
 def test_importance_lowers_the_weighted_error(type_name):
     """llama.cpp's imatrix search weighs each column by its activations' mean square: the error
     weighted that way must not grow (here: a strongly uneven importance, 96 rows)."""

@@ -1,31 +1,41 @@
-"""GGUF (llama.cpp) tensor types as bitplan formats: q2_k ... q6_k, q8_0, q4_0, gguf:mxfp4 ...
+"""GGUF (llama.cpp) tensor types as bitplan formats: q2_k ... q6_k, q8_0, q4_0, iq4_xs ...
 
 A GGUF file may hold a different type for every tensor, so each llama.cpp tensor type is a
-format a plan can choose. Quantization follows llama.cpp's reference C code (``ggml-quants.c``)
-operation for operation, in float32 with the same order of summation, so the codes bitplan
-writes are the codes ``llama-quantize`` would write (checked against llama.cpp's own
-``ggml_quantize_chunk`` in the tests); dequantization is the ``gguf`` package's.
+format a plan can choose. The bytes are the ones ``llama-quantize`` writes, by either of two
+quantizers that the tests check against each other and against llama.cpp byte for byte:
+
+* llama.cpp's own ``ggml_quantize_chunk`` (``ggml_quantizer.py``, through ctypes into the
+  ``libggml-base`` that llama-cpp-python ships), whenever llama-cpp-python is installed: it is
+  2-12x faster than the port, and the only quantizer of the i-quants (IQ4_NL ... IQ1_S);
+* bitplan's numpy port of llama.cpp's reference C code (``ggml-quants.c``) for the types in
+  :data:`PORTED_TYPES` (Q2_K ... Q6_K, Q4_0 ... Q8_0, MXFP4, BF16), operation for operation,
+  in float32 with the same order of summation; it serves installs without llama-cpp-python.
+
+Dequantization is the ``gguf`` package's (equal to ggml's own, also tested).
 
 * Without an importance matrix each type uses llama.cpp's ``quantize_row_*_ref``; with one
   (``importance``: the mean square of each input column over calibration tokens, llama.cpp's
   imatrix) it uses the weighted search of ``quantize_row_*_impl``, as ``llama-quantize
-  --imatrix`` does. Q8_0, MXFP4, BF16 and F16 ignore it, as llama.cpp does.
-* Blocks run along a row (the input dimension): 256 weights for the k-quants, 32 for the
-  others. A row whose length is not a multiple of the block size cannot hold that type, so a
-  format then stands for **llama.cpp's fallback type**, exactly as ``llama-quantize`` decides
-  it (``tensor_type_fallback`` in ``llama-quant.cpp``): Q2_K and Q3_K become Q4_0, Q4_K becomes
-  Q5_0, Q5_K becomes Q5_1, Q6_K becomes Q8_0, and a 32-block type on a row that 32 does not
-  divide becomes F16. :meth:`GGUFFormat.tensor_type` says which type a shape gets; bits,
-  quantization and export all use that type, so the accounting stays exact. SmolLM2-135M
-  (rows of 576 = 2.25 x 256) can only hold k-quants in ``down_proj`` (rows of 1536).
+  --imatrix`` does. Q8_0, MXFP4, BF16 and F16 ignore it, as llama.cpp does. IQ3_XXS, IQ2_S,
+  IQ2_XS, IQ2_XXS, IQ1_M and IQ1_S are refused without one, as llama-quantize refuses them.
+* Blocks run along a row (the input dimension): 256 weights for the k-quants and most
+  i-quants, 32 for the others. A row whose length is not a multiple of the block size cannot
+  hold that type, so a format then stands for **llama.cpp's fallback type**, exactly as
+  ``llama-quantize`` decides it (``tensor_type_fallback`` in ``llama-quant.cpp``): Q2_K and
+  Q3_K become Q4_0, Q4_K becomes Q5_0, Q5_K becomes Q5_1, Q6_K becomes Q8_0, the 256-block
+  i-quants become IQ4_NL, and a 32-block type on a row that 32 does not divide becomes F16.
+  :meth:`GGUFFormat.tensor_type` says which type a shape gets; bits, quantization and export
+  all use that type, so the accounting stays exact. SmolLM2-135M (rows of 576 = 2.25 x 256)
+  can only hold k-quants in ``down_proj`` (rows of 1536).
 
 Bits are what the file stores: ``rows x row_length / block x bytes_per_block x 8``, e.g. Q4_K
-4.5 bits per weight, Q6_K 6.5625, Q8_0 8.5 (``gguf.GGML_QUANT_SIZES``).
+4.5 bits per weight, Q6_K 6.5625, Q8_0 8.5, IQ2_XS 2.3125 (``gguf.GGML_QUANT_SIZES``).
 
-Exactness assumes llama.cpp's quantizers are compiled without floating-point contraction (no
-fused multiply-add), which holds for x86-64 builds: ``ggml-quants.c`` is part of ggml-base,
-which is built for the baseline instruction set. An ARM build contracts ``a*b + c`` and may pick
-different codes in rare near-ties. docs/GGUF.md lists the checks and the remaining caveats.
+The port's exactness assumes llama.cpp's quantizers are compiled without floating-point
+contraction (no fused multiply-add), which holds for x86-64 builds: ``ggml-quants.c`` is part
+of ggml-base, which is built for the baseline instruction set. An ARM build contracts
+``a*b + c`` and may pick different codes in rare near-ties (ggml itself is then the truth, and
+used). docs/GGUF.md lists the checks and the remaining caveats.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from gguf import quants as gguf_quants
 from bitplan.errors import BitplanError
 from bitplan.formats.base import Format
 from bitplan.formats.blocks import check_float_tensor, check_weight_shape
+from bitplan.formats.ggml_quantizer import ggml_available, ggml_quantize_rows
 
 F32 = np.float32
 QK_K = 256
@@ -52,8 +63,10 @@ class GGMLType:
     """One llama.cpp tensor type: block size, bytes per block, and its fallback."""
 
     name: str  # llama.cpp's spelling, e.g. "Q4_K"
-    element_bits: int  # bits of each weight's code, scales left out
+    element_bits: int  # bits of each weight's code, scales left out (nominal for i-quants)
     fallback: str | None  # llama-quantize's type when a row does not divide into blocks
+    #: llama-quantize refuses this type without an imatrix (``tensor_requires_imatrix``).
+    needs_imatrix: bool = False
 
     @property
     def ggml(self) -> GGMLQuantizationType:
@@ -90,6 +103,16 @@ GGML_TYPES: dict[str, GGMLType] = {
         GGMLType("Q5_1", 5, "F16"),
         GGMLType("Q8_0", 8, "F16"),
         GGMLType("MXFP4", 4, "F16"),
+        # i-quants: quantized by ggml itself (ggml_quantizer.py), never by the numpy port.
+        GGMLType("IQ4_NL", 4, "F16"),
+        GGMLType("IQ4_XS", 4, "IQ4_NL"),
+        GGMLType("IQ3_S", 3, "IQ4_NL"),
+        GGMLType("IQ3_XXS", 3, "IQ4_NL", needs_imatrix=True),
+        GGMLType("IQ2_S", 2, "IQ4_NL", needs_imatrix=True),
+        GGMLType("IQ2_XS", 2, "IQ4_NL", needs_imatrix=True),
+        GGMLType("IQ2_XXS", 2, "IQ4_NL", needs_imatrix=True),
+        GGMLType("IQ1_M", 1, "IQ4_NL", needs_imatrix=True),
+        GGMLType("IQ1_S", 1, "IQ4_NL", needs_imatrix=True),
         GGMLType("BF16", 16, None),
         GGMLType("F16", 16, None),
         GGMLType("F32", 32, None),
@@ -671,14 +694,19 @@ def _quantize_bf16(rows: np.ndarray) -> np.ndarray:
     return h.astype("<u2").view(np.uint8).reshape(rows.shape[0], -1)
 
 
-def quantize_rows(
-    rows: np.ndarray, type_name: str, importance: np.ndarray | None = None
-) -> np.ndarray:
-    """Quantize float32 ``rows`` (n_rows, row_length) to llama.cpp's bytes of ``type_name``
-    (``"Q4_K"`` ...): an (n_rows, row_bytes) uint8 array, what ``ggml_quantize_chunk`` writes.
+#: The types bitplan's numpy port quantizes (without llama-cpp-python). The i-quants are
+#: quantized by ggml only.
+PORTED_TYPES = frozenset(
+    ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4")
+    + ("BF16", "F16", "F32")
+)
 
-    ``importance`` (row_length,) is llama.cpp's imatrix for this tensor, or None.
-    """
+
+def _checked(
+    rows: np.ndarray, type_name: str, importance: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``rows`` and ``importance`` as contiguous float32, refused unless llama.cpp could store
+    them in ``type_name``."""
     ggml_type = GGML_TYPES[type_name]
     rows = np.ascontiguousarray(rows, dtype=F32)
     if rows.ndim != 2 or not ggml_type.fits(rows.shape[1]):
@@ -686,14 +714,52 @@ def quantize_rows(
             f"{type_name} needs rows of a multiple of {ggml_type.block_size} weights, "
             f"got shape {rows.shape}"
         )
-    if importance is not None:
-        importance = np.ascontiguousarray(importance, dtype=F32).reshape(-1)
-        if importance.shape[0] != rows.shape[1]:
+    if importance is None:
+        if ggml_type.needs_imatrix:
             raise BitplanError(
-                f"the importance vector has {importance.shape[0]} entries, the rows {rows.shape[1]}"
+                f"{type_name} needs an importance matrix, as in llama-quantize: pass importance= "
+                "(bitplan.scoring.importance.collect_importance(model, tokens) collects one)"
             )
+        return rows, None
+    importance = np.ascontiguousarray(importance, dtype=F32).reshape(-1)
+    if importance.shape[0] != rows.shape[1]:
+        raise BitplanError(
+            f"the importance vector has {importance.shape[0]} entries, the rows {rows.shape[1]}"
+        )
+    return rows, importance
+
+
+def quantize_rows(
+    rows: np.ndarray, type_name: str, importance: np.ndarray | None = None
+) -> np.ndarray:
+    """Quantize float32 ``rows`` (n_rows, row_length) to llama.cpp's bytes of ``type_name``
+    (``"Q4_K"`` ...): an (n_rows, row_bytes) uint8 array, what ``ggml_quantize_chunk`` writes.
+
+    ``importance`` (row_length,) is llama.cpp's imatrix for this tensor, or None (refused for
+    the types llama-quantize refuses without one). The work is done by llama.cpp's own ggml
+    when llama-cpp-python is installed (2-12x faster than the port, single-threaded, and the
+    same bytes: the tests check both), else by the numpy port, which has no i-quants.
+    """
+    rows, importance = _checked(rows, type_name, importance)
+    if type_name in ("F16", "F32") or (type_name in PORTED_TYPES and not ggml_available()):
+        return _port_quantize(rows, type_name, importance)
+    return ggml_quantize_rows(rows, type_name, importance)
+
+
+def port_quantize_rows(
+    rows: np.ndarray, type_name: str, importance: np.ndarray | None = None
+) -> np.ndarray:
+    """:func:`quantize_rows` by bitplan's numpy port of ``ggml-quants.c``, for the types in
+    :data:`PORTED_TYPES`."""
+    if type_name not in PORTED_TYPES:
+        raise BitplanError(f"bitplan's numpy port has no {type_name}; llama.cpp's ggml does")
+    rows, importance = _checked(rows, type_name, importance)
+    return _port_quantize(rows, type_name, importance)
+
+
+def _port_quantize(rows: np.ndarray, type_name: str, importance: np.ndarray | None) -> np.ndarray:
     n_rows = rows.shape[0]
-    if ggml_type.block_size == QK_K:
+    if GGML_TYPES[type_name].block_size == QK_K:
         blocks = rows.reshape(-1, QK_K)
         # The imatrix of every super-block: the row's vector, repeated for every row.
         block_importance = None if importance is None else np.tile(importance, n_rows)
@@ -783,7 +849,8 @@ class GGUFFormat(Format):
         self, weight: torch.Tensor, importance: torch.Tensor | np.ndarray | None = None
     ) -> torch.Tensor:
         """Quantize-dequantize ``weight`` as llama.cpp stores it; ``importance`` is an optional
-        imatrix (in_features,) of mean squared input activations, used to choose scales."""
+        imatrix (in_features,) of mean squared input activations, used to choose scales, and
+        required where llama-quantize requires it (``GGMLType.needs_imatrix``: IQ2_XS ...)."""
         type_name, data = self.quantize(weight, importance)
         values = torch.from_numpy(dequantize_rows(data, type_name))
         return values.to(device=weight.device, dtype=weight.dtype)
@@ -821,12 +888,14 @@ def bits_per_weight(type_name: str) -> float:
 
 __all__ = [
     "GGML_TYPES",
+    "PORTED_TYPES",
     "GGMLType",
     "GGUFFormat",
     "bits_per_weight",
     "dequantize_rows",
     "gguf_format_names",
     "parse_gguf_name",
+    "port_quantize_rows",
     "quantize_rows",
     "resolve_type",
 ]

@@ -61,6 +61,7 @@ GRAMMAR = (
     f"w{{{_INT_BITS}}}[_asym|_fr] (per-channel), w{{{_INT_BITS}}}a16 (= w{{b}}g128_fr)"
 )
 GRAMMAR += ", GGUF types q2_k..q6_k, q4_0, q4_1, q5_0, q5_1, q8_0, f16, f32, gguf:mxfp4, gguf:bf16"
+GRAMMAR += ", iq4_nl, iq4_xs, iq3_s, iq3_xxs, iq2_s, iq2_xs, iq2_xxs, iq1_m, iq1_s"
 
 
 def known_format_names() -> list[str]:
