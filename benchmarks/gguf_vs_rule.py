@@ -49,8 +49,8 @@ from bitplan.plans import (
 from bitplan.scoring import score
 from bitplan.scoring.importance import collect_importance
 
-#: The embedding and output types of the ``--front`` files (llama.cpp's Q4_K_M's).
-FRONT_TENSOR_TYPES = mix_tensor_types("Q4_K_M")
+#: The mix whose embedding and output types the ``--front`` files get.
+FRONT_TYPES_OF = "Q4_K_M"
 
 
 def llama_cpp_quantize(source: Path, target: Path, mix: str) -> bool:
@@ -206,9 +206,10 @@ def main() -> None:
         return scores[names]
 
     all_options = [f.name for f in parse_format_list(args.options)] if gguf_all else None
+    hidden = model.module.config.hidden_size
     for mix in mixes:
-        rule = llama_cpp_mix_plan(model, mix, model_id)
-        embedding_type, output_type = mix_tensor_types(mix)
+        rule = llama_cpp_mix_plan(model, mix, model_id, imatrix=importance is not None)
+        embedding_type, output_type = mix_tensor_types(mix, hidden)
         options = all_options or (
             mix_options(mix, model) if args.options == "mix" else args.options.split(",")
         )
@@ -219,7 +220,8 @@ def main() -> None:
         if check not in results.data["checks"]:
             theirs, mine = out / f"{mix}-llama-quantize.gguf", out / f"{mix}-rule-plain.gguf"
             if llama_cpp_quantize(f32_path, theirs, mix):
-                export_model(model, rule, mine, "gguf", force=True, embedding_type=embedding_type,
+                plain = llama_cpp_mix_plan(model, mix, model_id)  # the rule without an imatrix
+                export_model(model, plain, mine, "gguf", force=True, embedding_type=embedding_type,
                              output_type=output_type)  # fmt: skip
                 equal, total = same_tensors(mine, theirs)
                 line = f"{equal}/{total} tensors byte-identical (without imatrix)"
@@ -233,7 +235,8 @@ def main() -> None:
         options = all_options or args.options.split(",")
         plans = solve_gguf_plans(model, options, scores_for(options), front, model_id)
         for budget, plan in zip(front, plans, strict=True):
-            measure(f"front {budget:g}", plan, *FRONT_TENSOR_TYPES, recipe="bitplan front")
+            types = mix_tensor_types(FRONT_TYPES_OF, hidden)
+            measure(f"front {budget:g}", plan, *types, recipe="bitplan front")
 
     print_table(results.data, mixes)
     if args.plot:

@@ -20,6 +20,7 @@ def test_gguf_all_names_every_type_a_plan_can_choose():
     names = [fmt.name for fmt in parse_format_list("gguf-all")]
     assert names[0] == "q2_k" and "q8_0" in names and "gguf:bf16" in names
     assert set(names) <= set(gguf_format_names()) and not {"f16", "f32"} & set(names)
+    assert "iq4_xs" in names and "iq2_xs" not in names  # IQ2_XS needs an importance matrix
     assert [fmt.name for fmt in parse_format_list("GGUF-all,")] == names
     with pytest.raises(BitplanError, match="listed twice"):
         parse_format_list("gguf-all,q4_k")

@@ -825,6 +825,12 @@ class GGUFFormat(Format):
         lower = self.type_name.lower()
         return _PREFIX + lower if self.type_name in _PREFIXED else lower
 
+    @property
+    def requires_importance(self) -> bool:
+        """llama-quantize refuses this type without an imatrix (a row that falls back to another
+        type does not need one, but a plan cannot count on that)."""
+        return GGML_TYPES[self.type_name].needs_imatrix
+
     def tensor_type(self, shape: tuple[int, int]) -> str:
         """The llama.cpp type a weight of ``shape`` is stored in (after llama.cpp's fallback)."""
         _, in_features = check_weight_shape(shape)
