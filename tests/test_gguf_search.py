@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import gguf
 import pytest
+import torch
 from test_gguf_export import build_gguf_llama, write_tokenizer_gguf
 
 import bitplan
@@ -14,6 +16,7 @@ from bitplan.errors import BitplanError
 from bitplan.exporters.gguf import gguf_file_bytes
 from bitplan.formats import parse_format_list
 from bitplan.formats.gguf import gguf_format_names
+from bitplan.scoring.fisher import fisher_scores
 
 
 def test_gguf_all_names_every_type_a_plan_can_choose():
@@ -107,3 +110,41 @@ def test_target_size_on_the_command_line(tiny_folder, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
     assert main([*argv, "80MiB"]) == 2  # a model from a folder has no GGUF metadata to size
     assert "copies the tokenizer and metadata from a GGUF file" in capsys.readouterr().err
+
+
+def test_a_tied_output_is_scored_with_the_error_its_embedding_feeds_the_model(gguf_loaded):
+    """In a GGUF file the tied output is also the token embedding: lm_head's score adds the
+    embedding's part, ½ Σ G² ΔE² at the first block's input, which predicts the KL that
+    quantizing the embedding alone causes (the sampled-label gradient predicts KL)."""
+    model = gguf_loaded.module
+    formats = parse_format_list("q4_0,q8_0")
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(1, model.config.vocab_size, (4, 32), generator=generator)
+    layers = gguf_loaded.layers.selected(include_head=True)
+    common = dict(dtype=torch.float32, progress=False, gradient="kl")
+    plain = fisher_scores(model, layers, formats, tokens, **common)
+    tied = fisher_scores(model, layers, formats, tokens, tied_embedding=True, **common)
+    others = [name for name in plain if name != "lm_head"]
+    assert all(tied[name] == plain[name] for name in others)
+    for fmt in formats:
+        predicted = tied["lm_head"][fmt.name] - plain["lm_head"][fmt.name]
+        untied = copy.deepcopy(model)
+        untied.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        with torch.no_grad():
+            untied.model.embed_tokens.weight.copy_(fmt.quantize_weight(model.lm_head.weight))
+        measured = kl_per_token(model, untied, tokens)
+        assert 0.3 < predicted / measured < 3, (fmt.name, predicted, measured)
+    # the search scores it so for GGUF options alone
+    settings = dict(n_samples=4, seq_len=32, dtype="float32", progress=False, include_head=True)
+    scores = bitplan.search(gguf_loaded, "q4_0,q8_0", [6], **settings).scores
+    assert scores.extra["tied_embedding"]
+    assert not bitplan.search(gguf_loaded, "w4g32,w8g32", [6], **settings).scores.extra[
+        "tied_embedding"
+    ]
+
+
+def kl_per_token(base: torch.nn.Module, other: torch.nn.Module, tokens: torch.Tensor) -> float:
+    with torch.no_grad():
+        p = torch.log_softmax(base(tokens).logits[:, :-1].float(), -1)
+        q = torch.log_softmax(other(tokens).logits[:, :-1].float(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())

@@ -41,6 +41,7 @@ used). docs/GGUF.md lists the checks and the remaining caveats.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -867,6 +868,18 @@ class GGUFFormat(Format):
         if not include_scales:
             return out_features * in_features * ggml_type.element_bits
         return out_features * (in_features // ggml_type.block_size) * ggml_type.type_size * 8
+
+
+def makes_a_gguf_file(formats: Sequence[Format]) -> bool:
+    """Whether a plan over ``formats`` is one for a GGUF file: some llama.cpp types, and
+    nothing else but bf16. Such a file stores every tensor apart (so plans choose per tensor)
+    and a tied output and token embedding as one tensor."""
+    from bitplan.formats.bf16 import BF16Format
+
+    gguf = [isinstance(fmt, GGUFFormat) for fmt in formats]
+    return any(gguf) and all(
+        g or isinstance(f, BF16Format) for g, f in zip(gguf, formats, strict=True)
+    )
 
 
 def gguf_format_names() -> list[str]:

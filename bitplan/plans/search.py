@@ -26,8 +26,8 @@ from bitplan.data.calibration import calibration_samples
 from bitplan.data.text import check_text_source
 from bitplan.distributed import is_main
 from bitplan.errors import BitplanError
-from bitplan.formats import BF16Format, Format, parse_format_list
-from bitplan.formats.gguf import GGUFFormat
+from bitplan.formats import Format, parse_format_list
+from bitplan.formats.gguf import makes_a_gguf_file
 from bitplan.jsonio import write_json_atomic
 from bitplan.model.layers import LayerTable
 from bitplan.model.loading import LoadedModel
@@ -101,7 +101,7 @@ class SearchConfig:
             raise BitplanError("give a target size or --avg-bits budgets, not both")
         if not isinstance(self.target_size, int) or self.target_size <= 0:
             raise BitplanError(f"target size {self.target_size!r} is not a positive byte count")
-        if not all(isinstance(fmt, (GGUFFormat, BF16Format)) for fmt in self.formats):
+        if not makes_a_gguf_file(self.formats):
             raise BitplanError(
                 "--target-size is the size of a .gguf file: give llama.cpp types as options "
                 "(e.g. gguf-all, or q4_k,q6_k)"
@@ -240,10 +240,7 @@ def planning_table(table: LayerTable, formats: Sequence[Format]) -> LayerTable:
     """What a plan chooses for: each fusion group (engines fuse q/k/v and gate/up into one
     matmul with one scheme), but each layer when every option is a llama.cpp type, because a
     GGUF file stores and llama.cpp runs every tensor on its own."""
-    gguf = [isinstance(fmt, GGUFFormat) for fmt in formats]
-    if any(gguf) and all(
-        g or isinstance(f, BF16Format) for g, f in zip(gguf, formats, strict=True)
-    ):
+    if makes_a_gguf_file(formats):
         return ungrouped(table)
     return table
 

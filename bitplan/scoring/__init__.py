@@ -23,6 +23,7 @@ from bitplan.compute import ComputeDtype, choose_dtype
 from bitplan.distributed import is_main, shard, world_size
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
+from bitplan.formats.gguf import makes_a_gguf_file
 from bitplan.model.loading import LoadedModel
 from bitplan.model.streaming import BlockLoader
 from bitplan.scoring.delta_loss import delta_loss_scores
@@ -80,6 +81,10 @@ def score(
     compute = dtype if isinstance(dtype, ComputeDtype) else choose_dtype(device, dtype)
     key = f"v1|{scorer}|{model_id}|{data_id}|{names}|head={include_head}|bs={batch_size}"
     key += f"|{compute.name}" + ("" if rounding == "rtn" else f"|rounding={rounding}")
+    # A GGUF file stores a tied output and token embedding as one tensor: its score counts both.
+    tied = any(e.tied_to_head for e in model.layers.embeddings)
+    tied_embedding = include_head and tied and makes_a_gguf_file(formats)
+    key += "|tied-embedding" if tied_embedding else ""
     run = partial(
         _run_scorer,
         model,
@@ -92,6 +97,7 @@ def score(
         loader,
         device,
         rounding,
+        tied_embedding,
     )
     if not cache:
         return run(compute, key)
@@ -122,6 +128,7 @@ def _run_scorer(
     loader: BlockLoader | None,
     device: str,
     rounding: str,
+    tied_embedding: bool,
     compute: ComputeDtype,
     key: str,
 ) -> Scores:
@@ -141,6 +148,7 @@ def _run_scorer(
             dtype=compute.dtype,
             gradient=_FISHER_GRADIENT[scorer],
             rounding=rounding,
+            tied_embedding=tied_embedding,
         )
     else:
         if device != "cpu":
@@ -163,6 +171,7 @@ def _run_scorer(
             "dtype": compute.name,
             "dtype_reason": compute.reason,
             "rounding": rounding,
+            "tied_embedding": tied_embedding,
         },
     )
     return result

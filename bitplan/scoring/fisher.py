@@ -247,6 +247,7 @@ def fisher_scores(
     gradient: str = "loss",
     seed: int = 0,
     rounding: str = "rtn",
+    tied_embedding: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Layer name -> option name -> predicted increase of the mean per-token loss (or, with
     ``gradient="kl"``, of the mean per-token KL from the unquantized model: ``GRADIENTS``; its
@@ -262,6 +263,9 @@ def fisher_scores(
     from one extra forward run of its block on the recorded inputs, shared by all options of
     the same input), so that ΔY is the error GPTQ leaves; lm_head stays rounded to nearest, as
     ``bitplan.quantization.sequential.gptq_model`` leaves it.
+    ``tied_embedding``: lm_head's weight is also the input embedding, stored once and quantized
+    once (a GGUF file's ``token_embd``), so lm_head's score also counts the error the quantized
+    embedding feeds the first block.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, not {form!r}")
@@ -349,11 +353,43 @@ def fisher_scores(
                 loader.unload(index)
             else:
                 block.to("cpu")
+        if tied_embedding and head_name in wanted:  # grads now: at the first block's input
+            ids = [record.input_ids for record in records]
+            fed = _embedding_errors(model.get_input_embeddings(), options, ids, grads, form)
+            totals[head_name] = [a + b for a, b in zip(totals[head_name], fed, strict=True)]
     finally:
         bar.close()
         for p, flag in saved_flags:
             p.requires_grad_(flag)
     return normalised_totals(totals, calls, options, tokens)
+
+
+@torch.no_grad()
+def _embedding_errors(
+    embedding: nn.Module,
+    options: Sequence[Format],
+    input_ids: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    form: str,
+) -> list[float]:
+    """For each option, ½ Σ G² ΔE² over the calibration tokens: ΔE is what the embedding module
+    outputs with its table quantized minus what it outputs now (its own scaling included, as
+    Gemma's √hidden), G the loss's gradient there (the first block's input)."""
+    weight = embedding.weight
+    plain = [embedding(ids).float() for ids in input_ids]
+    errors = []
+    for fmt in options:
+        quantized = {"weight": fmt.quantize_weight(weight).to(weight.dtype)}
+        total = 0.0
+        for ids, grad, before in zip(input_ids, grads, plain, strict=True):
+            after = torch.func.functional_call(embedding, quantized, (ids,)).float()
+            product = grad.float() * (after - before)
+            if form == "token":
+                total += 0.5 * float(product.sum(dim=-1).square().sum())
+            else:  # an embedding has no activation error: "split" is "diag"
+                total += 0.5 * float(torch.dot(product.view(-1), product.view(-1)))
+        errors.append(total)
+    return errors
 
 
 def _gptq_weights(
