@@ -34,6 +34,7 @@ import numpy as np
 
 from bitplan.data.calibration import calibration_samples
 from bitplan.data.heldout import heldout_samples
+from bitplan.errors import BitplanError
 from bitplan.evaluation.divergence import BaseLogits
 from bitplan.evaluation.llama_cpp import LlamaCppModel
 from bitplan.exporters import export_model
@@ -233,8 +234,12 @@ def main() -> None:
             print(check, line)
     if front:
         options = all_options or args.options.split(",")
-        plans = solve_gguf_plans(model, options, scores_for(options), front, model_id)
-        for budget, plan in zip(front, plans, strict=True):
+        for budget in front:
+            try:
+                (plan,) = solve_gguf_plans(model, options, scores_for(options), [budget], model_id)
+            except BitplanError as err:  # below what the options reach on this model
+                print(f"front {budget:g}: {err}")
+                continue
             types = mix_tensor_types(FRONT_TYPES_OF, hidden)
             measure(f"front {budget:g}", plan, *types, recipe="bitplan front")
 
