@@ -6,8 +6,9 @@ For each llama.cpp mix (``--mixes all``: every mix ``bitplan/plans/recipes.py`` 
   ``llama_model_quantize`` run on an F32 file of the same model, where llama.cpp can quantize
   the mix without an importance matrix);
 * bitplan's plan, solved per tensor from Fisher scores on the default calibration text over
-  ``--options`` (default ``gguf-all``: every llama.cpp type that needs no importance matrix; or
-  ``mix``: the types the mix itself uses), at the mix's own average bits over the decoder layers,
+  ``--options`` (default ``gguf-all``: every llama.cpp type, those that need an importance
+  matrix included unless ``--no-imatrix``; or ``mix``: the types the mix itself uses), the
+  scores computed with the same importance matrix, at the mix's own average bits over the decoder layers,
   with the mix's token-embedding and output types (so the two files have the same tensor bytes
   up to the choice, and bitplan's is never larger);
 
@@ -144,7 +145,7 @@ def main() -> None:
     setting = {
         "model": model_id,
         "options": args.options,
-        "imatrix": not args.no_imatrix,
+        "imatrix": not args.no_imatrix,  # in the files and in the scores
         "calib": [args.calib_samples, args.calib_len],
         "heldout": [args.heldout_samples, args.heldout_len],
     }
@@ -203,10 +204,16 @@ def main() -> None:
     def scores_for(options: list[str]):
         names = ",".join(options)
         if names not in scores:
-            scores[names] = score(model, parse_format_list(options), calib, scorer="fisher")
+            formats = parse_format_list(options, imatrix=importance is not None)
+            scores[names] = score(model, formats, calib, scorer="fisher", importance=importance)
         return scores[names]
 
-    all_options = [f.name for f in parse_format_list(args.options)] if gguf_all else None
+    with_imatrix = importance is not None  # gguf-all then includes IQ2_XS ... too
+    all_options = (
+        [f.name for f in parse_format_list(args.options, imatrix=with_imatrix)]
+        if gguf_all
+        else None
+    )
     hidden = model.module.config.hidden_size
     for mix in mixes:
         rule = llama_cpp_mix_plan(model, mix, model_id, imatrix=importance is not None)

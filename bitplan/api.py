@@ -164,7 +164,8 @@ def export(
 
     ``serve`` (default: the engine the plan was made for, if any) checks the plan against that
     engine's rules (``bitplan.serving``) before anything is written, and picks its checkpoint
-    format when ``format`` is not given (else ``packed``).
+    format when ``format`` is not given (else ``gguf`` for a plan of llama.cpp types, ``packed``
+    for any other).
 
     The weights are rounded as ``rounding`` says (default: the plan's own); a model already
     rounded by ``bitplan.quantize`` can be given as ``quantized`` instead, and its codes are
@@ -177,7 +178,7 @@ def export(
     from bitplan.serving import EXPORT_FORMATS, check_model, check_plan
 
     serve = serve or plan.serve
-    format = format or EXPORT_FORMATS.get(serve, "packed")
+    format = format or EXPORT_FORMATS.get(serve) or _default_format(plan)
     shapes = {layer.name: layer.shape for layer in model.layers}
     notes = check_plan(serve, plan.layer_formats, shapes, format)  # before any work
     if serve is not None:
@@ -187,6 +188,14 @@ def export(
     rounded = rounded_weights(quantized) if quantized is not None else None
     report = export_model(model, plan, out, format, force=force, rounded=rounded, **options)
     return dataclasses.replace(report, notes=report.notes + notes)
+
+
+def _default_format(plan: Plan) -> str:
+    from bitplan.formats import parse_format
+    from bitplan.formats.gguf import makes_a_gguf_file
+
+    formats = [parse_format(name) for name in set(plan.layer_formats.values())]
+    return "gguf" if makes_a_gguf_file(formats) else "packed"
 
 
 def evaluate(

@@ -109,6 +109,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         rounding=args.rounding,
         serve=args.serve,
         target_size=args.target_size,
+        imatrix=args.imatrix,
     )
     SearchConfig(args.options, args.avg_bits or [], **settings)  # its checks, before loading
     if args.quantize is not None:
@@ -157,7 +158,15 @@ def cmd_search(args: argparse.Namespace) -> None:
     print(f"wrote {len(result.plans)} plan(s), bits_per_layer.png to {args.out}/")
     if args.quantize is not None:
         print(
-            _export(model, result.plans[0], args.quantize, args.format, args.force, args).summary()
+            _export(
+                model,
+                result.plans[0],
+                args.quantize,
+                args.format,
+                args.force,
+                args,
+                result.importance,
+            ).summary()
         )
 
 
@@ -191,9 +200,12 @@ def _check_rounding(rounding: str, fmt: str, stream: bool, calib: str | None) ->
         )
 
 
-def _export(model, plan, out: str, fmt: str, force: bool, args: argparse.Namespace):
+def _export(
+    model, plan, out: str, fmt: str, force: bool, args: argparse.Namespace, importance=None
+):
     """Write ``model`` quantized by ``plan`` to ``out`` in export format ``fmt``, rounded as
-    ``args.rounding`` says (default: the plan's rounding)."""
+    ``args.rounding`` says (default: the plan's rounding); a gguf file with ``importance`` (the
+    search's), or one collected on the calibration text with --imatrix."""
     import bitplan
 
     calibration = {k: getattr(args, k) for k in ("calib", "n_samples", "seq_len", "batch_size")}
@@ -201,6 +213,16 @@ def _export(model, plan, out: str, fmt: str, force: bool, args: argparse.Namespa
     options = {}
     if fmt == "gguf":
         options = {k: getattr(args, k, None) for k in ("embedding_type", "output_type")}
+        if importance is None and args.imatrix:
+            from bitplan.data.calibration import calibration_samples
+            from bitplan.scoring.importance import collect_importance
+
+            tokens = calibration_samples(model.tokenizer, args.n_samples, args.seq_len, args.calib)
+            importance = collect_importance(model, tokens, include_head=plan.include_head)
+        if importance is not None:
+            options["importance"] = importance
+    elif args.imatrix:
+        raise BitplanError("--imatrix is for --format gguf")
     return bitplan.export(
         model,
         plan,
@@ -240,7 +262,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from bitplan.formats import parse_format
     from bitplan.quantization.sequential import check_rounding_formats
 
-    check_rounding_formats(rounding, map(parse_format, set(plan.layer_formats.values())))
+    planned = [parse_format(name) for name in sorted(set(plan.layer_formats.values()))]
+    check_rounding_formats(rounding, planned)
+    needs = [fmt.name for fmt in planned if fmt.requires_importance]
+    if needs and not args.imatrix:
+        raise BitplanError(
+            f"the plan's {', '.join(needs)} need an importance matrix: add --imatrix"
+        )
     check_plan(serve, plan.layer_formats, None, args.format)  # what can be known before loading
 
     check_destination(args.out, args.format, args.force, reading=args.model)  # before loading
@@ -364,6 +392,16 @@ def add_rounding_argument(parser: argparse.ArgumentParser, default: str | None) 
         what += "leaves; costs a GPTQ pass per option) or tuned (scored as gptq, then quantized "
         what += "with GPTQ and block tuning: integer formats)"
     parser.add_argument("--rounding", choices=ROUNDINGS, default=default, help=what)
+
+
+def add_imatrix_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--imatrix",
+        action="store_true",
+        help=f"{what} with an importance matrix collected on the calibration text, as "
+        "llama-quantize --imatrix does (IQ2_XS, IQ2_XXS, IQ2_S, IQ3_XXS, IQ1_M, IQ1_S need "
+        "one; with it, --options gguf-all offers them too)",
+    )
 
 
 def add_serve_argument(parser: argparse.ArgumentParser, what: str) -> None:
@@ -528,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument("--force", action="store_true", help="with --quantize: replace DIR")
     add_serve_argument(search, "the plans")
+    add_imatrix_argument(search, "score llama.cpp types (and write --quantize's .gguf)")
     search.set_defaults(func=cmd_search)
 
     quantize = sub.add_parser(
@@ -561,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--output-type", help="gguf only: type of the output tensor")
     add_rounding_argument(quantize, None)
     add_serve_argument(quantize, "the export (default: the engine the plan was made for)")
+    add_imatrix_argument(quantize, "quantize the .gguf")
     add_calibration_arguments(quantize, "for --rounding gptq or tuned: ")
     quantize.set_defaults(func=cmd_quantize)
 

@@ -148,3 +148,23 @@ def kl_per_token(base: torch.nn.Module, other: torch.nn.Module, tokens: torch.Te
         p = torch.log_softmax(base(tokens).logits[:, :-1].float(), -1)
         q = torch.log_softmax(other(tokens).logits[:, :-1].float(), -1)
     return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_an_importance_matrix_opens_the_types_that_need_one(gguf_loaded, tmp_path):
+    every = [fmt.name for fmt in parse_format_list("gguf-all", imatrix=True)]
+    assert {"iq2_xs", "iq2_xxs", "iq1_m"} <= set(every)
+    with pytest.raises(BitplanError, match="need an importance matrix.*--imatrix"):
+        bitplan.search(gguf_loaded, "iq2_xs,q4_0", [4])
+    with pytest.raises(BitplanError, match="--imatrix is llama.cpp's"):
+        bitplan.search(gguf_loaded, "w4g32,w8g32", [6], imatrix=True)
+    settings = dict(n_samples=4, seq_len=32, dtype="float32", progress=False)
+    result = bitplan.search(gguf_loaded, "iq2_xs,q4_0,q8_0", [3.5], imatrix=True, **settings)
+    (plan,) = result.plans
+    assert "iq2_xs" in plan.layer_formats.values() and result.importance
+    plain = bitplan.search(gguf_loaded, "q4_0,q8_0", [6], **settings).scores
+    weighted = bitplan.search(gguf_loaded, "q4_0,q8_0", [6], imatrix=True, **settings).scores
+    assert plain.layer_scores != weighted.layer_scores  # Q4_0 chooses scales by the imatrix
+    report = bitplan.export(gguf_loaded, plan, tmp_path / "iq.gguf", importance=result.importance)
+    assert report.type_counts.get("IQ2_XS", 0) > 0
+    with pytest.raises(BitplanError, match="importance"):
+        bitplan.export(gguf_loaded, plan, tmp_path / "none.gguf", "gguf")

@@ -106,22 +106,25 @@ def parse_format(name: str) -> Format:
     raise _unknown_format_error(name.strip())
 
 
-def _gguf_all() -> list[str]:
-    """Every llama.cpp type a plan can choose without an importance matrix, from Q2_K to
-    BF16 (F16 and F32 add nothing BF16 does not give at the same or lower cost)."""
+def _gguf_all(imatrix: bool) -> list[str]:
+    """Every llama.cpp type a plan can choose, from IQ1_S to BF16 (F16 and F32 add nothing
+    BF16 does not give at the same or lower cost); without an importance matrix, only the
+    types llama.cpp quantizes without one."""
     from bitplan.formats.gguf import gguf_format_names
 
     names = [name for name in gguf_format_names() if name not in ("f16", "f32")]
-    return [name for name in names if not parse_format(name).requires_importance]
+    return [name for name in names if imatrix or not parse_format(name).requires_importance]
 
 
-#: Names that stand for a whole set of options in a list: ``--options gguf-all``.
+#: Names that stand for a whole set of options in a list (``--options gguf-all``), given
+#: whether an importance matrix will be there.
 OPTION_SETS = {"gguf-all": _gguf_all}
 
 
-def parse_format_list(names: str | Iterable[str]) -> list[Format]:
+def parse_format_list(names: str | Iterable[str], imatrix: bool = False) -> list[Format]:
     """Parse ``"mxfp4,mxfp8"`` (or a list of names) into formats, in order; a name of
-    :data:`OPTION_SETS` (``gguf-all``) stands for all of its formats.
+    :data:`OPTION_SETS` (``gguf-all``) stands for all of its formats (with ``imatrix``, also
+    those that need an importance matrix).
 
     Empty entries are skipped; a format named twice (even under two spellings, such as
     ``w4a16`` and ``w4g128_fr``) raises :class:`BitplanError`, as does an empty list.
@@ -133,7 +136,7 @@ def parse_format_list(names: str | Iterable[str]) -> list[Format]:
     expanded = []
     for raw_name in names:
         option_set = OPTION_SETS.get(raw_name.strip().lower())
-        expanded += option_set() if option_set is not None else [raw_name]
+        expanded += option_set(imatrix) if option_set is not None else [raw_name]
     for raw_name in expanded:
         if not raw_name.strip():
             continue

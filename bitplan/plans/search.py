@@ -37,6 +37,7 @@ from bitplan.plans.plan import ROUNDINGS, Plan, scored_rounding
 from bitplan.plans.recipes import RECIPES, recipe_plan, ungrouped
 from bitplan.quantization.sequential import check_rounding_formats
 from bitplan.scoring import Scores, score
+from bitplan.scoring.importance import collect_importance
 from bitplan.serving import check_model, check_options, option_notes
 
 
@@ -61,11 +62,12 @@ class SearchConfig:
     rounding: str = "rtn"  # ROUNDINGS: what the scores assume, recorded in the plans
     serve: str | None = None  # an engine the plans must run on (bitplan.serving.SERVE_TARGETS)
     target_size: int | None = None  # bytes of the whole .gguf file, instead of budgets
+    imatrix: bool = False  # llama.cpp types scored (and exported) with an importance matrix
     formats: list[Format] = field(init=False)
 
     def __post_init__(self) -> None:
         names = self.options if isinstance(self.options, str) else [str(o) for o in self.options]
-        self.formats = parse_format_list(names)
+        self.formats = parse_format_list(names, imatrix=self.imatrix)
         if len(self.formats) < 2 and self.recipe is None:
             raise BitplanError("give at least two --options to choose between, e.g. mxfp4,mxfp8")
         for bits in self.budgets:  # NaN passes every comparison: check it by name
@@ -95,6 +97,13 @@ class SearchConfig:
         check_options(self.serve, self.formats)
         if self.target_size is not None:
             self._check_target_size()
+        if self.imatrix and not makes_a_gguf_file(self.formats):
+            raise BitplanError("--imatrix is llama.cpp's: give llama.cpp types as options")
+        needs = [fmt.name for fmt in self.formats if fmt.requires_importance]
+        if needs and not self.imatrix:
+            raise BitplanError(
+                f"{', '.join(needs)} need an importance matrix, as in llama-quantize: add --imatrix"
+            )
 
     def _check_target_size(self) -> None:
         if self.budgets or self.recipe is not None:
@@ -127,6 +136,7 @@ class SearchResult:
     front: list[tuple[float, float]]  # (average bits, predicted loss), cheapest first
     table: LayerTable  # the model's layers, for the plot
     paths: list[Path] = field(default_factory=list)  # the plan files, once written
+    importance: dict | None = None  # layer -> imatrix, when scored with one (for the export)
 
     @property
     def proven_optimal(self) -> bool:
@@ -169,6 +179,9 @@ def run_search(
     tokens = calibration_samples(
         model.tokenizer, n_samples=config.n_samples, seq_len=config.seq_len, source=config.calib
     )
+    importance = None
+    if config.imatrix:  # on the calibration tokens, as llama-imatrix would collect it
+        importance = collect_importance(model, tokens, include_head=space.include_head)
     compute = config.dtype
     if not isinstance(compute, ComputeDtype):
         compute = choose_dtype(config.device, compute)
@@ -187,6 +200,7 @@ def run_search(
         device=config.device,
         dtype=compute,
         rounding=scored_rounding(config.rounding),
+        importance=importance,
     )
     if log is not None:
         hit = " (from cache)" if scores.extra.get("cache_hit") else ""
@@ -197,7 +211,7 @@ def run_search(
     if config.target_size is not None:
         budgets = [budget_for_file_size(space, scores, model, config.target_size, log)]
     plans = _rounded(space.solve(scores, budgets, model.identity), config.rounding)
-    return SearchResult(plans, scores, space.front(scores), table)
+    return SearchResult(plans, scores, space.front(scores), table, importance=importance)
 
 
 def budget_for_file_size(

@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bitplan.atomic import file_lock
@@ -38,6 +39,15 @@ _FISHER_GRADIENT = {"fisher": "loss", "fisher-kl": "kl"}
 __all__ = ["SCORERS", "Scores", "delta_loss_scores", "fisher_scores", "score", "tokens_id"]
 
 
+def _importance_id(importance: Mapping[str, np.ndarray]) -> str:
+    """Identity of an importance matrix (for the score cache)."""
+    digest = hashlib.blake2b(digest_size=12)
+    for name in sorted(importance):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(importance[name], dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
 def tokens_id(tokens: torch.Tensor) -> str:
     """Identity of a calibration token tensor."""
     digest = hashlib.blake2b(tokens.cpu().numpy().tobytes(), digest_size=12)
@@ -57,6 +67,7 @@ def score(
     device: str = "cpu",
     dtype: str | ComputeDtype = "auto",
     rounding: str = "rtn",
+    importance: Mapping[str, np.ndarray] | None = None,
 ) -> Scores:
     """Score every budgeted layer of ``model`` for every option on calibration ``tokens``.
 
@@ -65,7 +76,9 @@ def score(
     passes compute in: ``auto`` (chosen for the device, ``bitplan.compute``), ``float32``,
     ``bfloat16`` or ``float16``. Scores computed in different dtypes are cached apart.
     ``rounding="gptq"`` scores the error GPTQ leaves instead of round-to-nearest's (fisher
-    scorers)."""
+    scorers). ``importance`` (layer name -> imatrix, ``importance.collect_importance``) quantizes
+    llama.cpp types as ``llama-quantize --imatrix`` does, which IQ2_XS ... need (fisher scorers).
+    """
     if scorer not in SCORERS:
         raise BitplanError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
     formats = [fmt if isinstance(fmt, Format) else parse_format(fmt) for fmt in options]
@@ -85,6 +98,10 @@ def score(
     tied = any(e.tied_to_head for e in model.layers.embeddings)
     tied_embedding = include_head and tied and makes_a_gguf_file(formats)
     key += "|tied-embedding" if tied_embedding else ""
+    if importance:
+        if scorer not in _FISHER_GRADIENT:
+            raise BitplanError(f"an importance matrix works with the fisher scorers, not {scorer}")
+        key += f"|imatrix={_importance_id(importance)}"
     run = partial(
         _run_scorer,
         model,
@@ -98,6 +115,7 @@ def score(
         device,
         rounding,
         tied_embedding,
+        importance,
     )
     if not cache:
         return run(compute, key)
@@ -129,6 +147,7 @@ def _run_scorer(
     device: str,
     rounding: str,
     tied_embedding: bool,
+    importance: Mapping[str, np.ndarray] | None,
     compute: ComputeDtype,
     key: str,
 ) -> Scores:
@@ -149,6 +168,7 @@ def _run_scorer(
             gradient=_FISHER_GRADIENT[scorer],
             rounding=rounding,
             tied_embedding=tied_embedding,
+            importance=importance,
         )
     else:
         if device != "cpu":

@@ -18,8 +18,9 @@ activations, plus the hidden states at block boundaries, are in memory at a time
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from bitplan.compute import autocast, choose_dtype
 from bitplan.distributed import all_reduce_sum
 from bitplan.formats import Format
+from bitplan.formats.gguf import GGUFFormat
 from bitplan.model.layers import LayerInfo, find_blocks
 from bitplan.model.streaming import BlockLoader
 from bitplan.scoring.replay import (
@@ -65,9 +67,11 @@ class _OutputErrorMeter:
         form: str,
         dtype: torch.dtype = torch.float32,
         tuned: dict[str, dict[int, torch.Tensor]] | None = None,
+        importance: Mapping[str, np.ndarray] | None = None,
     ):
         """``tuned``: layer name -> option index -> its weight as tuned rounding (GPTQ) leaves
-        it, quantize-dequantized; the other options are rounded to nearest."""
+        it, quantize-dequantized; the other options are rounded to nearest. ``importance``:
+        layer name -> imatrix, with which llama.cpp types are quantized (as the export will)."""
         self.options = list(options)
         self.form = form
         self.dtype = dtype
@@ -86,7 +90,7 @@ class _OutputErrorMeter:
                 for k, fmt in enumerate(self.options):
                     quantized = (tuned or {}).get(name, {}).get(k)
                     if quantized is None:
-                        quantized = fmt.quantize_weight(m.weight).float()
+                        quantized = _quantized(fmt, m.weight, (importance or {}).get(name))
                     if not fmt.quantizes_activations:
                         errors[k] = (quantized - weight).to(dtype)
                     elif form == "split":  # weight error on the output, Q(W) for G_X = G·Q(W)
@@ -174,6 +178,14 @@ class _OutputErrorMeter:
         self._last_input = None
 
 
+def _quantized(fmt: Format, weight: torch.Tensor, importance: np.ndarray | None) -> torch.Tensor:
+    """``weight`` quantize-dequantized in ``fmt``, in float32; a llama.cpp type with the
+    layer's imatrix when there is one (IQ2_XS ... need it)."""
+    if importance is not None and isinstance(fmt, GGUFFormat):
+        return fmt.quantize_weight(weight, importance=importance).float()
+    return fmt.quantize_weight(weight).float()
+
+
 class _SharedInput:
     """A layer input as rows in the compute dtype, and its quantized form Q(X) (float32) or
     [X | Q(X) − X] (lower precisions) for each option that quantizes activations:
@@ -248,6 +260,7 @@ def fisher_scores(
     seed: int = 0,
     rounding: str = "rtn",
     tied_embedding: bool = False,
+    importance: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Layer name -> option name -> predicted increase of the mean per-token loss (or, with
     ``gradient="kl"``, of the mean per-token KL from the unquantized model: ``GRADIENTS``; its
@@ -265,7 +278,9 @@ def fisher_scores(
     ``bitplan.quantization.sequential.gptq_model`` leaves it.
     ``tied_embedding``: lm_head's weight is also the input embedding, stored once and quantized
     once (a GGUF file's ``token_embd``), so lm_head's score also counts the error the quantized
-    embedding feeds the first block.
+    embedding feeds the first block. ``importance`` (layer name -> imatrix,
+    ``bitplan.scoring.importance.collect_importance``) quantizes llama.cpp types as
+    ``llama-quantize --imatrix`` does.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, not {form!r}")
@@ -305,7 +320,7 @@ def fisher_scores(
         grads = []
         meter = None
         if head_name in wanted:
-            meter = _OutputErrorMeter({head_name: head}, options, form, dtype)
+            meter = _OutputErrorMeter({head_name: head}, options, form, dtype, None, importance)
         with linear_weights_in(tail, dtype):  # cast once for all batches
             for k, record in enumerate(records):
                 hidden = record.final_hidden.to(device)
@@ -336,7 +351,7 @@ def fisher_scores(
                 ]
                 with compute:
                     tuned = _gptq_weights(block, block_modules, prefix, options, inputs)
-            meter = _OutputErrorMeter(block_modules, options, form, dtype, tuned)
+            meter = _OutputErrorMeter(block_modules, options, form, dtype, tuned, importance)
             with linear_weights_in([block], dtype):  # after the meter read the weights
                 for k, record in enumerate(records):
                     hidden = record.hidden[index].to(device).requires_grad_(True)
