@@ -130,11 +130,8 @@ def write_gguf(
     layout = tensor_layout(source, formats, embedding_type, output_type)
     importance = dict(importance or {})
     params = dict(source.module.named_parameters())
-    writer = _indexed_writer(path, arch, metadata, config, plan, layout)
+    writer = _write_index(path, arch, metadata, config, plan, layout)
     try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
         for t in layout:
             writer.write_tensor_data(_tensor_bytes(t, params[t.parameter], importance))
     finally:
@@ -161,13 +158,8 @@ def gguf_file_bytes(
     layout = tensor_layout(source, planned_formats(source, plan), embedding_type, output_type)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "index.gguf"
-        writer = _indexed_writer(path, arch, metadata, config, plan, layout)
-        try:
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-        finally:
-            writer.close()
+        writer = _write_index(path, arch, metadata, config, plan, layout)
+        writer.close()
         index = path.stat().st_size
     pad = functools.partial(GGUFWriter.ggml_pad, n=writer.data_alignment)
     return pad(index) + sum(pad(t.nbytes) for t in layout)
@@ -187,24 +179,32 @@ def _metadata(source: ExportSource, metadata_from: str | os.PathLike | None) -> 
     return metadata
 
 
-def _indexed_writer(
+def _write_index(
     path: Path, arch, metadata: list, config, plan: Plan, layout: list[GGUFTensor]
 ) -> GGUFWriter:
-    """A writer holding the file's metadata and tensor index, nothing written yet."""
+    """A writer on ``path`` that has written the header, the metadata and the tensor index: the
+    caller writes the tensor data (or nothing) and closes it."""
     writer = GGUFWriter(path, arch.name)
-    for key, value, vtype, sub_type in metadata:
-        writer.add_key_value(key, value, vtype, sub_type=sub_type)
-    write_hyperparameters(writer, config, arch)
-    writer.add_string(_PLAN_KEY, _plan_note(plan))
-    for t in layout:
-        rows = t.params // t.shape[-1]
-        writer.add_tensor_info(
-            t.name,
-            (rows, t.nbytes // rows) if len(t.shape) == 2 else (t.nbytes,),
-            np.dtype(np.uint8),
-            t.nbytes,
-            raw_dtype=GGMLQuantizationType[t.type_name],
-        )
+    try:
+        for key, value, vtype, sub_type in metadata:
+            writer.add_key_value(key, value, vtype, sub_type=sub_type)
+        write_hyperparameters(writer, config, arch)
+        writer.add_string(_PLAN_KEY, _plan_note(plan))
+        for t in layout:
+            rows = t.params // t.shape[-1]
+            writer.add_tensor_info(
+                t.name,
+                (rows, t.nbytes // rows) if len(t.shape) == 2 else (t.nbytes,),
+                np.dtype(np.uint8),
+                t.nbytes,
+                raw_dtype=GGMLQuantizationType[t.type_name],
+            )
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+    except BaseException:
+        writer.close()
+        raise
     return writer
 
 
