@@ -153,6 +153,7 @@ def export(
     force: bool = False,
     quantized: torch.nn.Module | None = None,
     rounding: str | None = None,
+    imatrix: bool = False,
     calib: str | None = None,
     n_samples: int = 16,
     seq_len: int = 256,
@@ -169,12 +170,16 @@ def export(
 
     The weights are rounded as ``rounding`` says (default: the plan's own); a model already
     rounded by ``bitplan.quantize`` can be given as ``quantized`` instead, and its codes are
-    stored as they are. An existing ``out`` is refused unless ``force`` (then replaced only
+    stored as they are. ``imatrix`` writes a gguf file with an importance matrix collected on
+    the calibration text (unless ``importance=`` gives one), as ``llama-quantize --imatrix``.
+    An existing ``out`` is refused unless ``force`` (then replaced only
     once the new export is complete). ``options`` go to the back end (``max_shard_bytes``;
     gguf: ``embedding_type``, ``output_type``, ``importance``). Returns what was written, with
     sizes (``report.summary()``)."""
-    from bitplan.exporters import export_model
+    from bitplan.data.calibration import calibration_samples
+    from bitplan.exporters import check_importance_format, export_model
     from bitplan.quantization import rounded_weights
+    from bitplan.scoring.importance import collect_importance
     from bitplan.serving import EXPORT_FORMATS, check_model, check_plan
 
     serve = serve or plan.serve
@@ -183,6 +188,10 @@ def export(
     notes = check_plan(serve, plan.layer_formats, shapes, format)  # before any work
     if serve is not None:
         check_model(serve, getattr(model.module.config, "model_type", None))
+    check_importance_format(imatrix, format)
+    if imatrix and "importance" not in options:
+        tokens = calibration_samples(model.tokenizer, n_samples, seq_len, source=calib)
+        options["importance"] = collect_importance(model, tokens, include_head=plan.include_head)
     if quantized is None and (rounding or plan.rounding) != "rtn":
         quantized = quantize(model, plan, rounding, None, n_samples, seq_len, calib, batch_size)
     rounded = rounded_weights(quantized) if quantized is not None else None
@@ -253,7 +262,8 @@ def search(
 
     ``settings`` are the other fields of ``bitplan.plans.search.SearchConfig`` (``recipe``,
     ``pins``, ``include_head``, ``include_scales``, ``scorer``, ``calib``, ``n_samples``,
-    ``seq_len``, ``batch_size``, ``cache``, ``device``, ``dtype``, ``rounding``) and ``log``
+    ``seq_len``, ``batch_size``, ``cache``, ``device``, ``dtype``, ``rounding``, ``serve``,
+    ``target_size``, ``imatrix``) and ``log``
     (a function given each line worth showing, e.g. ``print``) and ``progress``."""
     from bitplan.distributed import is_main
     from bitplan.plans.search import SearchConfig, run_search, write_search_outputs

@@ -114,9 +114,11 @@ def cmd_search(args: argparse.Namespace) -> None:
     SearchConfig(args.options, args.avg_bits or [], **settings)  # its checks, before loading
     if args.quantize is not None:
         args.format = _export_format(args.format, args.serve, "--quantize needs")
-        from bitplan.serving import check_plan
+        from bitplan.exporters import check_importance_format
+        from bitplan.serving import check_export_format
 
-        check_plan(args.serve, {}, None, args.format)  # the engine reads this format
+        check_export_format(args.serve, args.format)
+        check_importance_format(args.imatrix, args.format)
         if len(args.avg_bits or []) > 1:
             raise BitplanError(
                 "--quantize writes one model: give a single --avg-bits budget "
@@ -205,7 +207,7 @@ def _export(
 ):
     """Write ``model`` quantized by ``plan`` to ``out`` in export format ``fmt``, rounded as
     ``args.rounding`` says (default: the plan's rounding); a gguf file with ``importance`` (the
-    search's), or one collected on the calibration text with --imatrix."""
+    search's), or with one collected on the calibration text when --imatrix."""
     import bitplan
 
     calibration = {k: getattr(args, k) for k in ("calib", "n_samples", "seq_len", "batch_size")}
@@ -213,16 +215,8 @@ def _export(
     options = {}
     if fmt == "gguf":
         options = {k: getattr(args, k, None) for k in ("embedding_type", "output_type")}
-        if importance is None and args.imatrix:
-            from bitplan.data.calibration import calibration_samples
-            from bitplan.scoring.importance import collect_importance
-
-            tokens = calibration_samples(model.tokenizer, args.n_samples, args.seq_len, args.calib)
-            importance = collect_importance(model, tokens, include_head=plan.include_head)
         if importance is not None:
             options["importance"] = importance
-    elif args.imatrix:
-        raise BitplanError("--imatrix is for --format gguf")
     return bitplan.export(
         model,
         plan,
@@ -231,6 +225,7 @@ def _export(
         serve=args.serve,
         force=force,
         rounding=args.rounding,
+        imatrix=args.imatrix,
         **calibration,
         **options,
     )
@@ -258,7 +253,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
     rounding = args.rounding or plan.rounding
     _check_rounding(rounding, args.format, args.stream, args.calib)
-    from bitplan.exporters import check_destination
+    from bitplan.exporters import check_destination, check_importance_format
     from bitplan.formats import parse_format
     from bitplan.quantization.sequential import check_rounding_formats
 
@@ -270,6 +265,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             f"the plan's {', '.join(needs)} need an importance matrix: add --imatrix"
         )
     check_plan(serve, plan.layer_formats, None, args.format)  # what can be known before loading
+    check_importance_format(args.imatrix, args.format)
 
     check_destination(args.out, args.format, args.force, reading=args.model)  # before loading
     import bitplan

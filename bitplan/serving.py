@@ -230,6 +230,14 @@ def check_gguf_architecture(model_type: str | None) -> None:
         )
 
 
+def check_export_format(engine: str | None, export_format: str | None) -> None:
+    """Refuse an export in another format than ``engine`` reads (and an unknown engine)."""
+    check_target(engine)
+    wanted = EXPORT_FORMATS.get(engine)
+    if engine is not None and export_format is not None and export_format != wanted:
+        raise BitplanError(f"--serve {engine} reads the {wanted} export, not {export_format}")
+
+
 def check_plan(
     engine: str | None,
     layer_formats: Mapping[str, str],
@@ -239,12 +247,9 @@ def check_plan(
     """Refuse a plan (layer -> format name) ``engine`` cannot run, or an export in another
     format than the engine reads; the notes worth printing otherwise. Without the layers'
     ``shapes`` (before the model is loaded) only the shape-free rules are checked."""
-    check_target(engine)
+    check_export_format(engine, export_format)
     if engine is None:
         return []
-    wanted = EXPORT_FORMATS[engine]
-    if export_format is not None and export_format != wanted:
-        raise BitplanError(f"--serve {engine} reads the {wanted} export, not {export_format}")
     formats = {name: parse_format(name) for name in set(layer_formats.values())}
     for layer, name in layer_formats.items():
         if shapes is None:

@@ -168,3 +168,21 @@ def test_an_importance_matrix_opens_the_types_that_need_one(gguf_loaded, tmp_pat
     assert report.type_counts.get("IQ2_XS", 0) > 0
     with pytest.raises(BitplanError, match="importance"):
         bitplan.export(gguf_loaded, plan, tmp_path / "none.gguf", "gguf")
+
+
+def test_imatrix_on_the_command_line_is_refused_for_other_exports_before_loading(capsys):
+    assert main(["search", "no/such-model-anywhere", "--options", "q4_0,q8_0", "--avg-bits",
+                 "6", "--imatrix", "--quantize", "x", "--format", "packed"]) == 2  # fmt: skip
+    assert "importance matrix (--imatrix) is for the gguf export, not packed" in (
+        capsys.readouterr().err
+    )
+
+
+def test_the_library_export_collects_an_imatrix_when_asked(gguf_loaded, tmp_path):
+    plan = bitplan.plan(gguf_loaded, None, recipe="uniform", options="iq2_xs,q8_0")
+    (plan,) = plan.values()
+    report = bitplan.export(gguf_loaded, plan, tmp_path / "m.gguf", imatrix=True, n_samples=2,
+                            seq_len=16)  # fmt: skip
+    assert report.type_counts.get("IQ2_XS", 0) > 0
+    with pytest.raises(BitplanError, match="for the gguf export, not packed"):
+        bitplan.export(gguf_loaded, plan, tmp_path / "p", "packed", imatrix=True)

@@ -20,13 +20,19 @@ model as an ``ExportSource`` (module, layer table, weight reader); nothing here 
 from bitplan.exporters.load import export_kind
 from bitplan.exporters.report import ExportReport
 from bitplan.exporters.source import ExportSource
-from bitplan.exporters.writer import EXPORT_FORMATS, check_destination, export_model
+from bitplan.exporters.writer import (
+    EXPORT_FORMATS,
+    check_destination,
+    check_importance_format,
+    export_model,
+)
 
 __all__ = [
     "EXPORT_FORMATS",
     "ExportReport",
     "ExportSource",
     "check_destination",
+    "check_importance_format",
     "export_kind",
     "export_model",
 ]

@@ -77,6 +77,12 @@ def check_destination(
     return out
 
 
+def check_importance_format(imatrix: bool, format: str) -> None:
+    """Refuse an importance matrix for an export that does not use one (only gguf does)."""
+    if imatrix and format != "gguf":
+        raise BitplanError(f"an importance matrix (--imatrix) is for the gguf export, not {format}")
+
+
 def check_rounded(source: ExportSource, formats: dict[str, Format], backend: Backend) -> None:
     """Tuned weights must be of the plan's layers and formats, and the back end must store
     them (GGUF has its own super-block layout that GPTQ does not round for yet)."""
