@@ -48,6 +48,7 @@ from bitplan.plans import (
     solve_gguf_plans,
     uniform_gguf_plan,
 )
+from bitplan.plans.measured import check_tokens, least_divergent
 from bitplan.scoring import score
 from bitplan.scoring.importance import collect_importance
 
@@ -133,6 +134,12 @@ def main() -> None:
     parser.add_argument("--heldout-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", type=Path, help="draw KL against file size into this PNG")
+    parser.add_argument(
+        "--like",
+        action="store_true",
+        help="also measure `bitplan search --like MIX`: bitplan's plan or the mix, whichever "
+        "diverges less on calibration windows the scores did not use",
+    )
     args = parser.parse_args()
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -224,6 +231,15 @@ def main() -> None:
         ours = solve_gguf_plans(model, options, scores_for(options), [rule.avg_bits], model_id)[0]
         measure(f"{mix} rule", rule, embedding_type, output_type, mix=mix, recipe="rule")
         measure(f"{mix} bitplan", ours, embedding_type, output_type, mix=mix, recipe="bitplan")
+        if args.like and not results.has(f"{mix} like"):
+            check = check_tokens(model, args.calib_samples, args.calib_len)
+            best, kls = least_divergent(
+                model, [ours, rule], check, embedding_type, output_type, importance
+            )
+            kept = {"calib_kl": kls, "kept": ["bitplan", "rule"][best]}
+            print(f"{mix} --like: calibration KL bitplan {kls[0]:.5f}, rule {kls[1]:.5f}")
+            measure(f"{mix} like", [ours, rule][best], embedding_type, output_type, mix=mix,
+                    recipe="bitplan --like", **kept)  # fmt: skip
         check = f"{mix} vs llama_model_quantize"
         if check not in results.data["checks"]:
             theirs, mine = out / f"{mix}-llama-quantize.gguf", out / f"{mix}-rule-plain.gguf"
@@ -270,6 +286,15 @@ def print_table(data: dict, mixes: list[str]) -> None:
             f"| {rule['kl']:.5f} | {ours['kl']:.5f} | {ours['kl'] / rule['kl']:.2f} "
             f"| {rule['top1']:.4f} / {ours['top1']:.4f} | {rule['ppl']:.3f} / {ours['ppl']:.3f} |"
         )
+    liked = [(mix, rows[f"{mix} rule"], rows[f"{mix} like"]) for mix in mixes
+             if f"{mix} like" in rows and f"{mix} rule" in rows]  # fmt: skip
+    if liked:
+        print("\n| mix | calibration KL bitplan / rule | kept | held-out KL | ÷ rule |")
+        print("|---|---:|---|---:|---:|")
+        for mix, rule, like in liked:
+            ours, theirs = like["calib_kl"]
+            print(f"| {mix} | {ours:.5f} / {theirs:.5f} | {like['kept']} | {like['kl']:.5f} "
+                  f"| {like['kl'] / rule['kl']:.2f} |")  # fmt: skip
     for key, line in data["checks"].items():
         print(f"- {key}: {line}")
 

@@ -110,6 +110,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         serve=args.serve,
         target_size=args.target_size,
         imatrix=args.imatrix,
+        like=args.like,
     )
     SearchConfig(args.options, args.avg_bits or [], **settings)  # its checks, before loading
     if args.quantize is not None:
@@ -499,6 +500,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead of --avg-bits: the largest .gguf file to make, everything counted "
         "(metadata, embedding, output), e.g. 80MiB, 1.5GB or a number of bytes; options must "
         "be llama.cpp types (e.g. gguf-all)",
+    )
+    budget.add_argument(
+        "--like",
+        metavar="MIX",
+        help="instead of --avg-bits: the size of llama.cpp's mix MIX (Q2_K ... Q6_K, IQ2_M, "
+        "IQ3_M, IQ4_XS) on this model; after the search, bitplan's plan and the mix are both "
+        "measured (KL from the model on calibration text the scores did not use) and the one "
+        "that diverges less is written. Options must be llama.cpp types (e.g. gguf-all)",
     )
     search.add_argument("--out", default="plans", help="output folder (default: plans)")
     search.add_argument(

@@ -225,7 +225,7 @@ def mix_tensor_types(mix: str, hidden_size: int | None = None) -> tuple[str, str
     writes the output in Q8_0, whatever the mix (for Q6_K that is also its fallback, but not
     for the Q5_K of IQ2_M, whose fallback would be Q5_1). Without ``hidden_size`` the output
     type assumes rows that 256 divides."""
-    _check_mix(mix)
+    check_mix(mix)
     if hidden_size is not None and hidden_size % 256:
         output = "q8_0"
     else:
@@ -233,9 +233,13 @@ def mix_tensor_types(mix: str, hidden_size: int | None = None) -> tuple[str, str
     return _EMBEDDING_TYPE.get(mix, _BASE_TYPE[mix]), output
 
 
-def _check_mix(mix: str) -> None:
+def check_mix(mix: str, imatrix: bool = True) -> None:
+    """Refuse a name that is not one of the llama.cpp mixes bitplan reproduces, or (without an
+    ``imatrix``) a mix whose types llama-quantize makes only with an importance matrix."""
     if mix not in _BASE_TYPE:
         raise BitplanError(f"unknown llama.cpp mix {mix!r}; known: {', '.join(LLAMA_CPP_MIXES)}")
+    if not imatrix and parse_format(_BASE_TYPE[mix]).requires_importance:
+        raise BitplanError(f"llama.cpp's {mix} needs an importance matrix: add --imatrix")
 
 
 def llama_cpp_mix_plan(
@@ -244,7 +248,7 @@ def llama_cpp_mix_plan(
     """llama.cpp's ``mix`` (``"Q4_K_M"`` ...) for the decoder layers of ``model``, as a Plan;
     ``imatrix``: as llama-quantize chooses when given an importance matrix (which the IQ2_M mix
     needs, and which changes IQ4_XS's rule)."""
-    _check_mix(mix)
+    check_mix(mix)
     config = model.module.config
     gqa = config.num_attention_heads // config.num_key_value_heads
     n_blocks = model.layers.num_blocks

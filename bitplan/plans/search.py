@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bitplan.compute import ComputeDtype, choose_dtype
 from bitplan.data.calibration import calibration_samples
@@ -34,7 +36,13 @@ from bitplan.model.loading import LoadedModel
 from bitplan.model.streaming import BlockLoader
 from bitplan.plans.build import PlanSpace
 from bitplan.plans.plan import ROUNDINGS, Plan, scored_rounding
-from bitplan.plans.recipes import RECIPES, recipe_plan, ungrouped
+from bitplan.plans.recipes import (
+    RECIPES,
+    check_mix,
+    llama_cpp_mix_plan,
+    recipe_plan,
+    ungrouped,
+)
 from bitplan.quantization.sequential import check_rounding_formats
 from bitplan.scoring import Scores, score
 from bitplan.scoring.importance import collect_importance
@@ -63,6 +71,9 @@ class SearchConfig:
     serve: str | None = None  # an engine the plans must run on (bitplan.serving.SERVE_TARGETS)
     target_size: int | None = None  # bytes of the whole .gguf file, instead of budgets
     imatrix: bool = False  # llama.cpp types scored (and exported) with an importance matrix
+    #: A llama.cpp mix (``Q4_K_M`` ...) to match instead of budgets: its size is the budget,
+    #: and the mix itself is kept where it measures better (``bitplan.plans.measured``).
+    like: str | None = None
     formats: list[Format] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -97,6 +108,8 @@ class SearchConfig:
         check_options(self.serve, self.formats)
         if self.target_size is not None:
             self._check_target_size()
+        if self.like is not None:
+            self._check_like()
         if self.imatrix and not makes_a_gguf_file(self.formats):
             raise BitplanError("--imatrix is llama.cpp's: give llama.cpp types as options")
         needs = [fmt.name for fmt in self.formats if fmt.requires_importance]
@@ -117,6 +130,20 @@ class SearchConfig:
             )
         if not self.include_scales:
             raise BitplanError("--target-size counts every stored byte: drop --ignore-scale-bits")
+
+    def _check_like(self) -> None:
+        if self.budgets or self.recipe is not None or self.target_size is not None:
+            raise BitplanError("--like MIX is the budget: drop --avg-bits, --target-size, --recipe")
+        check_mix(self.like, self.imatrix)
+        if not makes_a_gguf_file(self.formats):
+            raise BitplanError(
+                "--like matches a llama.cpp mix: give llama.cpp types as options (e.g. gguf-all)"
+            )
+        if self.include_head or self.pins or not self.include_scales:
+            raise BitplanError(
+                "--like plans the decoder layers at the mix's size, scales counted: drop "
+                "--quantize-head, --pin and --ignore-scale-bits"
+            )
 
     @property
     def options_label(self) -> str:
@@ -174,7 +201,7 @@ def run_search(
         ]
         return SearchResult(_rounded(plans, config.rounding), None, [], table)
 
-    if not budgets and config.target_size is None:
+    if not budgets and config.target_size is None and config.like is None:
         raise BitplanError("give one or more target budgets with --avg-bits, e.g. 4.5 5 6")
     tokens = calibration_samples(
         model.tokenizer, n_samples=config.n_samples, seq_len=config.seq_len, source=config.calib
@@ -210,8 +237,39 @@ def run_search(
         )
     if config.target_size is not None:
         budgets = [budget_for_file_size(space, scores, model, config.target_size, log)]
+    if config.like is not None:
+        mix = llama_cpp_mix_plan(model, config.like, model.identity, imatrix=config.imatrix)
+        budgets = [mix.avg_bits]
     plans = _rounded(space.solve(scores, budgets, model.identity), config.rounding)
+    if config.like is not None:
+        plans = [_measured_choice(model, plans[0], mix, config, importance, log)]
     return SearchResult(plans, scores, space.front(scores), table, importance=importance)
+
+
+def _measured_choice(
+    model: LoadedModel,
+    solved: Plan,
+    mix: Plan,
+    config: SearchConfig,
+    importance: Any,
+    log: Callable[[str], object] | None,
+) -> Plan:
+    """The solved plan or the mix it matches, whichever file diverges less from the model on
+    calibration windows the scores did not use (``bitplan.plans.measured``)."""
+    from bitplan.plans.measured import check_tokens, least_divergent
+
+    tokens = check_tokens(model, config.n_samples, config.seq_len, config.calib)
+    best, kls = least_divergent(model, [solved, mix], tokens, importance=importance)
+    kept = [solved, mix][best]
+    kept.budget_avg_bits = mix.avg_bits
+    if log is not None:
+        which = "bitplan's plan" if best == 0 else "the mix"
+        log(
+            f"{config.like}: KL of bitplan's plan {kls[0]:.5f}, of llama.cpp's mix {kls[1]:.5f} "
+            f"(nats/token on {tokens.shape[0]} x {tokens.shape[1]} calibration tokens the scores "
+            f"did not use): kept {which}"
+        )
+    return kept
 
 
 def budget_for_file_size(
@@ -294,10 +352,12 @@ def budget_label(bits: float) -> str:
 
 
 def plan_file_name(plan: Plan) -> str:
-    """``plan_bitplan_4p5.json``, ``plan_tail_6.json``: recipe and budget."""
+    """``plan_bitplan_4p5.json``, ``plan_tail_6.json``, ``plan_llama.cpp_Q4_K_M_4p89.json``:
+    recipe (anything but letters, digits, dots and dashes as ``_``) and budget."""
+    recipe = re.sub(r"[^\w.-]+", "_", plan.recipe).strip("_")
     if plan.budget_avg_bits is None:
-        return f"plan_{plan.recipe}.json"
-    return f"plan_{plan.recipe}_{budget_label(plan.budget_avg_bits)}.json"
+        return f"plan_{recipe}.json"
+    return f"plan_{recipe}_{budget_label(plan.budget_avg_bits)}.json"
 
 
 def _remove_other_searches_scores(out: Path, options: list[str]) -> None:
