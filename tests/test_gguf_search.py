@@ -186,3 +186,62 @@ def test_the_library_export_collects_an_imatrix_when_asked(gguf_loaded, tmp_path
     assert report.type_counts.get("IQ2_XS", 0) > 0
     with pytest.raises(BitplanError, match="for the gguf export, not packed"):
         bitplan.export(gguf_loaded, plan, tmp_path / "p", "packed", imatrix=True)
+
+
+def test_like_a_mix_keeps_the_plan_or_the_mix_whichever_measures_better(gguf_loaded, monkeypatch):
+    """``--like MIX``: the mix's size is the budget; of bitplan's plan and the mix, the one
+    whose file diverges less on calibration windows the scores did not use is kept."""
+    from bitplan.plans import llama_cpp_mix_plan, measured
+
+    settings = dict(n_samples=4, seq_len=32, dtype="float32", progress=False)
+    mix = llama_cpp_mix_plan(gguf_loaded, "Q4_K_M")
+    (solved,) = bitplan.search(gguf_loaded, "gguf-all", [mix.avg_bits], **settings).plans
+    tokens = measured.check_tokens(gguf_loaded, 4, 32)
+    assert not torch.equal(tokens, measured.check_tokens(gguf_loaded, 0, 32)[:8])  # unseen
+    best, kls = measured.least_divergent(gguf_loaded, [solved, mix], tokens)
+    (kept,) = bitplan.search(gguf_loaded, "gguf-all", like="Q4_K_M", **settings).plans
+    assert kept.layer_formats == [solved, mix][best].layer_formats
+    assert kept.budget_avg_bits == pytest.approx(mix.avg_bits)
+    assert kept.avg_bits <= mix.avg_bits + 1e-9
+    # Both ways through: a measurement that prefers the other plan keeps the other plan.
+    other = 1 - best
+    monkeypatch.setattr(measured, "least_divergent", lambda *a, **k: (other, kls[::-1]))
+    (kept,) = bitplan.search(gguf_loaded, "gguf-all", like="Q4_K_M", **settings).plans
+    assert kept.layer_formats == [solved, mix][other].layer_formats
+
+
+def test_the_less_divergent_plan_is_the_one_with_more_bits(gguf_loaded):
+    from bitplan.plans import uniform_gguf_plan
+    from bitplan.plans.measured import check_tokens, least_divergent
+
+    low, high = (uniform_gguf_plan(gguf_loaded, fmt) for fmt in ("q2_k", "q8_0"))
+    tokens = check_tokens(gguf_loaded, 4, 32, windows=2)
+    best, kls = least_divergent(gguf_loaded, [low, high, low], tokens)
+    assert best == 1 and 0 < kls[1] < kls[0] and kls[2] == kls[0]
+
+
+def test_like_refuses_what_it_cannot_match_before_loading(gguf_loaded, tiny_folder, capsys):
+    settings = dict(n_samples=4, seq_len=32, dtype="float32", progress=False)
+    for options, extra, message in [
+        ("mxfp4,mxfp8", {}, "llama.cpp types"),
+        ("gguf-all", {"avg_bits": 5}, "drop --avg-bits"),
+        ("gguf-all", {"include_head": True}, "drop --quantize-head"),
+    ]:
+        with pytest.raises(BitplanError, match=message):
+            bitplan.search(gguf_loaded, options, like="Q4_K_M", **extra, **settings)
+    with pytest.raises(BitplanError, match="unknown llama.cpp mix 'Q4_K_X'"):
+        bitplan.search(gguf_loaded, "gguf-all", like="Q4_K_X", **settings)
+    with pytest.raises(BitplanError, match="IQ2_M needs an importance matrix: add --imatrix"):
+        bitplan.search(gguf_loaded, "gguf-all", like="IQ2_M", **settings)
+    argv = ["search", str(tiny_folder), "--options", "gguf-all", "--like", "Q4_K_M"]
+    assert main([*argv, "--avg-bits", "5"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_plan_files_of_a_mix_have_plain_names():
+    from bitplan.plans.search import plan_file_name
+
+    plan = type("P", (), {"recipe": "llama.cpp IQ4_XS (imatrix)", "budget_avg_bits": 4.25})()
+    assert plan_file_name(plan) == "plan_llama.cpp_IQ4_XS_imatrix_4p25.json"
+    plan.recipe = "bitplan"
+    assert plan_file_name(plan) == "plan_bitplan_4p25.json"

@@ -1,6 +1,7 @@
 """How llama.cpp's CPU matmuls round their activations: each weight type has a ``vec_dot_type``
-into which the input is quantized first (8-bit blocks: Q8_0 for Q4_0 ... Q8_0 and MXFP4, Q8_K
-for the k-quants; bf16 / f16 for those types). ``round_activations(module, stored_types)`` adds
+into which the input is quantized first (8-bit blocks: Q8_0 for Q4_0 ... Q8_0, MXFP4 and IQ4_NL,
+Q8_K for the k-quants and the other i-quants, as their ``ggml_vec_dot_<type>_q8_K`` kernels
+say; bf16 / f16 for those types). ``round_activations(module, stored_types)`` adds
 that rounding to a torch model, which then differs from llama.cpp only by summation order."""
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ def _round_to(dtype: torch.dtype) -> Rounding:
 
 #: llama.cpp's CPU ``vec_dot_type``: how a matmul rounds its activations for each weight type.
 ACTIVATION_ROUNDING: dict[str, Rounding] = {
-    **dict.fromkeys(["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4"], round_q8_0),
+    **dict.fromkeys(["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "IQ4_NL"], round_q8_0),
     **dict.fromkeys(["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"], round_q8_k),
+    **dict.fromkeys(
+        ["IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"], round_q8_k
+    ),
     "BF16": _round_to(torch.bfloat16),
     "F16": _round_to(torch.float16),
 }
