@@ -256,15 +256,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     _check_rounding(rounding, args.format, args.stream, args.calib)
     from bitplan.exporters import check_destination, check_importance_format
     from bitplan.formats import parse_format
+    from bitplan.formats.gguf import check_importance_given
     from bitplan.quantization.sequential import check_rounding_formats
 
     planned = [parse_format(name) for name in sorted(set(plan.layer_formats.values()))]
     check_rounding_formats(rounding, planned)
-    needs = [fmt.name for fmt in planned if fmt.requires_importance]
-    if needs and not args.imatrix:
-        raise BitplanError(
-            f"the plan's {', '.join(needs)} need an importance matrix: add --imatrix"
-        )
+    check_importance_given(planned, args.imatrix, "the plan's ")
     check_plan(serve, plan.layer_formats, None, args.format)  # what can be known before loading
     check_importance_format(args.imatrix, args.format)
 

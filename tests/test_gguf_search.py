@@ -178,6 +178,19 @@ def test_imatrix_on_the_command_line_is_refused_for_other_exports_before_loading
     )
 
 
+def test_quantize_refuses_a_plan_that_needs_an_imatrix_without_one_before_loading(
+    gguf_loaded, tmp_path, capsys
+):
+    (plan,) = bitplan.plan(gguf_loaded, None, recipe="uniform", options="iq2_xs,q8_0").values()
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    argv = ["quantize", "no/such-model-anywhere", "--plan", str(path), "--format", "gguf"]
+    assert main([*argv, "--out", str(tmp_path / "m.gguf")]) == 2
+    assert "the plan's iq2_xs need an importance matrix, as in llama-quantize: add --imatrix" in (
+        capsys.readouterr().err
+    )
+
+
 def test_the_library_export_collects_an_imatrix_when_asked(gguf_loaded, tmp_path):
     plan = bitplan.plan(gguf_loaded, None, recipe="uniform", options="iq2_xs,q8_0")
     (plan,) = plan.values()

@@ -41,7 +41,7 @@ used). docs/GGUF.md lists the checks and the remaining caveats.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -880,6 +880,17 @@ def makes_a_gguf_file(formats: Sequence[Format]) -> bool:
     return any(gguf) and all(
         g or isinstance(f, BF16Format) for g, f in zip(gguf, formats, strict=True)
     )
+
+
+def check_importance_given(formats: Iterable[Format], imatrix: bool, whose: str = "") -> None:
+    """Refuse, without an importance matrix (``imatrix``), formats llama.cpp quantizes only
+    with one; ``whose`` starts the message (e.g. "the plan's ")."""
+    needs = [fmt.name for fmt in formats if fmt.requires_importance]
+    if needs and not imatrix:
+        raise BitplanError(
+            f"{whose}{', '.join(needs)} need an importance matrix, as in llama-quantize: "
+            "add --imatrix"
+        )
 
 
 def gguf_format_names() -> list[str]:

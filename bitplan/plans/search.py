@@ -29,7 +29,7 @@ from bitplan.data.text import check_text_source
 from bitplan.distributed import is_main
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format_list
-from bitplan.formats.gguf import makes_a_gguf_file
+from bitplan.formats.gguf import check_importance_given, makes_a_gguf_file
 from bitplan.jsonio import write_json_atomic
 from bitplan.model.layers import LayerTable
 from bitplan.model.loading import LoadedModel
@@ -112,11 +112,7 @@ class SearchConfig:
             self._check_like()
         if self.imatrix and not makes_a_gguf_file(self.formats):
             raise BitplanError("--imatrix is llama.cpp's: give llama.cpp types as options")
-        needs = [fmt.name for fmt in self.formats if fmt.requires_importance]
-        if needs and not self.imatrix:
-            raise BitplanError(
-                f"{', '.join(needs)} need an importance matrix, as in llama-quantize: add --imatrix"
-            )
+        check_importance_given(self.formats, self.imatrix)
 
     def _check_target_size(self) -> None:
         if self.budgets or self.recipe is not None:
