@@ -222,6 +222,8 @@ def main() -> None:
         else None
     )
     hidden = model.module.config.hidden_size
+    # --like's windows: the calibration text after the windows the scores used.
+    windows = check_tokens(model, args.calib_samples, args.calib_len) if args.like else None
     for mix in mixes:
         rule = llama_cpp_mix_plan(model, mix, model_id, imatrix=importance is not None)
         embedding_type, output_type = mix_tensor_types(mix, hidden)
@@ -232,9 +234,8 @@ def main() -> None:
         measure(f"{mix} rule", rule, embedding_type, output_type, mix=mix, recipe="rule")
         measure(f"{mix} bitplan", ours, embedding_type, output_type, mix=mix, recipe="bitplan")
         if args.like and not results.has(f"{mix} like"):
-            check = check_tokens(model, args.calib_samples, args.calib_len)
             best, kls = least_divergent(
-                model, [ours, rule], check, embedding_type, output_type, importance
+                model, [ours, rule], windows, embedding_type, output_type, importance
             )
             kept = {"calib_kl": kls, "kept": ["bitplan", "rule"][best]}
             print(f"{mix} --like: calibration KL bitplan {kls[0]:.5f}, rule {kls[1]:.5f}")

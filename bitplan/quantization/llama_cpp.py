@@ -41,9 +41,10 @@ def _round_to(dtype: torch.dtype) -> Rounding:
 #: llama.cpp's CPU ``vec_dot_type``: how a matmul rounds its activations for each weight type.
 ACTIVATION_ROUNDING: dict[str, Rounding] = {
     **dict.fromkeys(["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "IQ4_NL"], round_q8_0),
-    **dict.fromkeys(["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"], round_q8_k),
     **dict.fromkeys(
-        ["IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"], round_q8_k
+        ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ3_S", "IQ3_XXS"]
+        + ["IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"],
+        round_q8_k,
     ),
     "BF16": _round_to(torch.bfloat16),
     "F16": _round_to(torch.float16),
