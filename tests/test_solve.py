@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bitplan.errors import BitplanError
@@ -155,6 +155,16 @@ def test_pareto_front_is_the_brute_force_front(instance):
 
 @settings(max_examples=60, deadline=None)
 @given(instances(dyadic=False), st.floats(0, 1))
+@example(  # a subnormal largest score once overflowed the MILP's objective scaling (CI)
+    (
+        [
+            Unit("u0", None, 1, {"a": 0, "b": 1, "c": 1}, {"a": 5e-324, "b": 0.0, "c": 0.0}),
+            Unit("u1", None, 1, {"a": 1, "b": 1}, {"a": 0.0, "b": 0.0}),
+        ],
+        {"u1": "a"},
+    ),
+    1.0,
+)
 def test_milp_fallback_agrees_with_dp(instance, fraction):
     units, pins = instance
     target = budgets_for(units, pins, fraction)

@@ -54,8 +54,8 @@ def solve_milp(problem: Problem, budget_bits: int, time_limit: float | None = No
     room = (budget_bits - base_bits) // divisor
     bits_row = np.array([b // divisor for b in extra_bits], dtype=np.float64)
     scores = np.array(extra_scores, dtype=np.float64)
-    if scores.max() > 0:
-        scores *= _SCORE_SCALE / scores.max()
+    if scores.max() > 0:  # divided first: _SCORE_SCALE / a subnormal maximum overflows
+        scores = scores / scores.max() * _SCORE_SCALE
 
     n_vars = len(owner)
     one_each = csr_array(
