@@ -132,7 +132,7 @@ def quantize(
 
     GPTQ rounds block by block on calibration ``tokens`` (default: ``n_samples`` x ``seq_len``
     tokens of ``calib``, the shipped text unless given); ``tuned`` then tunes each block's
-    rounding on its output (integer formats). ``bitplan.export(..., quantized=module)`` stores
+    rounding on its output. ``bitplan.export(..., quantized=module)`` stores
     the codes and scales it chose."""
     from bitplan.data.calibration import calibration_samples
     from bitplan.quantization.sequential import quantize_model

@@ -52,8 +52,8 @@ def test_search_quantize_chains_search_and_export(tmp_path, tiny_folder, capsys)
 
 def test_search_and_quantize_with_tuned_rounding(tmp_path, tiny_folder, capsys):
     """A search for tuned rounding records it and scores as GPTQ does (the same cached scores);
-    quantize tunes and the export reloads to the library's tuned model; tuning refuses MX
-    before loading the model."""
+    quantize tunes and the export reloads to the library's tuned model; tuning refuses a GGUF
+    type before loading the model."""
     folder, plans = tiny_folder, tmp_path / "plans"
     calibration = ["--n-samples", "4", "--seq-len", "32"]
     search = ["search", str(folder), "--options", "w2g32,w4g32", "--avg-bits", "3", *calibration]
@@ -78,10 +78,10 @@ def test_search_and_quantize_with_tuned_rounding(tmp_path, tiny_folder, capsys):
     assert json.loads((out / "config.json").read_text())["quantization_config"]["rounding"] == (
         "tuned"
     )
-    mx = ["search", str(folder), "--options", "mxfp4,mxfp8", "--avg-bits", "5", "--rounding"]
-    assert main([*mx, "tuned", "--out", str(tmp_path / "mx")]) == 2
-    assert "block tuning supports integer weight formats, not mxfp4" in capsys.readouterr().err
-    assert not (tmp_path / "mx").exists()
+    gguf = ["search", str(folder), "--options", "q4_k,q8_0", "--avg-bits", "5", "--rounding"]
+    assert main([*gguf, "tuned", "--out", str(tmp_path / "gguf")]) == 2
+    assert "GPTQ rounding is not available for q4_k" in capsys.readouterr().err
+    assert not (tmp_path / "gguf").exists()
 
 
 def test_search_and_quantize_with_gptq_rounding(tmp_path, tiny_folder, capsys):

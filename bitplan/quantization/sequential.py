@@ -27,7 +27,7 @@ from bitplan.model.layers import find_blocks
 from bitplan.plans.plan import ROUNDINGS
 from bitplan.quantization import FakeQuantLinear, apply_formats, apply_plan, replace_module
 from bitplan.quantization.gptq import Hessian, check_gptq_format, gptq_sweep
-from bitplan.quantization.tune import TunableRounding, check_tunable_format, tune_block
+from bitplan.quantization.tune import TunableRounding, tune_block
 from bitplan.scoring.replay import record_block_inputs, run_block
 
 #: What block tuning brings each block's output close to: the unquantized block's output on the
@@ -57,7 +57,7 @@ def gptq_model(
     searches each group's scales (``gptq.clipped_scales``), ``act_order`` rounds the columns
     by decreasing input energy and ``clip_weighted`` weights the scale search by it
     (``gptq.gptq_round``). With ``tune_iters`` > 0 each block's rounding is then tuned on the
-    block's output for that many steps, one batch each (``tune.tune_block``: integer formats;
+    block's output for that many steps, one batch each (``tune.tune_block``;
     learning rate ``tune_lr``, by default 0.25 / ``tune_iters``), towards ``tune_target``
     (``TUNE_TARGETS``)."""
     resolved = {n: f if isinstance(f, Format) else parse_format(f) for n, f in formats.items()}
@@ -136,9 +136,7 @@ def check_rounding_formats(rounding: str, formats: Iterable[Format]) -> None:
     for fmt in {f.name: f for f in formats}.values():
         if rounding == "rtn" or isinstance(fmt, BF16Format):
             continue
-        check_gptq_format(fmt)
-        if rounding == "tuned":
-            check_tunable_format(fmt)
+        check_gptq_format(fmt)  # tuning starts from GPTQ and rounds whatever it rounds
 
 
 def quantize_model(

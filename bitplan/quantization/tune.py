@@ -15,8 +15,14 @@ They are fitted by signed gradient descent (each step moves every number by the 
 times its gradient's sign, the rate falling linearly to 0) on the squared error between the
 block's output with the rounded weights and a target (``sequential.TUNE_TARGETS``; by default
 the unquantized model's own hidden states after the block), rounding passing gradients straight
-through. The numbers of the pass over the batches with the least summed error are kept. Integer
-formats only for now (MX scales are powers of two and their grid is not evenly spaced).
+through. The numbers of the pass over the batches with the least summed error are kept.
+
+Only integer formats tune their scales. MX scales are powers of two, and NVFP4's and FP8's follow
+their own rules (a float8 block scale under a tensor scale), so for those formats the offsets
+alone are tuned (in units of the block's scale, as auto-round's MX SignRound adds them) and the
+scales stay as GPTQ chose them. On a minifloat grid an offset of up to half a scale unit moves a
+weight to the other neighbour of its latent value where the grid is fine (FP4 below 2) and only
+near a midpoint where it is coarse.
 """
 
 from __future__ import annotations
@@ -27,9 +33,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from bitplan.errors import BitplanError
-from bitplan.formats import Format
-from bitplan.formats.block_scaled import BlockScales, RoundedWeight, nonzero_or_one
+from bitplan.formats.block_scaled import (
+    BlockScaledFormat,
+    BlockScales,
+    RoundedWeight,
+    nonzero_or_one,
+)
 from bitplan.formats.blocks import from_blocks, to_blocks
 from bitplan.formats.integer import IntegerWeights
 from bitplan.quantization import quantized_input, replace_module
@@ -39,42 +48,45 @@ from bitplan.scoring.replay import run_block
 SCALE_FACTOR_RANGE = (0.5, 1.25)
 
 
-def check_tunable_format(fmt: Format) -> None:
-    """Raise BitplanError unless block tuning can round ``fmt`` (integer weights)."""
-    if not isinstance(fmt, IntegerWeights):
-        raise BitplanError(
-            f"block tuning supports integer weight formats, not {fmt.name}; "
-            "use --rounding gptq for it"
-        )
-
-
 def _straight_through(exact: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``exact``'s value with ``x``'s gradient (for rounding, which has none)."""
     return x + (exact - x).detach()
 
 
 class TunableRounding(nn.Module):
-    """One layer's rounding with trainable offsets and scale factors (see the module doc)."""
+    """One layer's rounding with trainable offsets (and, for integer formats, scale factors;
+    see the module doc)."""
 
-    def __init__(self, fmt: IntegerWeights, start: RoundedWeight, latent: torch.Tensor) -> None:
+    def __init__(self, fmt: BlockScaledFormat, start: RoundedWeight, latent: torch.Tensor) -> None:
         super().__init__()
-        check_tunable_format(fmt)
         self.fmt = fmt
         self.length = latent.shape[-1]
         self.register_buffer("latent", to_blocks(latent.float(), start.block_size))
         self.register_buffer("start_scale", start.scales.scale.clone())
         zero_point = start.scales.zero_point
         self.register_buffer("zero_point", None if zero_point is None else zero_point.clone())
+        self.register_buffer("global_scale", start.scales.global_scale)
         self.offset = nn.Parameter(torch.zeros_like(self.latent))
-        self.scale_factor = nn.Parameter(torch.ones_like(self.start_scale))
+        self.tunes_scales = isinstance(fmt, IntegerWeights)
+        factor = nn.Parameter(torch.ones_like(self.start_scale)) if self.tunes_scales else None
+        self.register_parameter("scale_factor", factor)
 
     def scales(self) -> BlockScales:
-        """The groups' scales, as their float16 storage holds them (gradients pass through)."""
+        """The groups' scales, as their storage holds them (gradients pass through): an integer
+        group's float16 scale times its factor, or GPTQ's scales as they are."""
+        if not self.tunes_scales:
+            return BlockScales(self.start_scale, self.zero_point, self.global_scale)
         scale = self.start_scale * self.scale_factor
         return BlockScales(_straight_through(scale.half().float(), scale), self.zero_point)
 
     def _elements(self, scales: BlockScales) -> torch.Tensor:
-        """The integer codes, as blocks, with rounding passing gradients straight through."""
+        """The elements (integer codes or minifloat values) as blocks, with rounding passing
+        gradients straight through to the offsets (and the scale factors)."""
+        if not self.tunes_scales:
+            divisor = scales.divisor()
+            with torch.no_grad():  # the format's own rounding, at the offset's latent value
+                exact = self.fmt.round(self.latent + self.offset * divisor, scales)
+            return _straight_through(exact, self.latent / divisor + self.offset)
         x = self.latent / nonzero_or_one(scales.scale) + self.offset
         codes = _straight_through(torch.round(x), x)
         if self.fmt.symmetric:
@@ -82,24 +94,31 @@ class TunableRounding(nn.Module):
         return (codes + self.zero_point).clamp(0, 2**self.fmt.bits - 1)
 
     def weight(self) -> torch.Tensor:
-        """The dequantized weight (out, in), differentiable in the offsets and factors."""
+        """The dequantized weight (out, in), differentiable in the trainable numbers
+        (``BlockScales.dequantize`` out of place, so that autograd can follow it)."""
         scales = self.scales()
         elements = self._elements(scales)
         if scales.zero_point is not None:
             elements = elements - scales.zero_point
-        return from_blocks(elements * scales.scale, self.length)
+        values = elements * scales.scale
+        if scales.global_scale is not None:
+            values = values * scales.global_scale
+        return from_blocks(values, self.length)
 
     def clamp_(self) -> None:
         """Keep the trainable numbers in their ranges (after each step)."""
         with torch.no_grad():
             self.offset.clamp_(-0.5, 0.5)
-            self.scale_factor.clamp_(*SCALE_FACTOR_RANGE)
+            if self.scale_factor is not None:
+                self.scale_factor.clamp_(*SCALE_FACTOR_RANGE)
 
     def rounded(self) -> RoundedWeight:
-        """The tuned codes and scales, as exports store them."""
+        """The tuned elements and scales, as exports store them."""
         with torch.no_grad():
             scales = self.scales()
-            stored = BlockScales(scales.scale.detach().clone(), scales.zero_point)
+            stored = BlockScales(
+                scales.scale.detach().clone(), scales.zero_point, scales.global_scale
+            )
             elements = from_blocks(self._elements(scales).detach(), self.length)
         return RoundedWeight(elements, stored, self.latent.shape[-1], method="tuned")
 
