@@ -145,10 +145,11 @@ def cmd_search(args: argparse.Namespace) -> None:
     print(
         f"{'plan':<28} {'budget':>7} {'achieved':>9} {'w/o scales':>10} {'pred. loss':>11}  formats"
     )
+    shapes = {layer.name: layer.shape for layer in model.layers.layers}  # GGUF fallbacks
     for plan, path in zip(result.plans, result.paths, strict=True):
         budget = "-" if plan.budget_avg_bits is None else f"{plan.budget_avg_bits:g}"
         loss = "-" if plan.predicted_loss is None else f"{plan.predicted_loss:.5f}"
-        counts = ", ".join(f"{n}x{fmt}" for fmt, n in plan.format_counts().items())
+        counts = ", ".join(f"{n}x{fmt}" for fmt, n in plan.format_counts(shapes).items())
         print(
             f"{path.name:<28} {budget:>7} {plan.avg_bits:>9.4f} "
             f"{plan.avg_bits_without_scales:>10.4f} {loss:>11}  {counts}"
@@ -379,12 +380,12 @@ def add_rounding_argument(parser: argparse.ArgumentParser, default: str | None) 
     if default is None:
         what = "how to round the weights: rtn (to nearest), gptq (GPTQ, block by block on "
         what += "calibration text; exports store its codes) or tuned (GPTQ, then each block's "
-        what += "rounding tuned on its output: integer formats, slower); default: the plan's own"
+        what += "rounding tuned on its output; slower); default: the plan's own"
     else:
         what = "the rounding the model will get, which the scores assume and the plans record: "
         what += "rtn (to nearest, default), gptq (each option scored by the output error GPTQ "
         what += "leaves; costs a GPTQ pass per option) or tuned (scored as gptq, then quantized "
-        what += "with GPTQ and block tuning: integer formats)"
+        what += "with GPTQ and block tuning)"
     parser.add_argument("--rounding", choices=ROUNDINGS, default=default, help=what)
 
 
@@ -658,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dtype_argument(compare)
     compare.add_argument(
         "--rounding",
-        choices=("rtn", "gptq"),  # tuned: integer formats only, and the MX table is one of two
+        choices=("rtn", "gptq"),  # tuned is not offered here yet
         default="rtn",
         help="rtn: every plan rounded to nearest (default); gptq: our plans scored for GPTQ "
         "rounding and every plan, baselines included, GPTQ-rounded on the calibration tokens",

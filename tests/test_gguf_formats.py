@@ -25,6 +25,7 @@ from bitplan.formats.gguf import (
     quantize_rows,
     resolve_type,
 )
+from bitplan.plans import Plan
 
 #: The i-quants need llama.cpp's ggml (llama-cpp-python) to quantize.
 needs_ggml = pytest.mark.skipif(not ggml_available(), reason="needs llama-cpp-python")
@@ -228,6 +229,19 @@ def test_llama_cpp_fallback_for_rows_blocks_do_not_divide(name, shape, stored, b
     w = torch.randn(4, shape[1])  # the stored type depends on the row length only
     expected = dequantize_rows(quantize_rows(w.numpy(), stored), stored)
     assert torch.equal(fmt.quantize_weight(w), torch.from_numpy(expected))
+
+
+def test_plans_count_fallback_types_under_what_the_file_stores():
+    formats = {"a": "iq1_m", "b": "iq1_m", "c": "q4_k", "d": "mxfp4"}
+    plan = Plan("m", "bitplan", [], formats, None, 4, 4, 4, False, False)
+    shapes = {"a": (8, 576), "b": (8, 512), "c": (8, 96), "d": (8, 576)}
+    assert plan.format_counts() == {"iq1_m": 2, "mxfp4": 1, "q4_k": 1}
+    assert plan.format_counts(shapes) == {
+        "iq1_m": 1,
+        "iq1_m→iq4_nl": 1,
+        "mxfp4": 1,
+        "q4_k→q5_0": 1,
+    }
 
 
 def test_resolve_type_and_refusals():

@@ -7,15 +7,18 @@ the file's meaning changes.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bitplan.errors import BitplanError
+from bitplan.formats import parse_format
+from bitplan.formats.gguf import GGUFFormat
 from bitplan.jsonio import read_json_object, write_json_atomic
 
 PLAN_VERSION = 1
 #: How a plan's weights are rounded: to nearest, by GPTQ (bitplan/quantization/gptq.py), or by GPTQ
-#: and then tuned on each block's output (bitplan/quantization/tune.py; integer formats). A plan
+#: and then tuned on each block's output (bitplan/quantization/tune.py). A plan
 #: records the rounding it was made for, and ``bitplan quantize`` applies it by default.
 ROUNDINGS = ("rtn", "gptq", "tuned")
 
@@ -47,10 +50,17 @@ class Plan:
     serve: str | None = None  # the engine it was made for (bitplan.serving), checked on export
     version: int = PLAN_VERSION
 
-    def format_counts(self) -> dict[str, int]:
+    def format_counts(self, shapes: Mapping[str, tuple[int, int]] | None = None) -> dict[str, int]:
+        """Layers per format. With the layers' ``shapes`` (name -> (out, in)), a GGUF type that
+        llama.cpp stores in its fallback type for that shape (rows that don't divide into its
+        blocks) is counted under what the file holds: ``iq1_m→iq4_nl``."""
         counts: dict[str, int] = {}
-        for fmt in self.layer_formats.values():
-            counts[fmt] = counts.get(fmt, 0) + 1
+        for layer, name in self.layer_formats.items():
+            fmt = parse_format(name)
+            if shapes is not None and layer in shapes and isinstance(fmt, GGUFFormat):
+                stored = fmt.tensor_type(shapes[layer])
+                name = name if stored == fmt.type_name else f"{name}→{stored.lower()}"
+            counts[name] = counts.get(name, 0) + 1
         return dict(sorted(counts.items()))
 
     def to_dict(self) -> dict:

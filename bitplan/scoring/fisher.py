@@ -301,7 +301,8 @@ def fisher_scores(
         p.requires_grad_(False)  # gradients flow through activations only
     batches = list(torch.split(tokens, batch_size))
     steps = len(batches) * (2 * len(blocks) + 1) if loader else len(batches) * (len(blocks) + 2)
-    bar = tqdm(total=steps, desc="scoring (fisher)", disable=not progress)
+    name = "fisher" if gradient == "loss" else "fisher-kl"  # the scorer's name (scoring.SCORERS)
+    bar = tqdm(total=steps, desc=f"scoring ({name})", disable=not progress)
     compute = autocast(device, dtype)
     try:
         if loader is None:
