@@ -5,7 +5,7 @@ For each llama.cpp mix (``--mixes all``: every mix ``bitplan/plans/recipes.py`` 
 * the mix itself, as llama.cpp's rules choose it (checked here byte for byte against
   ``llama_model_quantize`` run on an F32 file of the same model, where llama.cpp can quantize
   the mix without an importance matrix);
-* bitplan's plan, solved per tensor from Fisher scores on the default calibration text over
+* bitplan's plan, solved per tensor from Fisher scores (``--scorer``) on the default calibration text over
   ``--options`` (default ``gguf-all``: every llama.cpp type, those that need an importance
   matrix included unless ``--no-imatrix``; or ``mix``: the types the mix itself uses), the
   scores computed with the same importance matrix, at the mix's own average bits over the decoder layers,
@@ -49,7 +49,7 @@ from bitplan.plans import (
     uniform_gguf_plan,
 )
 from bitplan.plans.measured import check_tokens, least_divergent
-from bitplan.scoring import score
+from bitplan.scoring import SCORERS, score
 from bitplan.scoring.importance import collect_importance
 
 #: The mix whose embedding and output types the ``--front`` files get.
@@ -128,6 +128,9 @@ def main() -> None:
     parser.add_argument("--options", default="gguf-all", help="gguf-all, mix, or a format list")
     parser.add_argument("--front", default="", help="extra bitplan budgets (bits per weight)")
     parser.add_argument("--no-imatrix", action="store_true")
+    parser.add_argument(
+        "--scorer", default="fisher", choices=SCORERS, help="estimator of bitplan's plans"
+    )
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--heldout-samples", type=int, default=8)
@@ -153,6 +156,7 @@ def main() -> None:
         "model": model_id,
         "options": args.options,
         "imatrix": not args.no_imatrix,  # in the files and in the scores
+        **({"scorer": args.scorer} if args.scorer != "fisher" else {}),  # old results resume
         "calib": [args.calib_samples, args.calib_len],
         "heldout": [args.heldout_samples, args.heldout_len],
     }
@@ -212,7 +216,7 @@ def main() -> None:
         names = ",".join(options)
         if names not in scores:
             formats = parse_format_list(options, imatrix=importance is not None)
-            scores[names] = score(model, formats, calib, scorer="fisher", importance=importance)
+            scores[names] = score(model, formats, calib, scorer=args.scorer, importance=importance)
         return scores[names]
 
     with_imatrix = importance is not None  # gguf-all then includes IQ2_XS ... too

@@ -1,6 +1,6 @@
 """Plan quality on a bundled model (the embedded default or --model gemma3-270m): KL divergence of the fake-quantized model per recipe.
 
-For MXFP4+MXFP8 at 4.5, 5 and 6 bits and W2G128+W4G128 at 3 bits (scale bits ignored, as the
+For MXFP4+MXFP8 at 4.5, 5 and 6 bits and W2G128+W4G128 at 3 bits, on both integer grids (scale bits ignored, as the
 reference's tables), measures KL(base || quantized) on held-out text for: our plans (the fisher
 and fisher-kl scorers), the delta-loss plan (the reference's estimator, same solver), uniform, head and tail.
 
@@ -22,7 +22,11 @@ from bitplan.plans import BUDGETED_RECIPES, PlanSpace, recipe_plan
 from bitplan.quantization import apply_plan
 from bitplan.scoring import SCORERS, score
 
-SETTINGS = {"mxfp4,mxfp8": [4.5, 5.0, 6.0], "w2g128,w4g128": [3.0]}
+SETTINGS = {
+    "mxfp4,mxfp8": [4.5, 5.0, 6.0],
+    "w2g128,w4g128": [3.0],
+    "w2g128_fr,w4g128_fr": [3.0],  # auto-round's full-range grid, what W2A16 means there
+}
 
 
 def main() -> None:
