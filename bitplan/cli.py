@@ -708,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from bitplan.distributed import init_from_env
+    from bitplan.distributed import init_from_env, leave
 
     init_from_env()  # no-op unless started by torchrun
     # Other libraries' bars ("Loading weights" on every command ...), log lines and warnings would
@@ -716,8 +716,11 @@ def _run(args: argparse.Namespace) -> int:
     from bitplan.quiet import third_party_quiet
 
     _start_up_done()
-    with third_party_quiet(not args.verbose):
-        args.func(args)
+    try:
+        with third_party_quiet(not args.verbose):
+            args.func(args)
+    finally:
+        leave()
     return 0
 
 

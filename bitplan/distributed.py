@@ -26,6 +26,14 @@ def init_from_env() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def leave() -> None:
+    """Leave the process group, if joined. A process that exits with gloo's threads still
+    running can abort at exit ("terminate called without an active exception"), which fails a
+    torchrun that has done all its work."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

@@ -160,8 +160,12 @@ def test_sampled_label_gradients_have_the_kl_hessian_as_covariance(tiny_model, t
         jacobian = torch.autograd.functional.jacobian(logits_of, hidden[0, 0])  # (320, 96)
         p = logits_of(hidden[0, 0]).softmax(-1)
         expected = jacobian.T @ (torch.diag(p) - torch.outer(p, p)) @ jacobian
+    generator = torch.Generator().manual_seed(0)
     samples = torch.stack(
-        [sampled_label_gradient(tiny_model, hidden, seed) for seed in range(3000)]
+        [
+            sampled_label_gradient(tiny_model, hidden, torch.rand(2, 1, generator=generator))
+            for _ in range(3000)
+        ]
     )
     assert torch.count_nonzero(samples[:, 0, 1]) == 0
     g = samples[:, 0, 0]
@@ -181,9 +185,27 @@ def test_chunked_sampled_label_gradient_equals_unchunked(tiny_model, tokens, max
     from bitplan.scoring.replay import sampled_label_gradient
 
     hidden = record_block_inputs(tiny_model, tokens).final_hidden
-    whole = sampled_label_gradient(tiny_model, hidden, seed=3, max_logits=10**9)
-    chunked = sampled_label_gradient(tiny_model, hidden, seed=3, max_logits=max_logits)
+    uniforms = torch.rand(hidden.shape[0] * hidden.shape[1], 1)
+    whole = sampled_label_gradient(tiny_model, hidden, uniforms, max_logits=10**9)
+    chunked = sampled_label_gradient(tiny_model, hidden, uniforms, max_logits=max_logits)
     assert torch.allclose(chunked, whole, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_each_sequence_draws_the_same_labels_on_any_rank(world):
+    """torchrun's ranks (every world-th sequence) draw, sequence by sequence, the numbers one
+    process draws, and one process draws each batch's from that batch's own generator."""
+    from bitplan.scoring.fisher import label_uniforms
+
+    n, batch_size, length = 7, 3, 5
+    one = label_uniforms(11, range(n), n, batch_size, length).reshape(n, length)
+    for rank in range(world):
+        mine = label_uniforms(11, range(rank, n, world), n, batch_size, length)
+        assert torch.equal(mine.reshape(-1, length), one[rank::world])
+    first_batch = torch.rand(
+        batch_size * length, 1, generator=torch.Generator().manual_seed(11 << 20)
+    )
+    assert torch.equal(one[:batch_size].reshape(-1, 1), first_batch)
 
 
 def test_fisher_kl_predicts_the_measured_kl_of_a_small_error(tiny_model, tokens):

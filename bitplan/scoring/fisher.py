@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitplan.compute import autocast, choose_dtype
-from bitplan.distributed import all_reduce_sum
+from bitplan.distributed import all_reduce_sum, rank, world_size
 from bitplan.formats import Format
 from bitplan.formats.gguf import GGUFFormat
 from bitplan.model.layers import LayerInfo, find_blocks
@@ -264,7 +264,8 @@ def fisher_scores(
 ) -> dict[str, dict[str, float]]:
     """Layer name -> option name -> predicted increase of the mean per-token loss (or, with
     ``gradient="kl"``, of the mean per-token KL from the unquantized model: ``GRADIENTS``; its
-    sampled tokens depend on ``seed`` and the batch only, so a run is repeatable).
+    sampled tokens depend on ``seed`` and each sequence's place in the calibration set only
+    (:func:`label_uniforms`), so a run is repeatable, under torchrun too).
 
     ``tokens`` is a (n_samples, seq_len) LongTensor of calibration text (this rank's share when
     run under torchrun); ``layers`` the layers to score (decoder Linear layers, plus lm_head if
@@ -322,12 +323,17 @@ def fisher_scores(
         meter = None
         if head_name in wanted:
             meter = _OutputErrorMeter({head_name: head}, options, form, dtype, None, importance)
+        if gradient == "kl":
+            n_sequences = int(all_reduce_sum(torch.tensor([len(tokens)])).item())
+            here = range(rank(), n_sequences, world_size())  # this rank's rows (``shard``)
+            uniforms = label_uniforms(seed, here, n_sequences, batch_size, tokens.shape[1])
+            uniforms = torch.split(uniforms, batch_size * tokens.shape[1])
         with linear_weights_in(tail, dtype):  # cast once for all batches
             for k, record in enumerate(records):
                 hidden = record.final_hidden.to(device)
                 with compute:
-                    if gradient == "kl":  # seeded by batch: the same scores every run
-                        grad = sampled_label_gradient(model, hidden, seed=(seed << 20) + k)
+                    if gradient == "kl":
+                        grad = sampled_label_gradient(model, hidden, uniforms[k])
                     else:
                         grad = loss_gradient(model, hidden, record.input_ids.to(device))
                 grads.append(grad.cpu())
@@ -381,6 +387,26 @@ def fisher_scores(
 
 
 @torch.no_grad()
+def label_uniforms(
+    seed: int, sequences: Sequence[int], n_sequences: int, batch_size: int, length: int
+) -> torch.Tensor:
+    """The uniform numbers that draw the sampled next tokens (``sampled_label_gradient``) of the
+    calibration ``sequences`` (their indices among all ``n_sequences``), (len(sequences) *
+    length, 1). Every batch of ``batch_size`` consecutive sequences draws its numbers from its
+    own generator, seeded by ``seed`` and the batch: a sequence gets the same numbers whichever
+    torchrun rank scores it, and one process gets the numbers it always had."""
+    by_batch: dict[int, torch.Tensor] = {}
+    drawn = []
+    for sequence in sequences:
+        batch, row = divmod(sequence, batch_size)
+        if batch not in by_batch:
+            rows = min(batch_size, n_sequences - batch * batch_size)
+            generator = torch.Generator().manual_seed((seed << 20) + batch)
+            by_batch[batch] = torch.rand(rows * length, 1, generator=generator)
+        drawn.append(by_batch[batch][row * length : (row + 1) * length])
+    return torch.cat(drawn) if drawn else torch.zeros(0, 1)
+
+
 def _embedding_errors(
     embedding: nn.Module,
     options: Sequence[Format],

@@ -128,11 +128,15 @@ def loss_gradient(
 
 
 def sampled_label_gradient(
-    model: nn.Module, final_hidden: torch.Tensor, seed: int, max_logits: int = LOGITS_PER_CHUNK
+    model: nn.Module,
+    final_hidden: torch.Tensor,
+    uniforms: torch.Tensor,
+    max_logits: int = LOGITS_PER_CHUNK,
 ) -> torch.Tensor:
     """The gradient of the next-token loss, as ``loss_gradient``, but with every next token drawn
-    from the unquantized model's own prediction p (seeded by ``seed``) instead of read from the
-    text. Its outer product at the logits, (p − e_y)(p − e_y)ᵀ, is in expectation
+    from the unquantized model's own prediction p instead of read from the text: the token
+    whose cumulative probability first reaches that position's number in ``uniforms`` (one in
+    [0, 1) per position, shaped (batch * length, 1), in the flattened order of the positions). Its outer product at the logits, (p − e_y)(p − e_y)ᵀ, is in expectation
     diag(p) − ppᵀ: the Hessian of KL(p ‖ q) at q = p (the true Fisher, where the text's own
     tokens give the empirical Fisher).
 
@@ -145,7 +149,6 @@ def sampled_label_gradient(
     predicts = torch.ones(batch, length, dtype=torch.bool, device=final_hidden.device)
     predicts[:, -1] = False
     predicts = predicts.reshape(-1)
-    generator = torch.Generator(device=final_hidden.device).manual_seed(seed)
 
     def loss_on_sampled_labels(part: slice, logits: torch.Tensor) -> torch.Tensor:
         # The vocabulary-wide passes dominate (Gemma: 262,144 logits per token): one log-softmax
@@ -153,7 +156,7 @@ def sampled_label_gradient(
         log_prob = logits.float().log_softmax(-1)
         with torch.no_grad():
             cumulative = log_prob.detach().exp().cumsum_(-1)
-            uniform = torch.rand(len(cumulative), 1, generator=generator, device=logits.device)
+            uniform = uniforms[part].to(logits.device)
             labels = torch.searchsorted(cumulative, uniform * cumulative[:, -1:]).squeeze(-1)
             labels.clamp_(max=logits.shape[-1] - 1)
             del cumulative
