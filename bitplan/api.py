@@ -50,7 +50,7 @@ def score(
     model: LoadedModel,
     options: str | Sequence[str],
     tokens: torch.Tensor | None = None,
-    scorer: str = "fisher",
+    scorer: str | None = None,
     n_samples: int = 16,
     seq_len: int = 256,
     calib: str | None = None,
@@ -59,16 +59,17 @@ def score(
     """Predicted loss increase of every layer under every option (``"mxfp4,mxfp8"`` or a list),
     from one calibration pass (cached on disk). Without ``tokens``, ``n_samples`` x ``seq_len``
     tokens of ``calib`` (a .txt, .jsonl or arrow folder; default: the shipped text).
-    ``kwargs`` go to ``bitplan.scoring.score`` (``include_head``, ``batch_size``, ``cache``,
+    ``scorer``: one of ``bitplan.scoring.SCORERS`` (default ``DEFAULT_SCORER``). ``kwargs`` go to ``bitplan.scoring.score`` (``include_head``, ``batch_size``, ``cache``,
     ``device``, ``dtype``, ``rounding``, ``progress``)."""
     from bitplan.data.calibration import calibration_samples
     from bitplan.formats import parse_format_list
+    from bitplan.scoring import DEFAULT_SCORER
     from bitplan.scoring import score as score_layers
 
     if tokens is None:
         tokens = calibration_samples(model.tokenizer, n_samples, seq_len, source=calib)
     formats = parse_format_list(options if isinstance(options, str) else list(options))
-    return score_layers(model, formats, tokens, scorer=scorer, **kwargs)
+    return score_layers(model, formats, tokens, scorer=scorer or DEFAULT_SCORER, **kwargs)
 
 
 def plan(

@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bitplan.data.offline_tasks import DEFAULT_TASKS
     from bitplan.evaluation.command import add_document_arguments, add_eval_arguments
     from bitplan.plans import RECIPES
-    from bitplan.scoring import SCORERS
+    from bitplan.scoring import DEFAULT_SCORER, SCORERS
 
     export_formats = _export_formats()
 
@@ -510,12 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--out", default="plans", help="output folder (default: plans)")
     search.add_argument(
         "--scorer",
-        default="fisher",
+        default=DEFAULT_SCORER,
         choices=SCORERS,
-        help="fisher: one pass, second-order on layer outputs (default); fisher-kl: the same "
-        "with next tokens drawn from the model's own predictions instead of the text's (it "
-        "predicts the KL from the unquantized model); delta-loss: the reference's "
-        "|gradient x error|, one pass per option",
+        help="fisher-kl: one pass, second-order on layer outputs, with next tokens drawn from "
+        "the model's own predictions (it predicts the KL from the unquantized model; "
+        "default); fisher: the same with the text's own next tokens; delta-loss: the "
+        "reference's |gradient x error|, one pass per option",
     )
     search.add_argument(
         "--recipe",
@@ -650,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="count scale/zero-point bits in budgets (default: ignored, as the reference)",
     )
-    compare.add_argument("--scorer", default="fisher", choices=SCORERS)
+    compare.add_argument("--scorer", default=DEFAULT_SCORER, choices=SCORERS)
     compare.add_argument("--calib", help="calibration text file/folder (default: shipped text)")
     compare.add_argument("--n-samples", type=int, default=16, help="calibration sequences (16)")
     compare.add_argument("--seq-len", type=int, default=256, help="calibration length (256)")

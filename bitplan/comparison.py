@@ -29,7 +29,7 @@ from bitplan.jsonio import write_json_atomic
 from bitplan.model.loading import LoadedModel
 from bitplan.plans import BUDGETED_RECIPES, RECIPES, Plan, PlanSpace, recipe_plan
 from bitplan.quantization.sequential import quantize_model
-from bitplan.scoring import score
+from bitplan.scoring import DEFAULT_SCORER, score
 
 RESULTS_VERSION = 1
 
@@ -77,7 +77,7 @@ class CompareConfig:
     docs: int | None = None  # a document budget over all tasks instead of a limit per task
     eval_batch_size: int = 8
     include_scales: bool = False  # the reference's tables ignore scale/zero-point bits
-    scorer: str = "fisher"
+    scorer: str = DEFAULT_SCORER
     dtype: str = "auto"  # what every pass computes in (bitplan.compute)
     n_samples: int = 16
     seq_len: int = 256

@@ -44,7 +44,7 @@ from bitplan.plans.recipes import (
     ungrouped,
 )
 from bitplan.quantization.sequential import check_rounding_formats
-from bitplan.scoring import Scores, score
+from bitplan.scoring import DEFAULT_SCORER, Scores, score
 from bitplan.scoring.importance import collect_importance
 from bitplan.serving import check_model, check_options, option_notes
 
@@ -59,7 +59,7 @@ class SearchConfig:
     pins: Sequence[str] = ()  # "REGEX=FORMAT": layers forced to a format (resolve_pins)
     include_head: bool = False  # lm_head in scoring and budget (a pin on lm_head implies it)
     include_scales: bool = True  # count scale/zero-point bits in the budget
-    scorer: str = "fisher"  # bitplan.scoring.SCORERS
+    scorer: str = DEFAULT_SCORER  # bitplan.scoring.SCORERS
     calib: str | None = None  # calibration text (default: the shipped text)
     n_samples: int = 16
     seq_len: int = 256
