@@ -49,7 +49,7 @@ from bitplan.plans import (
     uniform_gguf_plan,
 )
 from bitplan.plans.measured import check_tokens, least_divergent
-from bitplan.scoring import SCORERS, score
+from bitplan.scoring import DEFAULT_SCORER, SCORERS, score
 from bitplan.scoring.importance import collect_importance
 
 #: The mix whose embedding and output types the ``--front`` files get.
@@ -129,7 +129,10 @@ def main() -> None:
     parser.add_argument("--front", default="", help="extra bitplan budgets (bits per weight)")
     parser.add_argument("--no-imatrix", action="store_true")
     parser.add_argument(
-        "--scorer", default="fisher", choices=SCORERS, help="estimator of bitplan's plans"
+        "--scorer",
+        default=DEFAULT_SCORER,
+        choices=SCORERS,
+        help="estimator of bitplan's plans (default: %(default)s)",
     )
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--calib-len", type=int, default=256)
