@@ -56,8 +56,8 @@ class Plan:
         blocks) is counted under what the file holds: ``iq1_m→iq4_nl``."""
         counts: dict[str, int] = {}
         for layer, name in self.layer_formats.items():
-            fmt = parse_format(name)
-            if shapes is not None and layer in shapes and isinstance(fmt, GGUFFormat):
+            fmt = parse_format(name) if shapes is not None and layer in shapes else None
+            if isinstance(fmt, GGUFFormat):
                 stored = fmt.tensor_type(shapes[layer])
                 name = name if stored == fmt.type_name else f"{name}→{stored.lower()}"
             counts[name] = counts.get(name, 0) + 1
