@@ -34,8 +34,9 @@ from bitplan.scoring.scores import Scores
 
 SCORERS = ("fisher", "fisher-kl", "delta-loss")
 #: The scorer every entry point uses unless told otherwise. fisher-kl since 2026-12-06: on a
-#: second model (Gemma-3-270M) its plans beat fisher's by up to 22 % in KL where fisher's are
-#: at most 4 % better anywhere (docs/RESULTS.md, "Which fisher").
+#: second model (Gemma-3-270M) its plans beat fisher's by up to 22 % in KL, and fisher's are at
+#: most 4 % better anywhere but in 3-bit models broken either way (docs/RESULTS.md, "Which
+#: fisher").
 DEFAULT_SCORER = "fisher-kl"
 
 #: The fisher scorers and what stands for the loss gradient in each (``fisher.GRADIENTS``).
