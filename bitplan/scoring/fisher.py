@@ -326,8 +326,8 @@ def fisher_scores(
         if gradient == "kl":
             n_sequences = int(all_reduce_sum(torch.tensor([len(tokens)])).item())
             here = range(rank(), n_sequences, world_size())  # this rank's rows (``shard``)
-            uniforms = label_uniforms(seed, here, n_sequences, batch_size, tokens.shape[1])
-            uniforms = torch.split(uniforms, batch_size * tokens.shape[1])
+            drawn = label_uniforms(seed, here, n_sequences, batch_size, tokens.shape[1])
+            uniforms = torch.split(drawn, batch_size * tokens.shape[1])  # one per batch
         with linear_weights_in(tail, dtype):  # cast once for all batches
             for k, record in enumerate(records):
                 hidden = record.final_hidden.to(device)
@@ -386,7 +386,6 @@ def fisher_scores(
     return normalised_totals(totals, calls, options, tokens)
 
 
-@torch.no_grad()
 def label_uniforms(
     seed: int, sequences: Sequence[int], n_sequences: int, batch_size: int, length: int
 ) -> torch.Tensor:
@@ -407,6 +406,7 @@ def label_uniforms(
     return torch.cat(drawn) if drawn else torch.zeros(0, 1)
 
 
+@torch.no_grad()
 def _embedding_errors(
     embedding: nn.Module,
     options: Sequence[Format],
