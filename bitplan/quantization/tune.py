@@ -94,16 +94,9 @@ class TunableRounding(nn.Module):
         return (codes + self.zero_point).clamp(0, 2**self.fmt.bits - 1)
 
     def weight(self) -> torch.Tensor:
-        """The dequantized weight (out, in), differentiable in the trainable numbers
-        (``BlockScales.dequantize`` out of place, so that autograd can follow it)."""
+        """The dequantized weight (out, in), differentiable in the trainable numbers."""
         scales = self.scales()
-        elements = self._elements(scales)
-        if scales.zero_point is not None:
-            elements = elements - scales.zero_point
-        values = elements * scales.scale
-        if scales.global_scale is not None:
-            values = values * scales.global_scale
-        return from_blocks(values, self.length)
+        return from_blocks(scales.dequantize(self._elements(scales)), self.length)
 
     def clamp_(self) -> None:
         """Keep the trainable numbers in their ranges (after each step)."""
