@@ -5,12 +5,12 @@ For each llama.cpp mix (``--mixes all``: every mix ``bitplan/plans/recipes.py`` 
 * the mix itself, as llama.cpp's rules choose it (checked here byte for byte against
   ``llama_model_quantize`` run on an F32 file of the same model, where llama.cpp can quantize
   the mix without an importance matrix);
-* bitplan's plan, solved per tensor from Fisher scores (``--scorer``) on the default calibration text over
-  ``--options`` (default ``gguf-all``: every llama.cpp type, those that need an importance
-  matrix included unless ``--no-imatrix``; or ``mix``: the types the mix itself uses), the
-  scores computed with the same importance matrix, at the mix's own average bits over the decoder layers,
-  with the mix's token-embedding and output types (so the two files have the same tensor bytes
-  up to the choice, and bitplan's is never larger);
+* bitplan's plan, solved per tensor from Fisher scores (``--scorer``) on the default
+  calibration text over ``--options`` (default ``gguf-all``: every llama.cpp type, those that
+  need an importance matrix included unless ``--no-imatrix``; or ``mix``: the types the mix
+  itself uses), the scores computed with the same importance matrix, at the mix's own average
+  bits over the decoder layers, with the mix's token-embedding and output types (so the two
+  files have the same tensor bytes up to the choice, and bitplan's is never larger);
 
 both written with an importance matrix collected on the calibration tokens (``--no-imatrix``:
 without), as ``llama-quantize --imatrix`` uses it. ``--front 3,4,5`` adds bitplan plans at

@@ -1,7 +1,7 @@
 """Plan quality on a bundled model (the embedded default or --model gemma3-270m): KL divergence of the fake-quantized model per recipe.
 
-For MXFP4+MXFP8 at 4.5, 5 and 6 bits and W2G128+W4G128 at 3 bits, on both integer grids (scale bits ignored, as the
-reference's tables), measures KL(base || quantized) on held-out text for: our plans (the fisher
+For MXFP4+MXFP8 at 4.5, 5 and 6 bits and W2G128+W4G128 at 3 bits, on both integer grids
+(scale bits ignored, as the reference's tables), measures KL(base || quantized) on held-out text for: our plans (the fisher
 and fisher-kl scorers), the delta-loss plan (the reference's estimator, same solver), uniform, head and tail.
 
     .venv/bin/python benchmarks/plan_quality.py [--model gemma3-270m] [--json out.json]

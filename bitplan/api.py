@@ -59,8 +59,9 @@ def score(
     """Predicted loss increase of every layer under every option (``"mxfp4,mxfp8"`` or a list),
     from one calibration pass (cached on disk). Without ``tokens``, ``n_samples`` x ``seq_len``
     tokens of ``calib`` (a .txt, .jsonl or arrow folder; default: the shipped text).
-    ``scorer``: one of ``bitplan.scoring.SCORERS`` (default ``DEFAULT_SCORER``). ``kwargs`` go to ``bitplan.scoring.score`` (``include_head``, ``batch_size``, ``cache``,
-    ``device``, ``dtype``, ``rounding``, ``progress``)."""
+    ``scorer``: one of ``bitplan.scoring.SCORERS`` (default ``DEFAULT_SCORER``). ``kwargs`` go
+    to ``bitplan.scoring.score`` (``include_head``, ``batch_size``, ``cache``, ``device``,
+    ``dtype``, ``rounding``, ``progress``)."""
     from bitplan.data.calibration import calibration_samples
     from bitplan.formats import parse_format_list
     from bitplan.scoring import DEFAULT_SCORER

@@ -136,7 +136,8 @@ def sampled_label_gradient(
     """The gradient of the next-token loss, as ``loss_gradient``, but with every next token drawn
     from the unquantized model's own prediction p instead of read from the text: the token
     whose cumulative probability first reaches that position's number in ``uniforms`` (one in
-    [0, 1) per position, shaped (batch * length, 1), in the flattened order of the positions). Its outer product at the logits, (p − e_y)(p − e_y)ᵀ, is in expectation
+    [0, 1) per position, shaped (batch * length, 1), in the flattened order of the positions).
+    Its outer product at the logits, (p − e_y)(p − e_y)ᵀ, is in expectation
     diag(p) − ppᵀ: the Hessian of KL(p ‖ q) at q = p (the true Fisher, where the text's own
     tokens give the empirical Fisher).
 
