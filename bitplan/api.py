@@ -295,7 +295,7 @@ def compare(
 
     ``settings``: ``"OPTIONS:BUDGETS[:RECIPES]"`` strings (default: MXFP4/MXFP8 at 4.5, 5, 6
     bits and W2/W4 at 3 bits, as the reference). ``config`` are the other fields of
-    ``bitplan.comparison.CompareConfig`` (``tasks``, ``docs``, ``limit``, ``rounding`` ...);
+    ``bitplan.comparison.CompareConfig`` (``tasks``, ``docs``, ``limit``, ``roundings`` ...);
     ``tasks=[]`` measures KL only. ``command`` is written into the report."""
     from bitplan.comparison import DEFAULT_SETTINGS, CompareConfig, Setting, run_compare
     from bitplan.data.offline_tasks import resolve_tasks
@@ -307,6 +307,7 @@ def compare(
         config["tasks"] = resolve_tasks(config["tasks"]) if config["tasks"] else []
     compare_config = CompareConfig(settings=chosen, **config)
     check_document_budget(compare_config.docs, compare_config.tasks)
+    compare_config.check()
     folder = Path(out if out is not None else f"reports/{model.name}")
     results = run_compare(model, compare_config, folder, progress=progress, quiet=quiet)
     return write_report(results, folder, model.layers, command)

@@ -317,7 +317,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     import shlex
 
     import bitplan
-    from bitplan.comparison import DEFAULT_SETTINGS, Setting
+    from bitplan.comparison import DEFAULT_SETTINGS, CompareConfig, Setting
     from bitplan.data.offline_tasks import resolve_tasks
     from bitplan.evaluation.command import check_document_budget
 
@@ -335,9 +335,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
         heldout_samples=args.heldout_samples,
         heldout_len=args.heldout_len,
         calib=args.calib,
-        rounding=args.rounding,
+        roundings=args.rounding,
     )
     check_document_budget(config["docs"], config["tasks"])  # before loading
+    CompareConfig(settings, **config).check()
     _compute_dtype("cpu", args.dtype)
     model = bitplan.load(args.model)
     command = "bitplan " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -346,6 +347,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
     )
     print(report.read_text())
     print(f"report: {report}  (plots and results.json beside it)")
+
+
+def _roundings(text: str) -> list[str]:
+    """``--rounding`` of compare: a comma list (checked by ``CompareConfig``)."""
+    return [r.strip() for r in text.split(",") if r.strip()]
 
 
 def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
@@ -659,10 +665,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_dtype_argument(compare)
     compare.add_argument(
         "--rounding",
-        choices=("rtn", "gptq"),  # tuned is not offered here yet
-        default="rtn",
-        help="rtn: every plan rounded to nearest (default); gptq: our plans scored for GPTQ "
-        "rounding and every plan, baselines included, GPTQ-rounded on the calibration tokens",
+        type=_roundings,
+        default=["rtn"],
+        metavar="ROUNDINGS",
+        help="how every plan, baselines included, is rounded; a comma list measures each plan "
+        "once per rounding, in rows of their own: rtn (to nearest, default), gptq (GPTQ on the "
+        "calibration tokens, our plans scored for it), tuned (GPTQ then block tuning, plans "
+        "as for gptq); e.g. rtn,tuned. A second run into the same --out adds a rounding's rows",
     )
     compare.set_defaults(func=cmd_compare)
 

@@ -1,10 +1,11 @@
 """``bitplan compare``: the reference's tables, end to end, in one process.
 
-Scores once per option set, solves every budget, builds every baseline recipe, then for each
-variant in turn (one model copy at a time) fake-quantizes the model and measures it: task
-accuracy through lm-eval and KL divergence from the unquantized model on held-out text.
-Every finished variant is written to ``results.json`` at once, so an interrupted run resumes
-where it stopped when started again with the same configuration.
+Scores once per option set and rounding, solves every budget, builds every baseline recipe,
+then for each variant in turn (one model copy at a time) fake-quantizes the model, rounded as
+its rounding says, and measures it: task accuracy through lm-eval and KL divergence from the
+unquantized model on held-out text. Every finished variant is written to ``results.json`` at
+once, so an interrupted run resumes where it stopped when started again with the same
+configuration; a run that asks for another rounding adds its rows to those already measured.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from bitplan.formats import parse_format_list
 from bitplan.jsonio import write_json_atomic
 from bitplan.model.loading import LoadedModel
 from bitplan.plans import BUDGETED_RECIPES, RECIPES, Plan, PlanSpace, recipe_plan
-from bitplan.quantization.sequential import quantize_model
+from bitplan.plans.plan import ROUNDINGS, scored_rounding
+from bitplan.quantization.sequential import check_rounding_formats, quantize_model
 from bitplan.scoring import DEFAULT_SCORER, score
 
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2  # 2: variants carry their rounding; config lists roundings
 
 
 @dataclass
@@ -84,22 +86,56 @@ class CompareConfig:
     heldout_samples: int = 8
     heldout_len: int = 512
     calib: str | None = None
-    rounding: str = "rtn"  # every plan scored for, and rounded by: rtn or gptq
+    # Each plan is measured once per rounding (ROUNDINGS), our plans scored for it.
+    roundings: list[str] = field(default_factory=lambda: ["rtn"])
+
+    def __post_init__(self) -> None:
+        if isinstance(self.roundings, str):
+            self.roundings = self.roundings.split(",")
+        if not self.roundings or any(r not in ROUNDINGS for r in self.roundings):
+            raise BitplanError(
+                f"roundings must be a comma list of {', '.join(ROUNDINGS)}, "
+                f"not {','.join(self.roundings)!r}"
+            )
+        # One order whatever the order asked for, so that resumed runs match.
+        self.roundings = [r for r in ROUNDINGS if r in self.roundings]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def check(self) -> None:
+        """Raise BitplanError, before any loading, for an option that a rounding can't round."""
+        for setting in self.settings:
+            for rounding in self.roundings:
+                check_rounding_formats(rounding, parse_format_list(setting.options))
+
+
+#: How a rounding other than round-to-nearest is said after a variant's label.
+ROUNDING_LABELS = {"gptq": "GPTQ", "tuned": "tuned"}
+
 
 @dataclass
 class Variant:
-    """One model to measure: BF16, or a plan."""
+    """One model to measure: BF16, or a plan and how it is rounded."""
 
-    key: str  # stable id, e.g. "mxfp4,mxfp8|bitplan|5"
-    label: str  # "BF16", "Ours 5-bit", "Head layers 8-bit" ...
+    key: str  # stable id, e.g. "mxfp4,mxfp8|bitplan|5", "mxfp4,mxfp8|bitplan|5|tuned"
+    label: str  # "BF16", "Ours 5-bit", "Head layers 8-bit + tuned" ...
     options: str | None
     recipe: str  # "bf16", "bitplan", "uniform", "head", "tail"
     budget: float | None
     plan: Plan | None
+    rounding: str = "rtn"
+
+    @classmethod
+    def of_plan(cls, options: str, recipe: str, budget: float | None, high_bits: str, plan: Plan):
+        """The variant of ``plan``, rounded as the plan records; keys and labels of
+        round-to-nearest variants are those of results written before roundings were added."""
+        key = f"{options}|{recipe}|{'-' if budget is None else f'{budget:g}'}"
+        label = _recipe_label(recipe, budget, high_bits)
+        if plan.rounding != "rtn":
+            key += f"|{plan.rounding}"
+            label += f" + {ROUNDING_LABELS[plan.rounding]}"
+        return cls(key, label, options, recipe, budget, plan, plan.rounding)
 
 
 def _recipe_label(recipe: str, budget: float | None, high_bits: str) -> str:
@@ -115,49 +151,36 @@ def _recipe_label(recipe: str, budget: float | None, high_bits: str) -> str:
 def build_variants(
     model: LoadedModel, config: CompareConfig, calibration, progress: bool = True
 ) -> list[Variant]:
-    """Score, solve and build baselines for every setting: the list of models to measure."""
+    """Score, solve and build baselines for every setting and rounding: the list of models to
+    measure."""
     variants = [Variant("bf16", "BF16", None, "bf16", None, None)]
     for setting in config.settings:
         formats = parse_format_list(setting.options)
         high = max(formats, key=lambda f: f.bits_per_weight((4096, 4096), False))
         high_bits = f"{high.bits_per_weight((4096, 4096), False):g}-bit"
-        scores = score(
-            model,
-            formats,
-            calibration,
-            scorer=config.scorer,
-            progress=progress,
-            dtype=config.dtype,
-            rounding=config.rounding,
-        )
         space = PlanSpace.build(model.layers, formats, include_scales=config.include_scales)
-        for plan in space.solve(scores, setting.budgets, model.identity):
-            key = f"{setting.options}|bitplan|{plan.budget_avg_bits:g}"
-            variants.append(
-                Variant(
-                    key,
-                    _recipe_label("bitplan", plan.budget_avg_bits, ""),
-                    setting.options,
-                    "bitplan",
-                    plan.budget_avg_bits,
-                    plan,
-                )
+        for rounding in config.roundings:
+            scores = score(
+                model,
+                formats,
+                calibration,
+                scorer=config.scorer,
+                progress=progress,
+                dtype=config.dtype,
+                rounding=scored_rounding(rounding),
             )
-        for recipe in setting.recipes:
-            budgets = setting.budgets if recipe in BUDGETED_RECIPES else [None]
-            for budget in budgets:
-                plan = recipe_plan(space, recipe, budget, model.identity)
-                key = f"{setting.options}|{recipe}|{'-' if budget is None else f'{budget:g}'}"
-                variants.append(
-                    Variant(
-                        key,
-                        _recipe_label(recipe, budget, high_bits),
-                        setting.options,
-                        recipe,
-                        budget,
-                        plan,
-                    )
-                )
+            plans = [
+                (plan.budget_avg_bits, "bitplan", plan)
+                for plan in space.solve(scores, setting.budgets, model.identity)
+            ]
+            for recipe in setting.recipes:
+                budgets = setting.budgets if recipe in BUDGETED_RECIPES else [None]
+                plans += [
+                    (b, recipe, recipe_plan(space, recipe, b, model.identity)) for b in budgets
+                ]
+            for budget, recipe, plan in plans:
+                plan.rounding = rounding
+                variants.append(Variant.of_plan(setting.options, recipe, budget, high_bits, plan))
     return variants
 
 
@@ -173,6 +196,29 @@ def _base_logits(model: LoadedModel, config: CompareConfig, compute: ComputeDtyp
     base = BaseLogits.compute(model.module, tokens, compute_dtype=compute.dtype)
     base.save(path)
     return base
+
+
+def _upgraded(results: dict) -> dict:
+    """``results`` as this version writes them. Results of one ``rounding`` (before compare took
+    several) keyed and labelled every variant without it; before that, every plan was RTN."""
+    config = results.setdefault("config", {})
+    if "roundings" in config:
+        return results
+    rounding = config.pop("rounding", "rtn")
+    config["roundings"] = [rounding]
+    variants = {}
+    for key, variant in results.get("variants", {}).items():
+        if key != "bf16" and rounding != "rtn":
+            key += f"|{rounding}"
+            variant["label"] += f" + {ROUNDING_LABELS[rounding]}"
+        variants[key] = {**variant, "rounding": "rtn" if key == "bf16" else rounding}
+    results["variants"] = variants
+    results["version"] = RESULTS_VERSION
+    return results
+
+
+def _without_roundings(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "roundings"}
 
 
 def run_compare(
@@ -198,11 +244,16 @@ def run_compare(
         "seconds": {},
     }
     if results_path.is_file():
-        previous = json.loads(results_path.read_text())
-        # Results written before compare had --rounding were rounded to nearest.
-        previous_config = {"rounding": "rtn", **previous.get("config", {})}
-        if previous_config == results["config"] and previous.get("model") == model.identity:
+        previous = _upgraded(json.loads(results_path.read_text()))
+        previous_roundings = previous["config"].pop("roundings")
+        if previous["config"] == _without_roundings(results["config"]) and (
+            previous.get("model") == model.identity
+        ):
+            # Rows of other roundings stay: the folder gathers every rounding measured in it.
+            measured = set(previous_roundings) | set(config.roundings)
             results = previous
+            results["config"] = config.to_dict()
+            results["config"]["roundings"] = [r for r in ROUNDINGS if r in measured]
             if progress:
                 done = len(results["variants"])
                 print(f"resuming: {done} variant(s) already measured in {results_path}")
@@ -233,7 +284,7 @@ def run_compare(
         measured = model.module
         if variant.plan is not None:
             measured = quantize_model(
-                model.module, variant.plan, config.rounding, calibration, progress=False
+                model.module, variant.plan, variant.rounding, calibration, progress=False
             )
         divergence = base.compare(measured, compute_dtype=compute.dtype)
         tasks = None
@@ -255,6 +306,7 @@ def run_compare(
             "options": variant.options,
             "recipe": variant.recipe,
             "budget": variant.budget,
+            "rounding": variant.rounding,
             "plan": None if variant.plan is None else variant.plan.to_dict(),
             "divergence": divergence.to_dict(),
             "tasks": tasks,
@@ -264,8 +316,10 @@ def run_compare(
         bar.update()
     bar.close()
     results["seconds"]["total"] = time.perf_counter() - start
-    # Keep the variants in the order of this run (resumed ones first otherwise).
-    results["variants"] = {v.key: results["variants"][v.key] for v in variants}
+    # Keep the variants in the order of this run (resumed ones first otherwise), then those of
+    # roundings this run did not ask for.
+    ordered = {v.key: results["variants"][v.key] for v in variants}
+    results["variants"] = ordered | results["variants"]
     write_json_atomic(results_path, results)
     for variant in variants:
         if variant.plan is not None and variant.recipe == "bitplan":

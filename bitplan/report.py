@@ -5,6 +5,7 @@ Every number printed here is read from the results of a run; nothing is typed in
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bitplan.comparison import ROUNDING_LABELS  # noqa: E402
 from bitplan.evaluation.harness import documents_label  # noqa: E402
 from bitplan.evaluation.paired import UNRESOLVED, paired_difference  # noqa: E402
 from bitplan.model.layers import LayerTable  # noqa: E402
@@ -22,10 +24,16 @@ from bitplan.plots import plot_bits_per_layer  # noqa: E402
 
 #: How the report says each rounding (compare --rounding).
 _ROUNDING_NOTE = {
-    "rtn": "round-to-nearest for every plan",
-    "gptq": "GPTQ for every plan (block by block on the calibration tokens); our plans scored "
-    "for it (--rounding gptq)",
+    "rtn": "round-to-nearest (rows without a rounding named)",
+    "gptq": "GPTQ, block by block on the calibration tokens (rows '+ GPTQ'; our plans scored "
+    "for it)",
+    "tuned": "GPTQ then block tuning on the calibration tokens (rows '+ tuned'; our plans scored "
+    "for GPTQ, tuning's starting point)",
 }
+
+
+def _rounding(variant: dict) -> str:
+    return variant.get("rounding", "rtn")
 
 
 def _avg(variant: dict) -> float | None:
@@ -97,6 +105,7 @@ def _verdicts(results: dict) -> list[str]:
             o
             for o in variants.values()
             if o["options"] == v["options"]
+            and _rounding(o) == _rounding(v)
             and (
                 o["recipe"] == "uniform"
                 or (o["recipe"] in BUDGETED_RECIPES and o["budget"] == v["budget"])
@@ -104,7 +113,8 @@ def _verdicts(results: dict) -> list[str]:
         ]
         others.append(variants["bf16"])
         for other in others:
-            where = f"{v['options']} at {v['budget']:g} bits vs {other['label']}"
+            rounded = "" if _rounding(v) == "rtn" else f", {ROUNDING_LABELS[_rounding(v)]}"
+            where = f"{v['options']} at {v['budget']:g} bits{rounded} vs {other['label']}"
             paired = _paired_verdict(v, other)
             if paired is not None:
                 lines.append(f"- {where}: {paired}")
@@ -186,7 +196,7 @@ def write_report(results: dict, out: Path, table: LayerTable, command: str = "")
     lines += [
         f"- Scorer: {config['scorer']}; calibration {config['n_samples']} x {config['seq_len']} "
         f"tokens ({config['calib'] or 'shipped default'}); scale/zero-point bits {scale}",
-        f"- Rounding: {_ROUNDING_NOTE[config.get('rounding', 'rtn')]}",
+        "- Rounding: " + "; ".join(_ROUNDING_NOTE[r] for r in config["roundings"]),
         f"- Tasks: {', '.join(tasks) or 'none'} (lm-eval, offline data; {documents}); "
         "average = mean of `acc`",
         f"- KL: mean per-token KL(BF16 || variant) on {bf16['divergence']['tokens']} held-out "
@@ -196,18 +206,26 @@ def write_report(results: dict, out: Path, table: LayerTable, command: str = "")
     ]
     for n, setting in enumerate(config["settings"], start=1):
         options = setting["options"]
-        members = [v for v in variants.values() if v["options"] == options]
-        ours = [v for v in members if v["recipe"] == "bitplan"]
-        uniform = [v for v in members if v["recipe"] == "uniform"]
+        # One rounding after another, in the order of config["roundings"].
+        members = [
+            v
+            for rounding in config["roundings"]
+            for v in variants.values()
+            if v["options"] == options and _rounding(v) == rounding
+        ]
         lines += [f"## Table {n}: {options} mixed", "", _header(tasks), _row(bf16, bf16, tasks)]
-        lines += [_row(v, bf16, tasks) for v in uniform + ours]
+        lines += [_row(v, bf16, tasks) for v in members if v["recipe"] in ("uniform", "bitplan")]
         lines.append("")
         for budget in setting["budgets"]:
-            rows = [v for v in members if v["budget"] == budget and v["recipe"] in ("tail", "head")]
-            ours_here = [v for v in ours if v["budget"] == budget]
-            if not rows:
+            here = [v for v in members if v["budget"] == budget]
+            if not any(v["recipe"] in ("tail", "head") for v in here):
                 continue
-            rows += ours_here
+            # Per rounding: tail, head, then ours.
+            rows = [v for v in here if v["recipe"] != "bitplan"]
+            rows = sorted(
+                rows + [v for v in here if v["recipe"] == "bitplan"],
+                key=lambda v: config["roundings"].index(_rounding(v)),
+            )
             best = max(rows, key=lambda v: (_avg(v) or 0.0, -v["divergence"]["kl"]))
             lines += [f"### {options} at an average of {budget:g} bits", "", _header(tasks)]
             lines += [_row(v, bf16, tasks, bold=v is best) for v in rows]
@@ -222,14 +240,18 @@ def write_report(results: dict, out: Path, table: LayerTable, command: str = "")
     report.write_text("\n".join(lines))
     _plot_accuracy_vs_bits(results, out / "accuracy_vs_bits.png")
     for setting in config["settings"]:
-        plans = [
-            Plan.from_dict(v["plan"])
-            for v in variants.values()
-            if v["recipe"] == "bitplan" and v["options"] == setting["options"]
-        ]
-        if plans:
-            name = setting["options"].replace(",", "+")
-            plot_bits_per_layer(plans, table, out / f"bits_per_layer_{name}.png")
+        for rounding in config["roundings"]:
+            plans = [
+                Plan.from_dict(v["plan"])
+                for v in variants.values()
+                if v["recipe"] == "bitplan"
+                and v["options"] == setting["options"]
+                and _rounding(v) == rounding
+            ]
+            if plans:  # each rounding's own plans (scored for it), RTN's under the old name
+                name = setting["options"].replace(",", "+")
+                name += "" if rounding == "rtn" else f"_{rounding}"
+                plot_bits_per_layer(plans, table, out / f"bits_per_layer_{name}.png")
     return report
 
 
@@ -241,18 +263,32 @@ def _plot_accuracy_vs_bits(results: dict, path: str | os.PathLike) -> None:
     fig, axes = plt.subplots(
         rows, len(settings), figsize=(5.5 * len(settings), 3.6 * rows), squeeze=False
     )
-    styles = {"bitplan": "o-", "head": "s--", "tail": "^--", "uniform": "x"}
+    # marker, line; rows of another rounding than RTN are dotted
+    styles = {"bitplan": ("o", "-"), "head": ("s", "--"), "tail": ("^", "--"), "uniform": ("x", "")}
     for col, setting in enumerate(settings):
         members = [v for v in variants.values() if v["options"] == setting["options"]]
-        for recipe, style in styles.items():
-            points = sorted((_bits(v), v) for v in members if v["recipe"] == recipe)
+        for (recipe, (marker, line)), rounding in itertools.product(
+            styles.items(), results["config"]["roundings"]
+        ):
+            points = sorted(
+                (
+                    (_bits(v), v)
+                    for v in members
+                    if v["recipe"] == recipe and _rounding(v) == rounding
+                ),
+                key=lambda point: point[0],
+            )
             if not points:
                 continue
             xs = [x for x, _ in points]
             label = "bitplan (ours)" if recipe == "bitplan" else recipe
-            axes[-1][col].plot(xs, [v["divergence"]["kl"] for _, v in points], style, label=label)
+            if rounding != "rtn":
+                label += f" + {rounding}"
+                line = ":" if line else ""
+            style = dict(marker=marker, linestyle=line or "none", label=label)
+            axes[-1][col].plot(xs, [v["divergence"]["kl"] for _, v in points], **style)
             if has_acc:
-                axes[0][col].plot(xs, [_avg(v) for _, v in points], style, label=label)
+                axes[0][col].plot(xs, [_avg(v) for _, v in points], **style)
         if has_acc:
             axes[0][col].axhline(_avg(variants["bf16"]), color="gray", lw=1, label="BF16")
             axes[0][col].set_ylabel("average accuracy")

@@ -168,6 +168,18 @@ def test_unknown_task_refused_before_loading(tmp_path, capsys, command):
     refused(argv, capsys, tmp_path, "no_such_task")
 
 
+@pytest.mark.parametrize(
+    ("rounding", "setting", "match"),
+    [("rtn,awq", "w2g32,w4g32:3", "awq"), ("rtn,tuned", "q4_k,q8_0:5", "q4_k")],
+)
+def test_compare_refuses_a_rounding_it_cannot_do_before_loading(
+    tmp_path, capsys, rounding, setting, match
+):
+    argv = ["compare", str(tmp_path / "absent"), "--setting", setting, "--rounding", rounding,
+            "--no-tasks", "--out", str(tmp_path / "r")]  # fmt: skip
+    refused(argv, capsys, tmp_path, match)
+
+
 def test_quantize_refuses_an_existing_file_as_out_before_loading(workspace, tmp_path, capsys):
     model, plan = workspace
     (tmp_path / "mine.bin").write_text("mine")
