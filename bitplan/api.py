@@ -194,11 +194,54 @@ def export(
     if imatrix and "importance" not in options:
         tokens = calibration_samples(model.tokenizer, n_samples, seq_len, source=calib)
         options["importance"] = collect_importance(model, tokens, include_head=plan.include_head)
-    if quantized is None and (rounding or plan.rounding) != "rtn":
+    rounding = rounding or plan.rounding
+    if quantized is None and rounding != "rtn" and model.block_loader is not None:
+        report = _export_streamed(model, plan, out, format, force, rounding, calib,
+                                  n_samples, seq_len, batch_size, options)  # fmt: skip
+        return dataclasses.replace(report, notes=report.notes + notes)
+    if quantized is None and rounding != "rtn":
         quantized = quantize(model, plan, rounding, None, n_samples, seq_len, calib, batch_size)
     rounded = rounded_weights(quantized) if quantized is not None else None
     report = export_model(model, plan, out, format, force=force, rounded=rounded, **options)
     return dataclasses.replace(report, notes=report.notes + notes)
+
+
+def _export_streamed(
+    model: LoadedModel,
+    plan: Plan,
+    out: str | os.PathLike,
+    format: str,
+    force: bool,
+    rounding: str,
+    calib: str | None,
+    n_samples: int,
+    seq_len: int,
+    batch_size: int,
+    options: dict,
+) -> ExportReport:
+    """``export`` of a streamed model rounded by GPTQ (or tuned): the blocks are rounded one at
+    a time and their codes kept on disk, beside ``out``, until the export has stored them."""
+    import tempfile
+
+    from bitplan.data.calibration import calibration_samples
+    from bitplan.exporters import export_model
+    from bitplan.exporters.rounded_store import RoundedStore
+    from bitplan.quantization.sequential import GPTQSettings, gptq_streamed
+
+    tokens = calibration_samples(model.tokenizer, n_samples, seq_len, source=calib)
+    beside = Path(out).absolute().parent
+    with tempfile.TemporaryDirectory(prefix=".bitplan-rounded-", dir=beside) as folder:
+        store = RoundedStore(folder)
+        gptq_streamed(
+            model.module,
+            model.block_loader,
+            plan.layer_formats,
+            tokens,
+            store.add,
+            batch_size,
+            settings=GPTQSettings.of(rounding),
+        )
+        return export_model(model, plan, out, format, force=force, rounded=store, **options)
 
 
 def _default_format(plan: Plan) -> str:

@@ -127,7 +127,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             )
         if args.stream and args.format == "gguf":
             raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
-        _check_rounding(args.rounding, args.format, args.stream, args.calib)
+        _check_rounding(args.rounding, args.format, args.calib)
         # Fail now, not after scoring, when the export would hit an existing path.
         from bitplan.exporters import check_destination
 
@@ -185,13 +185,11 @@ def _compute_dtype(device: str, requested: str):
     return choice
 
 
-def _check_rounding(rounding: str, fmt: str, stream: bool, calib: str | None) -> None:
+def _check_rounding(rounding: str, fmt: str, calib: str | None) -> None:
     """Refuse, before any loading, what tuned rounding (GPTQ, tuned) cannot do yet, and
     unreadable --calib."""
     if rounding == "rtn":
         return
-    if stream:
-        raise BitplanError(f"--rounding {rounding} needs the model in memory; drop --stream")
     if calib is not None:
         from bitplan.data.text import check_text_source
 
@@ -254,7 +252,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if args.stream and args.format == "gguf":
         raise BitplanError("the gguf export cannot read a streamed model; drop --stream")
     rounding = args.rounding or plan.rounding
-    _check_rounding(rounding, args.format, args.stream, args.calib)
+    _check_rounding(rounding, args.format, args.calib)
     from bitplan.exporters import check_destination, check_importance_format
     from bitplan.formats import parse_format
     from bitplan.formats.gguf import check_importance_given

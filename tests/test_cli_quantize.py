@@ -107,7 +107,6 @@ def test_search_and_quantize_with_gptq_rounding(tmp_path, tiny_folder, capsys):
         assert not torch.equal(tuned(ids).logits, apply_plan(model.module, plan)(ids).logits)
     for refused, message in [
         (["--format", "gguf", "--out", str(tmp_path / "m.gguf")], "cannot store gptq-rounded"),
-        (["--format", "packed", "--out", str(tmp_path / "s"), "--stream"], "drop --stream"),
         (["--format", "packed", "--out", str(tmp_path / "c"), "--calib", "absent.txt"], "absent"),
     ]:
         assert main([*argv, *refused]) == 2

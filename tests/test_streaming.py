@@ -118,6 +118,45 @@ def test_streamed_export_in_shards_equals_in_memory_export(tiny_folder, tmp_path
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("rounding", ["gptq", "tuned"])
+def test_streamed_gptq_export_equals_in_memory_export(tiny_folder, tmp_path, rounding):
+    """quantize --stream --rounding gptq|tuned rounds one block at a time, its codes kept on
+    disk until stored: the export holds the same tensors as the in-memory one, and the
+    temporary codes are gone."""
+    from safetensors.torch import load_file
+
+    from bitplan.exporters.shards import weight_files
+
+    model = load_model(tiny_folder)
+    layers = model.layers.decoder_layers()
+    formats = {layer.name: "mxfp4" if "mlp" in layer.name else "w4g32" for layer in layers}
+    plan = build_plan(
+        model.identity,
+        "test",
+        layers,
+        {name: parse_format(fmt) for name, fmt in formats.items()},
+        options=["w4g32", "mxfp4"],
+        include_scales=True,
+    )
+    plan.save(tmp_path / "plan.json")
+    exports = tmp_path / "exports"
+    argv = ["quantize", str(tiny_folder), "--plan", str(tmp_path / "plan.json"), "--format",
+            "packed", "--rounding", rounding, "--n-samples", "4", "--seq-len", "32"]  # fmt: skip
+    assert main([*argv, "--out", str(exports / "whole")]) == 0
+    assert main([*argv, "--out", str(exports / "streamed"), "--stream"]) == 0
+    assert sorted(p.name for p in exports.iterdir()) == ["streamed", "whole"]
+
+    def tensors(folder):
+        return {k: v for f in weight_files(folder) for k, v in load_file(f).items()}
+
+    whole, streamed = tensors(exports / "whole"), tensors(exports / "streamed")
+    assert whole.keys() == streamed.keys()
+    assert all(torch.equal(whole[k], streamed[k]) for k in whole), rounding
+    # ... and they are not round-to-nearest's
+    assert main([*argv, "--rounding", "rtn", "--out", str(tmp_path / "rtn")]) == 0
+    assert any(not torch.equal(whole[k], v) for k, v in tensors(tmp_path / "rtn").items())
+
+
 def test_fused_projections_stream_but_fused_experts_are_refused(tmp_path, tiny_tokenizer):
     """Phi-3's qkv_proj and gate_up_proj are single Linear layers and stream like any other;
     MoE experts stored as 3-D parameters cannot stream yet."""

@@ -142,8 +142,8 @@ def export_model(
         takes = ", ".join(backend.options) or "none"
         raise BitplanError(f"the {format} export has no option {unknown[0]} (it takes: {takes})")
     source = ExportSource.of(model)
-    if rounded:
-        source = dataclasses.replace(source, rounded=dict(rounded))
+    if rounded:  # as given: a RoundedStore stays on disk, read one layer at a time
+        source = dataclasses.replace(source, rounded=rounded)
     formats = planned_formats(source, plan)  # fail on a wrong plan before creating anything
     check_rounded(source, formats, backend)
     out = check_destination(out, format, force, reading=source.origin)

@@ -14,7 +14,9 @@ layers, are rounded to nearest.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,12 +25,27 @@ from tqdm.auto import tqdm
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
 from bitplan.formats.bf16 import BF16Format
+from bitplan.formats.block_scaled import RoundedWeight
 from bitplan.model.layers import find_blocks
 from bitplan.plans.plan import ROUNDINGS
-from bitplan.quantization import FakeQuantLinear, apply_formats, apply_plan, replace_module
+from bitplan.quantization import (
+    FakeQuantLinear,
+    apply_formats,
+    apply_plan,
+    replace_module,
+    rounded_weights,
+)
 from bitplan.quantization.gptq import Hessian, check_gptq_format, gptq_sweep
 from bitplan.quantization.tune import TunableRounding, tune_block
-from bitplan.scoring.replay import record_block_inputs, run_block
+from bitplan.scoring.replay import (
+    check_one_attention,
+    first_block_inputs,
+    record_block_inputs,
+    run_block,
+)
+
+if TYPE_CHECKING:
+    from bitplan.model.streaming import BlockLoader
 
 #: What block tuning brings each block's output close to: the unquantized block's output on the
 #: same (already quantized) inputs, or the unquantized model's own hidden states after the block
@@ -36,6 +53,41 @@ from bitplan.scoring.replay import record_block_inputs, run_block
 TUNE_TARGETS = ("block", "model")
 #: Tuning steps per block of ``rounding="tuned"`` (one batch of calibration sequences each).
 TUNE_ITERS = 25
+
+
+@dataclass
+class GPTQSettings:
+    """How ``gptq_model`` rounds: ``clip`` searches each group's scales
+    (``gptq.clipped_scales``), ``act_order`` rounds the columns by decreasing input energy and
+    ``clip_weighted`` weights the scale search by it (``gptq.gptq_round``). With ``tune_iters``
+    > 0 each block's rounding is then tuned on the block's output for that many steps, one batch
+    each (``tune.tune_block``; learning rate ``tune_lr``, by default 0.25 / ``tune_iters``),
+    towards ``tune_target`` (``TUNE_TARGETS``)."""
+
+    damp: float = 0.01
+    clip: bool = True
+    act_order: bool = False
+    clip_weighted: bool = False
+    tune_iters: int = 0
+    tune_target: str = "model"
+    tune_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.tune_target not in TUNE_TARGETS:
+            raise BitplanError(
+                f"tune_target must be one of {', '.join(TUNE_TARGETS)}, not {self.tune_target!r}"
+            )
+
+    @property
+    def rounding(self) -> str:
+        return "tuned" if self.tune_iters > 0 else "gptq"
+
+    @classmethod
+    def of(cls, rounding: str) -> GPTQSettings:
+        """The defaults of ``rounding`` (``gptq`` or ``tuned``)."""
+        if rounding not in ("gptq", "tuned"):
+            raise BitplanError(f"{rounding!r} is not a rounding GPTQ does; use gptq or tuned")
+        return cls(tune_iters=TUNE_ITERS if rounding == "tuned" else 0)
 
 
 def gptq_model(
@@ -53,38 +105,95 @@ def gptq_model(
     tune_lr: float | None = None,
 ) -> nn.Module:
     """A fake-quantized copy of ``model`` (layer name -> format, as ``apply_formats``) whose
-    decoder layers are GPTQ-rounded on the calibration ``tokens`` (n_samples, seq_len); ``clip``
-    searches each group's scales (``gptq.clipped_scales``), ``act_order`` rounds the columns
-    by decreasing input energy and ``clip_weighted`` weights the scale search by it
-    (``gptq.gptq_round``). With ``tune_iters`` > 0 each block's rounding is then tuned on the
-    block's output for that many steps, one batch each (``tune.tune_block``;
-    learning rate ``tune_lr``, by default 0.25 / ``tune_iters``), towards ``tune_target``
-    (``TUNE_TARGETS``)."""
-    resolved = {n: f if isinstance(f, Format) else parse_format(f) for n, f in formats.items()}
-    if tune_target not in TUNE_TARGETS:
-        raise BitplanError(
-            f"tune_target must be one of {', '.join(TUNE_TARGETS)}, not {tune_target!r}"
-        )
-    check_rounding_formats("tuned" if tune_iters > 0 else "gptq", resolved.values())
+    decoder layers are GPTQ-rounded on the calibration ``tokens`` (n_samples, seq_len), block by
+    block; the other arguments are ``GPTQSettings``'."""
+    settings = GPTQSettings(damp, clip, act_order, clip_weighted, tune_iters, tune_target, tune_lr)
+    resolved = _resolved(formats, settings)
     target = copy.deepcopy(model)
     target.requires_grad_(False)  # tuning trains its own numbers, never the model's
     blocks_path, blocks = find_blocks(target)
-    in_blocks = {
-        n: f
-        for n, f in resolved.items()
-        if n.startswith(f"{blocks_path}.") and not isinstance(f, BF16Format)
-    }
+    in_blocks = _in_blocks(resolved, blocks_path)
     apply_formats(target, {n: f for n, f in resolved.items() if n not in in_blocks}, inplace=True)
     with torch.no_grad():
         records = [record_block_inputs(target, batch) for batch in tokens.split(batch_size)]
-    hidden = [record.hidden[0] for record in records]
-    # The unquantized model's hidden states, block by block, when tuning aims at them.
-    reference = list(hidden) if tune_iters > 0 and tune_target == "model" else None
-    for record in records:  # only block 0's input and every block's keyword arguments are used
-        record.hidden, record.final_hidden = [], None
-    for index, block in enumerate(
-        tqdm(blocks, desc="GPTQ + tuning" if tune_iters > 0 else "GPTQ", disable=not progress)
+    inputs = [(record.hidden[0], record.kwargs) for record in records]
+    del records  # only block 0's input and every block's keyword arguments are used
+    for _ in _round_blocks(blocks, blocks_path, in_blocks, inputs, settings, progress):
+        pass  # each block is rounded in place, inside ``target``
+    return target
+
+
+def gptq_streamed(
+    model: nn.Module,
+    loader: BlockLoader,
+    formats: Mapping[str, Format | str],
+    tokens: torch.Tensor,
+    keep: Callable[[dict[str, RoundedWeight]], object],
+    batch_size: int = 4,
+    progress: bool = True,
+    settings: GPTQSettings | None = None,
+) -> None:
+    """``gptq_model`` for a streamed model (``load_streaming``), whose blocks stay on disk: each
+    block is read by ``loader`` and rounded as a copy, and its rounded layers' codes and scales
+    (layer name -> ``RoundedWeight``) are given to ``keep`` before the next block is read
+    (``exporters.RoundedStore.add`` keeps them on disk for the export)."""
+    settings = settings or GPTQSettings()
+    resolved = _resolved(formats, settings)
+    check_one_attention(model)
+    blocks_path, blocks = find_blocks(model)
+    in_blocks = _in_blocks(resolved, blocks_path)
+    with torch.no_grad():
+        records = [first_block_inputs(model, batch) for batch in tokens.split(batch_size)]
+    # Every block gets the first block's keyword arguments (check_one_attention).
+    inputs = [(record.hidden[0], record.kwargs * len(blocks)) for record in records]
+
+    def read_blocks() -> Iterator[nn.Module]:
+        for index in range(len(blocks)):
+            block = copy.deepcopy(loader.load(index)).requires_grad_(False)
+            loader.unload(index)
+            yield block
+
+    for index, block in _round_blocks(
+        read_blocks(), blocks_path, in_blocks, inputs, settings, progress, len(blocks)
     ):
+        prefix = f"{blocks_path}.{index}."
+        keep({prefix + name: rounded for name, rounded in rounded_weights(block).items()})
+
+
+def _resolved(formats: Mapping[str, Format | str], settings: GPTQSettings) -> dict[str, Format]:
+    resolved = {n: f if isinstance(f, Format) else parse_format(f) for n, f in formats.items()}
+    check_rounding_formats(settings.rounding, resolved.values())
+    return resolved
+
+
+def _in_blocks(formats: Mapping[str, Format], blocks_path: str) -> dict[str, Format]:
+    """The planned layers GPTQ rounds: those inside the decoder blocks, bf16 ones excepted."""
+    return {
+        n: f
+        for n, f in formats.items()
+        if n.startswith(f"{blocks_path}.") and not isinstance(f, BF16Format)
+    }
+
+
+def _round_blocks(
+    blocks: Iterable[nn.Module],
+    blocks_path: str,
+    in_blocks: Mapping[str, Format],
+    inputs: list[tuple[torch.Tensor, list[dict]]],
+    settings: GPTQSettings,
+    progress: bool,
+    total: int | None = None,
+) -> Iterator[tuple[int, nn.Module]]:
+    """Round the planned layers of each of ``blocks`` in turn, replacing them by
+    ``FakeQuantLinear``s, and yield ``(index, block)`` once it is done. ``inputs`` are block 0's
+    hidden states per calibration batch and each block's keyword arguments for that batch;
+    block i is rounded on the outputs of the already-rounded blocks before it."""
+    hidden = [h for h, _ in inputs]
+    # The unquantized model's hidden states, block by block, when tuning aims at them.
+    tuning = settings.tune_iters > 0
+    reference = list(hidden) if tuning and settings.tune_target == "model" else None
+    desc = "GPTQ + tuning" if tuning else "GPTQ"
+    for index, block in enumerate(tqdm(blocks, desc=desc, total=total, disable=not progress)):
         prefix = f"{blocks_path}.{index}."
         planned = {
             name: module
@@ -92,42 +201,43 @@ def gptq_model(
             if isinstance(module, nn.Linear) and prefix + name in in_blocks
         }
         views = {name: [input_view(in_blocks[prefix + name])] for name in planned}
-        inputs = [(hidden[k], record.kwargs[index]) for k, record in enumerate(records)]
-        hessians = collect_hessians(block, planned, views, inputs)
+        block_inputs = [(hidden[k], kwargs[index]) for k, (_, kwargs) in enumerate(inputs)]
+        hessians = collect_hessians(block, planned, views, block_inputs)
         if reference is not None:  # every block, planned or not, while it is unquantized
             with torch.no_grad():
-                reference = [run_block(block, reference[k], kw) for k, (_, kw) in enumerate(inputs)]
+                reference = [
+                    run_block(block, reference[k], kw) for k, (_, kw) in enumerate(block_inputs)
+                ]
         swept = {
             name: gptq_sweep(
                 linear.weight.data,
                 hessians[name][0].matrix,
                 in_blocks[prefix + name],
-                damp=damp,
-                clip=clip,
-                act_order=act_order,
-                clip_weighted=clip_weighted,
+                damp=settings.damp,
+                clip=settings.clip,
+                act_order=settings.act_order,
+                clip_weighted=settings.clip_weighted,
             )
             for name, linear in planned.items()
         }
         rounded = {name: result[0] for name, result in swept.items()}
-        if tune_iters > 0 and planned:
+        if tuning and planned:
             targets = reference
             if targets is None:  # the unquantized block's outputs on the same inputs
                 with torch.no_grad():
-                    targets = [run_block(block, h, kwargs) for h, kwargs in inputs]
+                    targets = [run_block(block, h, kwargs) for h, kwargs in block_inputs]
             roundings = {
                 name: TunableRounding(in_blocks[prefix + name], *swept[name]) for name in planned
             }
-            rounded = tune_block(block, roundings, inputs, targets, tune_iters, tune_lr)
+            rounded = tune_block(
+                block, roundings, block_inputs, targets, settings.tune_iters, settings.tune_lr
+            )
         for name, linear in planned.items():
             fake = FakeQuantLinear.from_linear(linear, in_blocks[prefix + name], rounded[name])
             replace_module(block, name, fake)
         with torch.no_grad():
-            hidden = [
-                run_block(block, hidden[k], record.kwargs[index])
-                for k, record in enumerate(records)
-            ]
-    return target
+            hidden = [run_block(block, h, kwargs) for h, kwargs in block_inputs]
+        yield index, block
 
 
 def check_rounding_formats(rounding: str, formats: Iterable[Format]) -> None:
@@ -157,7 +267,7 @@ def quantize_model(
         raise BitplanError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
     if tokens is None:
         raise BitplanError(f"{rounding} rounding needs calibration tokens")
-    tune_iters = TUNE_ITERS if rounding == "tuned" else 0
+    tune_iters = GPTQSettings.of(rounding).tune_iters
     return gptq_model(
         model, plan.layer_formats, tokens, batch_size, progress=progress, tune_iters=tune_iters
     )

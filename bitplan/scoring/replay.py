@@ -252,18 +252,23 @@ def first_block_inputs(model: nn.Module, input_ids: torch.Tensor) -> BlockInputs
     return record
 
 
-@torch.no_grad()
-def record_block_inputs_streaming(model: nn.Module, batches, loader, device, bar=None):
-    """Like ``record_block_inputs`` for every batch, loading one block at a time.
-
-    Every block gets the keyword arguments of the first one, which holds for models whose
-    blocks all use the same attention (checked: mixed layer types are refused)."""
+def check_one_attention(model: nn.Module) -> None:
+    """Refuse a model whose blocks use different attention types: a streamed pass gives every
+    block the first block's keyword arguments (masks, rotary tables)."""
     layer_types = getattr(model.config, "layer_types", None)
     if layer_types and len(set(layer_types)) > 1:
         raise BitplanError(
             "streaming does not support models whose blocks use different attention types "
             f"({sorted(set(layer_types))}) yet; drop --stream"
         )
+
+
+@torch.no_grad()
+def record_block_inputs_streaming(model: nn.Module, batches, loader, device, bar=None):
+    """Like ``record_block_inputs`` for every batch, loading one block at a time.
+
+    Every block gets the keyword arguments of the first one (``check_one_attention``)."""
+    check_one_attention(model)
     records = [first_block_inputs(model, batch) for batch in batches]
     for index in range(len(loader.blocks)):
         block = loader.load(index, device)
