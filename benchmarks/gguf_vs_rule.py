@@ -13,7 +13,9 @@ For each llama.cpp mix (``--mixes all``: every mix ``bitplan/plans/recipes.py`` 
   files have the same tensor bytes up to the choice, and bitplan's is never larger);
 
 both written with an importance matrix collected on the calibration tokens (``--no-imatrix``:
-without), as ``llama-quantize --imatrix`` uses it. ``--front 3,4,5`` adds bitplan plans at
+without), as ``llama-quantize --imatrix`` uses it. ``--with-head`` adds a third file per mix:
+bitplan's plan with the output tensor (and the token embedding tied to it) as one more choice of
+the plan (``bitplan search --quantize-head --target-size``), at the rule's whole file size. ``--front 3,4,5`` adds bitplan plans at
 those budgets, for the curve of KL against size. Every KL, top-1 agreement and perplexity is
 computed from llama.cpp's logits (llama-cpp-python) on held-out text, against llama.cpp running
 the unquantized model (an F32 file). Results go to ``OUT/results.json`` as each file is measured;
@@ -33,6 +35,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+import bitplan
 from bitplan.data.calibration import calibration_samples
 from bitplan.data.heldout import heldout_samples
 from bitplan.errors import BitplanError
@@ -141,6 +144,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", type=Path, help="draw KL against file size into this PNG")
     parser.add_argument(
+        "--with-head",
+        action="store_true",
+        help="also measure bitplan's plan with the output (and a tied embedding) in the plan, at "
+        "the rule's whole file size",
+    )
+    parser.add_argument(
         "--like",
         action="store_true",
         help="also measure `bitplan search --like MIX`: bitplan's plan or the mix, whichever "
@@ -178,7 +187,9 @@ def main() -> None:
     runner.close()
     print(f"base (llama.cpp, F32): perplexity {base.base_ppl:.4f} on {base.num_predictions} tokens")
 
-    def measure(key: str, plan, embedding_type: str, output_type: str, **extra) -> None:
+    def measure(
+        key: str, plan, embedding_type: str, output_type: str, imatrix=importance, **extra
+    ) -> None:
         if results.has(key):
             return
         path = out / f"{key.replace(' ', '_').replace(',', '+')}.gguf"
@@ -191,7 +202,7 @@ def main() -> None:
             force=True,
             embedding_type=embedding_type,
             output_type=output_type,
-            importance=importance,
+            importance=imatrix,
         )
         runner = LlamaCppModel(path, n_ctx=args.heldout_len, n_threads=args.threads)
         measured = base.compare(runner, batch_size=1)
@@ -240,6 +251,24 @@ def main() -> None:
         ours = solve_gguf_plans(model, options, scores_for(options), [rule.avg_bits], model_id)[0]
         measure(f"{mix} rule", rule, embedding_type, output_type, mix=mix, recipe="rule")
         measure(f"{mix} bitplan", ours, embedding_type, output_type, mix=mix, recipe="bitplan")
+        if args.with_head and not results.has(f"{mix} bitplan+head"):
+            # The plan's own type for the output tensor (and the embedding tied to it) replaces
+            # the mix's; the file is held to the rule's whole size, everything counted.
+            found = bitplan.search(
+                model,
+                options,
+                target_size=results.data["rows"][f"{mix} rule"]["file_bytes"],
+                include_head=True,
+                imatrix=importance is not None,
+                scorer=args.scorer,
+                n_samples=args.calib_samples,
+                seq_len=args.calib_len,
+                progress=False,
+            )
+            plan = found.plans[0]
+            head_type = plan.layer_formats[model.layers.head().name]
+            measure(f"{mix} bitplan+head", plan, embedding_type, output_type, found.importance,
+                    mix=mix, recipe="bitplan+head", head_type=head_type)  # fmt: skip
         if args.like and not results.has(f"{mix} like"):
             best, kls = least_divergent(
                 model, [ours, rule], windows, embedding_type, output_type, importance
@@ -294,6 +323,14 @@ def print_table(data: dict, mixes: list[str]) -> None:
             f"| {rule['kl']:.5f} | {ours['kl']:.5f} | {ours['kl'] / rule['kl']:.2f} "
             f"| {rule['top1']:.4f} / {ours['top1']:.4f} | {rule['ppl']:.3f} / {ours['ppl']:.3f} |"
         )
+    headed = [(mix, rows[f"{mix} rule"], rows[f"{mix} bitplan+head"]) for mix in mixes
+              if f"{mix} bitplan+head" in rows and f"{mix} rule" in rows]  # fmt: skip
+    if headed:
+        print("\n| mix | file MiB rule / bitplan+head | KL bitplan+head | ÷ rule | output (plan) |")
+        print("|---|---:|---:|---:|---|")
+        for mix, rule, ours in headed:
+            print(f"| {mix} | {rule['file_bytes'] / 2**20:.2f} / {ours['file_bytes'] / 2**20:.2f} "
+                  f"| {ours['kl']:.5f} | {ours['kl'] / rule['kl']:.2f} | {ours['head_type']} |")  # fmt: skip
     liked = [(mix, rows[f"{mix} rule"], rows[f"{mix} like"]) for mix in mixes
              if f"{mix} like" in rows and f"{mix} rule" in rows]  # fmt: skip
     if liked:
@@ -315,11 +352,16 @@ def plot(data: dict, path: Path, model_name: str) -> None:
 
     rows = data["rows"].values()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for recipe, style in (("rule", "o-"), ("bitplan", "s-"), ("bitplan front", "x:")):
+    labels = {
+        "rule": ("o-", "llama.cpp mixes"),
+        "bitplan": ("s-", "bitplan at each mix's size"),
+        "bitplan+head": ("d-", "bitplan, output/embedding in the plan, at each mix's size"),
+        "bitplan front": ("x:", "bitplan front"),
+    }
+    for recipe, (style, label) in labels.items():
         points = sorted((r["file_bytes"] / 2**20, r["kl"]) for r in rows if r["recipe"] == recipe)
         if points:
-            label = {"rule": "llama.cpp mixes", "bitplan": "bitplan at each mix's size"}
-            ax.plot(*zip(*points, strict=True), style, label=label.get(recipe, "bitplan front"))
+            ax.plot(*zip(*points, strict=True), style, label=label)
     for r in rows:
         if r["recipe"] == "rule":
             ax.annotate(r["mix"], (r["file_bytes"] / 2**20, r["kl"]), fontsize=7)
