@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitplan.exporters.rounded_store import RoundedStore
 from bitplan.errors import BitplanError
+from bitplan.exporters.rounded_store import RoundedStore
 from bitplan.formats import parse_format
 from bitplan.formats.registry import known_format_names
 from bitplan.quantization.gptq import check_gptq_format

@@ -77,23 +77,28 @@ def test_search_with_stream_gives_the_same_plan(tiny_folder, tmp_path, monkeypat
     assert a.layer_formats == b.layer_formats
 
 
-@pytest.mark.parametrize("export_format", ["packed", "fake", "compressed-tensors"])
-def test_streamed_export_in_shards_equals_in_memory_export(tiny_folder, tmp_path, export_format):
-    from bitplan.exporters import export_model
-    from bitplan.exporters.shards import INDEX_FILE, weight_files
-
-    in_memory = load_model(tiny_folder)
-    layers = in_memory.layers.decoder_layers()
-    # w4g32 on every layer but the MLPs, which get mxfp4 (both exportable in all three formats)
+def mixed_plan(model) -> Plan:
+    """w4g32 on every decoder layer but the MLPs, which get mxfp4 (both exportable in all three
+    formats, and rounded by GPTQ)."""
+    layers = model.layers.decoder_layers()
     formats = {layer.name: "mxfp4" if "mlp" in layer.name else "w4g32" for layer in layers}
-    plan = build_plan(
-        in_memory.identity,
+    return build_plan(
+        model.identity,
         "test",
         layers,
         {name: parse_format(fmt) for name, fmt in formats.items()},
         options=["w4g32", "mxfp4"],
         include_scales=True,
     )
+
+
+@pytest.mark.parametrize("export_format", ["packed", "fake", "compressed-tensors"])
+def test_streamed_export_in_shards_equals_in_memory_export(tiny_folder, tmp_path, export_format):
+    from bitplan.exporters import export_model
+    from bitplan.exporters.shards import INDEX_FILE, weight_files
+
+    in_memory = load_model(tiny_folder)
+    plan = mixed_plan(in_memory)
     whole = export_model(in_memory, plan, tmp_path / "whole", export_format)
     streamed, _ = load_streaming(tiny_folder)
     shard_bytes = 20_000  # far below the model's size: many shards
@@ -127,18 +132,7 @@ def test_streamed_gptq_export_equals_in_memory_export(tiny_folder, tmp_path, rou
 
     from bitplan.exporters.shards import weight_files
 
-    model = load_model(tiny_folder)
-    layers = model.layers.decoder_layers()
-    formats = {layer.name: "mxfp4" if "mlp" in layer.name else "w4g32" for layer in layers}
-    plan = build_plan(
-        model.identity,
-        "test",
-        layers,
-        {name: parse_format(fmt) for name, fmt in formats.items()},
-        options=["w4g32", "mxfp4"],
-        include_scales=True,
-    )
-    plan.save(tmp_path / "plan.json")
+    mixed_plan(load_model(tiny_folder)).save(tmp_path / "plan.json")
     exports = tmp_path / "exports"
     argv = ["quantize", str(tiny_folder), "--plan", str(tmp_path / "plan.json"), "--format",
             "packed", "--rounding", rounding, "--n-samples", "4", "--seq-len", "32"]  # fmt: skip
