@@ -92,10 +92,11 @@ def _header(tasks: list[str]) -> str:
 
 
 def _verdicts(results: dict) -> list[str]:
-    """For each of our plans, against head, tail, uniform and BF16: the paired differences of
-    the five-task average accuracy and of the correct answers' log-likelihood, where the
-    results hold each document's scores; otherwise (results of older runs) accuracy against
-    both standard errors, or KL, for head and tail only."""
+    """For each of our plans, against head, tail, uniform and BF16 rounded the same way (and,
+    rounded otherwise than to nearest, against our plan rounded to nearest): the paired
+    differences of the five-task average accuracy and of the correct answers' log-likelihood,
+    where the results hold each document's scores; otherwise (results of older runs) accuracy
+    against both standard errors, or KL, for head and tail only."""
     lines = []
     variants = results["variants"]
     for v in variants.values():
@@ -112,13 +113,22 @@ def _verdicts(results: dict) -> list[str]:
             )
         ]
         others.append(variants["bf16"])
+        nearest = [  # what the rounding buys: our plan for RTN, rounded to nearest
+            o
+            for o in variants.values()
+            if o["recipe"] == "bitplan"
+            and o["options"] == v["options"]
+            and o["budget"] == v["budget"]
+            and _rounding(o) == "rtn" != _rounding(v)
+        ]
+        others += nearest
         for other in others:
             rounded = "" if _rounding(v) == "rtn" else f", {ROUNDING_LABELS[_rounding(v)]}"
             where = f"{v['options']} at {v['budget']:g} bits{rounded} vs {other['label']}"
             paired = _paired_verdict(v, other)
             if paired is not None:
                 lines.append(f"- {where}: {paired}")
-            elif other["recipe"] in BUDGETED_RECIPES:
+            elif other["recipe"] in BUDGETED_RECIPES or other in nearest:
                 lines.append(f"- {where}: {_unpaired_verdict(v, other)}")
     return lines
 

@@ -136,6 +136,7 @@ def test_compare_adds_the_rows_of_each_rounding(tiny_folder, tmp_path, capsys):
     assert "- w2g32,w4g32 at 3 bits, tuned vs Head layers 4-bit + tuned:" in report
     assert "- w2g32,w4g32 at 3 bits vs Head layers 4-bit:" in report
     assert "tuned vs Head layers 4-bit:" not in report
+    assert "- w2g32,w4g32 at 3 bits, tuned vs Ours 3-bit:" in report  # what tuning buys
     assert (out / "bits_per_layer_w2g32+w4g32_tuned.png").is_file()
 
 
