@@ -143,6 +143,26 @@ def test_a_tied_output_is_scored_with_the_error_its_embedding_feeds_the_model(gg
     ]
 
 
+def test_the_embedding_error_quantizes_only_the_rows_it_reads(gguf_loaded):
+    """llama.cpp types round each row on its own, so quantizing the rows of the tokens used
+    gives the error of quantizing the whole table."""
+    from bitplan.scoring.fisher import _embedding_errors
+
+    embedding = gguf_loaded.module.get_input_embeddings()
+    formats = parse_format_list("q4_0,q3_k,iq4_nl")
+    generator = torch.Generator().manual_seed(2)
+    ids = [torch.randint(1, 200, (2, 16), generator=generator) for _ in range(2)]
+    grads = [torch.randn(2, 16, embedding.weight.shape[1], generator=generator) for _ in ids]
+    got = _embedding_errors(embedding, formats, ids, grads, "diag")
+    for fmt, error in zip(formats, got, strict=True):
+        whole = fmt.quantize_weight(embedding.weight).to(embedding.weight.dtype)
+        expected = sum(
+            0.5 * float(((g * (torch.nn.functional.embedding(i, whole) - embedding(i))) ** 2).sum())
+            for i, g in zip(ids, grads, strict=True)
+        )
+        assert error == pytest.approx(expected, rel=1e-5), fmt.name
+
+
 def kl_per_token(base: torch.nn.Module, other: torch.nn.Module, tokens: torch.Tensor) -> float:
     with torch.no_grad():
         p = torch.log_softmax(base(tokens).logits[:, :-1].float(), -1)
