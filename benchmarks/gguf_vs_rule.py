@@ -323,16 +323,14 @@ def print_table(data: dict, mixes: list[str]) -> None:
             f"| {rule['kl']:.5f} | {ours['kl']:.5f} | {ours['kl'] / rule['kl']:.2f} "
             f"| {rule['top1']:.4f} / {ours['top1']:.4f} | {rule['ppl']:.3f} / {ours['ppl']:.3f} |"
         )
-    headed = [(mix, rows[f"{mix} rule"], rows[f"{mix} bitplan+head"]) for mix in mixes
-              if f"{mix} bitplan+head" in rows and f"{mix} rule" in rows]  # fmt: skip
+    headed = with_rule(rows, mixes, "bitplan+head")
     if headed:
         print("\n| mix | file MiB rule / bitplan+head | KL bitplan+head | ÷ rule | output (plan) |")
         print("|---|---:|---:|---:|---|")
         for mix, rule, ours in headed:
             print(f"| {mix} | {rule['file_bytes'] / 2**20:.2f} / {ours['file_bytes'] / 2**20:.2f} "
                   f"| {ours['kl']:.5f} | {ours['kl'] / rule['kl']:.2f} | {ours['head_type']} |")  # fmt: skip
-    liked = [(mix, rows[f"{mix} rule"], rows[f"{mix} like"]) for mix in mixes
-             if f"{mix} like" in rows and f"{mix} rule" in rows]  # fmt: skip
+    liked = with_rule(rows, mixes, "like")
     if liked:
         print("\n| mix | calibration KL bitplan / rule | kept | held-out KL | ÷ rule |")
         print("|---|---:|---|---:|---:|")
@@ -342,6 +340,12 @@ def print_table(data: dict, mixes: list[str]) -> None:
                   f"| {like['kl'] / rule['kl']:.2f} |")  # fmt: skip
     for key, line in data["checks"].items():
         print(f"- {key}: {line}")
+
+
+def with_rule(rows: dict, mixes: list[str], recipe: str) -> list[tuple[str, dict, dict]]:
+    """(mix, the rule's row, the row of ``recipe``) for every mix that has both."""
+    return [(mix, rows[f"{mix} rule"], rows[f"{mix} {recipe}"]) for mix in mixes
+            if f"{mix} {recipe}" in rows and f"{mix} rule" in rows]  # fmt: skip
 
 
 def plot(data: dict, path: Path, model_name: str) -> None:
