@@ -419,8 +419,8 @@ def _embedding_errors(
     Gemma's √hidden), G the loss's gradient there (the first block's input).
 
     Where the options are llama.cpp types, which round every row on its own, only the rows of
-    the tokens used are quantized (Gemma-3-270M's 262,144-row table in 21 types took tens of
-    minutes; its calibration tokens use a few thousand rows)."""
+    the tokens used are quantized: a few thousand of Gemma-3-270M's 262,144, whose whole table
+    took minutes per type on top of the output error's own quantization of it."""
     weight = embedding.weight
     plain = [embedding(ids).float() for ids in input_ids]
     used = torch.unique(torch.cat([ids.reshape(-1) for ids in input_ids]))
