@@ -137,8 +137,14 @@ def quantize(
     rounding on its output. ``bitplan.export(..., quantized=module)`` stores
     the codes and scales it chose."""
     from bitplan.data.calibration import calibration_samples
+    from bitplan.errors import BitplanError
     from bitplan.quantization.sequential import quantize_model
 
+    if model.block_loader is not None:  # its blocks are on disk: no copy to fake-quantize
+        raise BitplanError(
+            "a streamed model cannot be fake-quantized in memory; bitplan.export(model, plan, "
+            "out, rounding=...) rounds and writes it one block at a time"
+        )
     rounding = rounding or plan.rounding
     if rounding != "rtn" and tokens is None:
         tokens = calibration_samples(model.tokenizer, n_samples, seq_len, source=calib)

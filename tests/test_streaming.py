@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import bitplan
 from bitplan.cli import main
 from bitplan.errors import BitplanError
 from bitplan.formats import parse_format
@@ -146,6 +147,9 @@ def test_streamed_gptq_export_equals_in_memory_export(tiny_folder, tmp_path, rou
     whole, streamed = tensors(exports / "whole"), tensors(exports / "streamed")
     assert whole.keys() == streamed.keys()
     assert all(torch.equal(whole[k], streamed[k]) for k in whole), rounding
+    streamed, _ = load_streaming(tiny_folder)
+    with pytest.raises(BitplanError, match="bitplan.export"):
+        bitplan.quantize(streamed, Plan.load(tmp_path / "plan.json"), rounding)
     # ... and they are not round-to-nearest's
     assert main([*argv, "--rounding", "rtn", "--out", str(tmp_path / "rtn")]) == 0
     assert any(not torch.equal(whole[k], v) for k, v in tensors(tmp_path / "rtn").items())
