@@ -425,11 +425,11 @@ def _embedding_errors(
     plain = [embedding(ids).float() for ids in input_ids]
     used = torch.unique(torch.cat([ids.reshape(-1) for ids in input_ids]))
     rows = used if makes_a_gguf_file(options) else slice(None)
+    table = weight.detach().clone()  # its ``rows`` are overwritten by each option in turn
+    quantized = {"weight": table}
     errors = []
     for fmt in options:
-        table = weight.detach().clone()
         table[rows] = fmt.quantize_weight(weight[rows]).to(weight.dtype)
-        quantized = {"weight": table}
         total = 0.0
         for ids, grad, before in zip(input_ids, grads, plain, strict=True):
             after = torch.func.functional_call(embedding, quantized, (ids,)).float()
