@@ -230,11 +230,10 @@ def write_report(results: dict, out: Path, table: LayerTable, command: str = "")
             here = [v for v in members if v["budget"] == budget]
             if not any(v["recipe"] in ("tail", "head") for v in here):
                 continue
-            # Per rounding: tail, head, then ours.
-            rows = [v for v in here if v["recipe"] != "bitplan"]
+            # Per rounding (``here`` is in their order): the baselines, then ours.
             rows = sorted(
-                rows + [v for v in here if v["recipe"] == "bitplan"],
-                key=lambda v: config["roundings"].index(_rounding(v)),
+                here,
+                key=lambda v: (config["roundings"].index(_rounding(v)), v["recipe"] == "bitplan"),
             )
             best = max(rows, key=lambda v: (_avg(v) or 0.0, -v["divergence"]["kl"]))
             lines += [f"### {options} at an average of {budget:g} bits", "", _header(tasks)]
