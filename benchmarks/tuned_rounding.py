@@ -1,6 +1,6 @@
 """Tuned rounding end to end (issue 17): bitplan's plans rounded to nearest, the same plans
-GPTQ-rounded, GPTQ-aware plans (``search --rounding gptq``) GPTQ-rounded, and (integer formats)
-both plans with GPTQ and block tuning (``--rounding tuned``), each through the command line
+GPTQ-rounded, GPTQ-aware plans (``search --rounding gptq``) GPTQ-rounded, and both plans with
+GPTQ and block tuning (``--rounding tuned``), each through the command line
 exactly as a user runs it (``bitplan search``, then ``bitplan quantize --format fake``),
 reloaded from the export and measured by KL(base || quantized) on held-out text.
 
@@ -43,8 +43,6 @@ VARIANTS = (
     ("plan + tuned", "rtn", "tuned"),
     ("GPTQ-aware plan + tuned", "gptq", "tuned"),
 )
-#: The sets whose formats block tuning takes (integer ones).
-TUNABLE_SETS = ("int", "int_fr", *UNIFORM_SETS)
 BITPLAN = [sys.executable, "-m", "bitplan.cli"]
 
 
@@ -169,8 +167,6 @@ def main() -> None:
                 record(key, cost)
         for bits in budgets:
             for label, searched, rounding in VARIANTS:
-                if rounding == "tuned" and set_name not in TUNABLE_SETS:
-                    continue
                 plan = (
                     out / f"{set_name}-{searched}-plans" / f"plan_bitplan_{budget_name(bits)}.json"
                 )
