@@ -17,7 +17,7 @@ from bitplan.data.heldout import heldout_samples
 from bitplan.evaluation.divergence import BaseLogits
 from bitplan.model import load_model
 from bitplan.quantization import apply_formats
-from bitplan.quantization.sequential import gptq_model
+from bitplan.quantization.sequential import GPTQSettings, gptq_model
 
 
 def main() -> None:
@@ -63,7 +63,9 @@ def main() -> None:
         cells = [name, f"{rtn.kl:.4f}", f"{rtn.ppl:.2f}"]
         for options in variants.values():
             start = time.perf_counter()
-            tuned_model = gptq_model(model.module, formats, tokens, progress=False, **options)
+            tuned_model = gptq_model(
+                model.module, formats, tokens, progress=False, settings=GPTQSettings(**options)
+            )
             seconds = time.perf_counter() - start
             tuned = base.compare(tuned_model)
             del tuned_model

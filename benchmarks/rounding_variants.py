@@ -19,7 +19,7 @@ from bitplan.data.heldout import heldout_samples
 from bitplan.evaluation.divergence import BaseLogits
 from bitplan.model import load_model
 from bitplan.plans import Plan
-from bitplan.quantization.sequential import gptq_model
+from bitplan.quantization.sequential import GPTQSettings, gptq_model
 
 
 def main() -> None:
@@ -38,9 +38,8 @@ def main() -> None:
     for options in variants:
         batch_size = options.pop("batch_size", 4)
         start = time.perf_counter()
-        rounded = gptq_model(
-            model.module, plan.layer_formats, tokens, batch_size, progress=False, **options
-        )
+        settings = GPTQSettings(**options)
+        rounded = gptq_model(model.module, plan.layer_formats, tokens, batch_size, False, settings)
         seconds = time.perf_counter() - start
         divergence = base.compare(rounded)
         del rounded

@@ -11,7 +11,7 @@ from bitplan.formats import parse_format
 from bitplan.formats.blocks import to_blocks
 from bitplan.quantization import FakeQuantLinear, rounded_weights
 from bitplan.quantization.gptq import Hessian, gptq_sweep
-from bitplan.quantization.sequential import gptq_model
+from bitplan.quantization.sequential import GPTQSettings, gptq_model
 from bitplan.quantization.tune import SCALE_FACTOR_RANGE, TunableRounding
 
 
@@ -114,9 +114,8 @@ def test_tuning_lowers_the_output_error_of_gptq(tiny_model, tokens, target, mixe
     (with quantized activations) and FP8 layers together."""
     formats = plan_for(tiny_model) if mixed else {n: "w2g32" for n in plan_for(tiny_model)}
     gptq = gptq_model(tiny_model, formats, tokens, progress=False)
-    tuned = gptq_model(
-        tiny_model, formats, tokens, progress=False, tune_iters=40, tune_target=target
-    )
+    settings = GPTQSettings(tune_iters=40, tune_target=target)
+    tuned = gptq_model(tiny_model, formats, tokens, progress=False, settings=settings)
     assert output_error(tuned, tiny_model, tokens) < 0.9 * output_error(gptq, tiny_model, tokens)
     weights = rounded_weights(tuned)
     assert set(weights) == set(formats)
@@ -134,7 +133,11 @@ def test_the_model_target_follows_blocks_that_have_no_planned_layer(tiny_model, 
     tuned = {
         target: rounded_weights(
             gptq_model(
-                tiny_model, formats, tokens, progress=False, tune_iters=8, tune_target=target
+                tiny_model,
+                formats,
+                tokens,
+                progress=False,
+                settings=GPTQSettings(tune_iters=8, tune_target=target),
             )
         )
         for target in ("model", "block")
@@ -146,7 +149,9 @@ def test_the_model_target_follows_blocks_that_have_no_planned_layer(tiny_model, 
 def test_formats_tuning_cannot_round_are_refused_before_any_work(tiny_model, tokens):
     formats = {n: "q4_k" for n in plan_for(tiny_model)}  # GGUF super-blocks: not GPTQ's
     with pytest.raises(BitplanError, match="GPTQ rounding is not available for q4_k"):
-        gptq_model(tiny_model, formats, tokens[:0], progress=False, tune_iters=5)
+        gptq_model(
+            tiny_model, formats, tokens[:0], progress=False, settings=GPTQSettings(tune_iters=5)
+        )
     with pytest.raises(BitplanError, match="tune_target"):
         formats = {n: "w2g32" for n in formats}
-        gptq_model(tiny_model, formats, tokens[:0], progress=False, tune_iters=5, tune_target="x")
+        GPTQSettings(tune_iters=5, tune_target="x")

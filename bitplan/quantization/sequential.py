@@ -95,19 +95,13 @@ def gptq_model(
     formats: Mapping[str, Format | str],
     tokens: torch.Tensor,
     batch_size: int = 4,
-    damp: float = 0.01,
     progress: bool = True,
-    clip: bool = True,
-    act_order: bool = False,
-    clip_weighted: bool = False,
-    tune_iters: int = 0,
-    tune_target: str = "model",
-    tune_lr: float | None = None,
+    settings: GPTQSettings | None = None,
 ) -> nn.Module:
     """A fake-quantized copy of ``model`` (layer name -> format, as ``apply_formats``) whose
     decoder layers are GPTQ-rounded on the calibration ``tokens`` (n_samples, seq_len), block by
-    block; the other arguments are ``GPTQSettings``'."""
-    settings = GPTQSettings(damp, clip, act_order, clip_weighted, tune_iters, tune_target, tune_lr)
+    block, as ``settings`` say (default: plain GPTQ)."""
+    settings = settings or GPTQSettings()
     resolved = _resolved(formats, settings)
     target = copy.deepcopy(model)
     target.requires_grad_(False)  # tuning trains its own numbers, never the model's
@@ -267,9 +261,8 @@ def quantize_model(
         raise BitplanError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
     if tokens is None:
         raise BitplanError(f"{rounding} rounding needs calibration tokens")
-    tune_iters = GPTQSettings.of(rounding).tune_iters
     return gptq_model(
-        model, plan.layer_formats, tokens, batch_size, progress=progress, tune_iters=tune_iters
+        model, plan.layer_formats, tokens, batch_size, progress, GPTQSettings.of(rounding)
     )
 
 
