@@ -25,7 +25,9 @@ from bitplan.quantization.sequential import GPTQSettings, gptq_model
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("plan", help="a plan file (bitplan search's output)")
-    parser.add_argument("variants", help="a JSON list of gptq_model keyword arguments")
+    parser.add_argument(
+        "variants", help="a JSON list of GPTQSettings fields (and batch_size), one dict a variant"
+    )
     parser.add_argument("--model", default=None, help="bundled model key or folder")
     args = parser.parse_args()
     variants = json.loads(args.variants)
