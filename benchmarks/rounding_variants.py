@@ -41,7 +41,9 @@ def main() -> None:
         batch_size = options.pop("batch_size", 4)
         start = time.perf_counter()
         settings = GPTQSettings(**options)
-        rounded = gptq_model(model.module, plan.layer_formats, tokens, batch_size, False, settings)
+        rounded = gptq_model(
+            model.module, plan.layer_formats, tokens, batch_size, progress=False, settings=settings
+        )
         seconds = time.perf_counter() - start
         divergence = base.compare(rounded)
         del rounded

@@ -153,5 +153,4 @@ def test_formats_tuning_cannot_round_are_refused_before_any_work(tiny_model, tok
             tiny_model, formats, tokens[:0], progress=False, settings=GPTQSettings(tune_iters=5)
         )
     with pytest.raises(BitplanError, match="tune_target"):
-        formats = {n: "w2g32" for n in formats}
         GPTQSettings(tune_iters=5, tune_target="x")
