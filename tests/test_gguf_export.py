@@ -349,7 +349,7 @@ def test_port_equals_llama_cpps_quantizer(llama_cpp, type_name, with_imatrix):
 def test_activation_rounding_emulation(gguf_model, mixed_plan):
     """``llama_cpp_activations`` rounds each Linear's input as llama.cpp's matmul would: Q8_0
     blocks are exactly Q8_0's quantize-dequantize (ties aside)."""
-    from bitplan.quantization.llama_cpp import round_q8_0, round_q8_k
+    from bitplan.formats.gguf_activations import round_q8_0, round_q8_k
 
     x = torch.randn(3, 512) * 4
     q8_0 = quantize_rows(x.numpy(), "Q8_0")

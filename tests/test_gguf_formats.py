@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType, quants
 from bitplan.errors import BitplanError
 from bitplan.formats import BF16Format, MXFormat, parse_format, parse_format_list
 from bitplan.formats.ggml_quantizer import ggml_available, ggml_dequantize_rows
+from bitplan.formats.gguf_activations import round_q8_0, round_q8_k
 from bitplan.formats.gguf import (
     GGML_TYPES,
     PORTED_TYPES,
@@ -99,12 +100,34 @@ def test_option_lists_and_unknown_names():
         GGUFFormat("Q9_K")
 
 
-def test_formats_are_frozen_and_weight_only():
+def test_formats_are_frozen():
     fmt = parse_format("q6_k")
     with pytest.raises(AttributeError):
         fmt.type_name = "Q4_K"
-    x = torch.randn(2, 256)
-    assert fmt.quantize_activation(x) is x and not fmt.quantizes_activations
+
+
+def test_activations_are_rounded_as_llama_cpps_matmul_rounds_them():
+    """Each type rounds its input to its ``vec_dot_type``, chosen by the type the rows are
+    stored in: Q6_K on rows of 512 rounds to Q8_K (blocks of 256), but on rows of 96 it falls
+    back to Q8_0 and rounds to Q8_0 (blocks of 32); BF16 rounds to bfloat16."""
+    x = torch.randn(3, 512, dtype=torch.float64)
+    x[0, 7] = 100  # an outlier: Q8_K's steps of 100 / 127 then span its whole block of 256
+    q6_k = parse_format("q6_k")
+    assert q6_k.quantizes_activations
+    k_rounded = q6_k.quantize_activation(x)
+    assert k_rounded.dtype == x.dtype
+    assert torch.equal(k_rounded, round_q8_k(x).double())
+    steps = k_rounded[0, :256] / (100 / 127)
+    torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)
+    q8_0_rounded = parse_format("q4_0").quantize_activation(x)
+    assert torch.equal(q8_0_rounded, round_q8_0(x).double())
+    outside = slice(32, 256)  # the outlier's Q8_0 block ends at 32; its Q8_K block does not
+    assert (q8_0_rounded - x)[0, outside].abs().max() < (k_rounded - x)[0, outside].abs().max() / 4
+    narrow = torch.randn(2, 96)
+    assert torch.equal(q6_k.quantize_activation(narrow), round_q8_0(narrow))
+    assert torch.equal(
+        parse_format("gguf:bf16").quantize_activation(narrow), narrow.bfloat16().float()
+    )
 
 
 # ---------------------------------------------------------------- bits and fallback

@@ -53,6 +53,7 @@ from bitplan.errors import BitplanError
 from bitplan.formats.base import Format
 from bitplan.formats.blocks import check_float_tensor, check_weight_shape
 from bitplan.formats.ggml_quantizer import ggml_available, ggml_quantize_rows
+from bitplan.formats.gguf_activations import round_activations
 
 F32 = np.float32
 QK_K = 256
@@ -66,6 +67,9 @@ class GGMLType:
     name: str  # llama.cpp's spelling, e.g. "Q4_K"
     element_bits: int  # bits of each weight's code, scales left out (nominal for i-quants)
     fallback: str | None  # llama-quantize's type when a row does not divide into blocks
+    #: How llama.cpp's CPU matmul rounds the input for this type (its ``vec_dot_type``, a key of
+    #: ``gguf_activations.ROUNDINGS``).
+    activations: str
     #: llama-quantize refuses this type without an imatrix (``tensor_requires_imatrix``).
     needs_imatrix: bool = False
 
@@ -93,30 +97,30 @@ class GGMLType:
 GGML_TYPES: dict[str, GGMLType] = {
     t.name: t
     for t in (
-        GGMLType("Q2_K", 2, "Q4_0"),
-        GGMLType("Q3_K", 3, "Q4_0"),
-        GGMLType("Q4_K", 4, "Q5_0"),
-        GGMLType("Q5_K", 5, "Q5_1"),
-        GGMLType("Q6_K", 6, "Q8_0"),
-        GGMLType("Q4_0", 4, "F16"),
-        GGMLType("Q4_1", 4, "F16"),
-        GGMLType("Q5_0", 5, "F16"),
-        GGMLType("Q5_1", 5, "F16"),
-        GGMLType("Q8_0", 8, "F16"),
-        GGMLType("MXFP4", 4, "F16"),
+        GGMLType("Q2_K", 2, "Q4_0", "Q8_K"),
+        GGMLType("Q3_K", 3, "Q4_0", "Q8_K"),
+        GGMLType("Q4_K", 4, "Q5_0", "Q8_K"),
+        GGMLType("Q5_K", 5, "Q5_1", "Q8_K"),
+        GGMLType("Q6_K", 6, "Q8_0", "Q8_K"),
+        GGMLType("Q4_0", 4, "F16", "Q8_0"),
+        GGMLType("Q4_1", 4, "F16", "Q8_0"),  # Q8_1 for Q4_1 and Q5_1: Q8_0's values
+        GGMLType("Q5_0", 5, "F16", "Q8_0"),
+        GGMLType("Q5_1", 5, "F16", "Q8_0"),
+        GGMLType("Q8_0", 8, "F16", "Q8_0"),
+        GGMLType("MXFP4", 4, "F16", "Q8_0"),
         # i-quants: quantized by ggml itself (ggml_quantizer.py), never by the numpy port.
-        GGMLType("IQ4_NL", 4, "F16"),
-        GGMLType("IQ4_XS", 4, "IQ4_NL"),
-        GGMLType("IQ3_S", 3, "IQ4_NL"),
-        GGMLType("IQ3_XXS", 3, "IQ4_NL", needs_imatrix=True),
-        GGMLType("IQ2_S", 2, "IQ4_NL", needs_imatrix=True),
-        GGMLType("IQ2_XS", 2, "IQ4_NL", needs_imatrix=True),
-        GGMLType("IQ2_XXS", 2, "IQ4_NL", needs_imatrix=True),
-        GGMLType("IQ1_M", 1, "IQ4_NL", needs_imatrix=True),
-        GGMLType("IQ1_S", 1, "IQ4_NL", needs_imatrix=True),
-        GGMLType("BF16", 16, None),
-        GGMLType("F16", 16, None),
-        GGMLType("F32", 32, None),
+        GGMLType("IQ4_NL", 4, "F16", "Q8_0"),
+        GGMLType("IQ4_XS", 4, "IQ4_NL", "Q8_K"),
+        GGMLType("IQ3_S", 3, "IQ4_NL", "Q8_K"),
+        GGMLType("IQ3_XXS", 3, "IQ4_NL", "Q8_K", needs_imatrix=True),
+        GGMLType("IQ2_S", 2, "IQ4_NL", "Q8_K", needs_imatrix=True),
+        GGMLType("IQ2_XS", 2, "IQ4_NL", "Q8_K", needs_imatrix=True),
+        GGMLType("IQ2_XXS", 2, "IQ4_NL", "Q8_K", needs_imatrix=True),
+        GGMLType("IQ1_M", 1, "IQ4_NL", "Q8_K", needs_imatrix=True),
+        GGMLType("IQ1_S", 1, "IQ4_NL", "Q8_K", needs_imatrix=True),
+        GGMLType("BF16", 16, None, "BF16"),
+        GGMLType("F16", 16, None, "F16"),
+        GGMLType("F32", 32, None, "F32"),
     )
 }
 
@@ -811,9 +815,12 @@ _MIX_SUFFIX = re.compile(r"(q[2-6]_k)_(?:xs|s|m|l)")
 
 @dataclass(frozen=True)
 class GGUFFormat(Format):
-    """A llama.cpp tensor type, e.g. ``GGUFFormat("Q4_K")``; weight-only."""
+    """A llama.cpp tensor type, e.g. ``GGUFFormat("Q4_K")``. It quantizes activations as
+    llama.cpp's CPU matmuls do for the type (``gguf_activations``): 8-bit blocks that cost no
+    file bytes but, on some models, much of a file's KL, so the scores count them."""
 
     type_name: str
+    quantizes_activations = True
 
     def __post_init__(self) -> None:
         if self.type_name not in GGML_TYPES:
@@ -836,6 +843,11 @@ class GGUFFormat(Format):
         """The llama.cpp type a weight of ``shape`` is stored in (after llama.cpp's fallback)."""
         _, in_features = check_weight_shape(shape)
         return resolve_type(self.type_name, in_features).name
+
+    def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (..., in_features) rounded as llama.cpp's CPU matmul rounds a weight's input
+        for the type its rows of ``in_features`` are stored in."""
+        return round_activations(resolve_type(self.type_name, x.shape[-1]).activations, x)
 
     def quantize(
         self, weight: torch.Tensor, importance: torch.Tensor | np.ndarray | None = None

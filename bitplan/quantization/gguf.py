@@ -4,15 +4,16 @@ with llama.cpp (docs/GGUF.md)."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from bitplan.exporters.gguf_layout import gguf_layout
+from bitplan.formats import Format
 from bitplan.plans import Plan
-from bitplan.quantization.llama_cpp import round_activations
+from bitplan.quantization import quantized_input
 
 
 @torch.no_grad()
@@ -30,20 +31,29 @@ def fake_quantize_gguf(
     row-wise quantization, so no permuting is needed.
 
     With ``llama_cpp_activations`` every Linear also rounds its input as llama.cpp's CPU
-    matmul does for the weight's type (``bitplan.quantization.llama_cpp``), which leaves only
+    matmul does for the weight's type (``GGUFFormat.quantize_activation``), which leaves only
     summation-order differences.
     """
     importance = dict(importance or {})
     layout = gguf_layout(model, plan, embedding_type, output_type)
     module = copy.deepcopy(model.module)
     params = dict(module.named_parameters())
-    stored_type: dict[int, str] = {}
+    stored_format: dict[int, Format] = {}
     for t in layout:
         if len(t.shape) != 2:
             continue  # F32 norms are stored exactly
         param = params[t.parameter]
         param.data = t.fmt.quantize_weight(param.data, t.importance(importance))
-        stored_type[id(param)] = t.type_name
+        stored_format[id(param)] = t.fmt
     if llama_cpp_activations:
-        round_activations(module, stored_type)
+        for linear in module.modules():
+            if isinstance(linear, nn.Linear) and id(linear.weight) in stored_format:
+                linear.register_forward_pre_hook(_rounding_hook(stored_format[id(linear.weight)]))
     return module
+
+
+def _rounding_hook(fmt: Format) -> Callable:
+    def hook(_module: nn.Module, inputs: tuple) -> tuple:
+        return (quantized_input(fmt, inputs[0]), *inputs[1:])
+
+    return hook
