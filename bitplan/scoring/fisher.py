@@ -7,8 +7,9 @@ output Y = X Wᵀ, quantizing it with option o changes the output by
 
 and the loss by about ½ Σ_tokens,outputs G² ΔY² (the diagonal of the empirical Fisher on the
 outputs). One forward and one backward pass of the *unquantized* model give X and G for every
-layer; each extra option only costs one matmul per layer (of twice the width for options that
-quantize activations), so adding options is cheap.
+layer; each extra option only costs one matmul per layer (options that quantize activations
+add one per distinct rounding of the input, which llama.cpp's types share), so adding options is
+cheap.
 The passes compute in the dtype chosen for the device (``bitplan.compute``): bfloat16 where the
 hardware has it, float32 elsewhere (under autocast; the weights are not converted).
 
@@ -78,30 +79,27 @@ class _OutputErrorMeter:
         self.totals = {name: [0.0] * len(self.options) for name in modules}
         self.calls = dict.fromkeys(modules, 0)  # an MoE expert may see no token at all
         # Quantize each weight once per option, for the whole block's lifetime, in the dtype the
-        # output error is computed in (see _output_errors for the three forms).
-        self.direct = dtype == torch.float32
-        self.qweights: dict[str, dict[int, torch.Tensor]] = {}  # Q(W), direct form
-        self.weight_errors: dict[str, dict[int, torch.Tensor]] = {}  # Q(W) − W, weight-only
-        self.joint_weights: dict[str, dict[int, torch.Tensor]] = {}  # [Q(W) − W | Q(W)]
+        # output error is computed in (see _output_errors for the three ways).
+        self.direct = dtype == torch.float32 and form != "split"
+        self.qweights: dict[str, dict[int, torch.Tensor]] = {}  # Q(W): direct, and "split"
+        self.weight_errors: dict[str, dict[int, torch.Tensor]] = {}  # Q(W) − W: the others
+        self.weights: dict[str, torch.Tensor] = {}  # W, for (Q(X) − X)·Wᵀ in lower precision
+        rounds_inputs = any(fmt.quantizes_activations for fmt in self.options)
         with torch.no_grad():
             for name, m in modules.items():
                 weight = m.weight.float()
-                qweights, errors, joint = {}, {}, {}
+                qweights, errors = {}, {}
                 for k, fmt in enumerate(self.options):
                     quantized = (tuned or {}).get(name, {}).get(k)
                     if quantized is None:
                         quantized = _quantized(fmt, m.weight, (importance or {}).get(name))
-                    if not fmt.quantizes_activations:
+                    if not fmt.quantizes_activations or not self.direct:
                         errors[k] = (quantized - weight).to(dtype)
-                    elif form == "split":  # weight error on the output, Q(W) for G_X = G·Q(W)
-                        errors[k] = (quantized - weight).to(dtype)
+                    if fmt.quantizes_activations and (self.direct or form == "split"):
                         qweights[k] = quantized.to(dtype)
-                    elif self.direct:
-                        qweights[k] = quantized.to(dtype)
-                    else:
-                        joint[k] = torch.cat([quantized - weight, quantized], dim=1).to(dtype)
+                if not self.direct and form != "split" and rounds_inputs:
+                    self.weights[name] = m.weight.to(dtype)
                 self.qweights[name], self.weight_errors[name] = qweights, errors
-                self.joint_weights[name] = joint
         self.handles = [
             module.register_forward_hook(self._make_hook(name)) for name, module in modules.items()
         ]
@@ -157,20 +155,31 @@ class _OutputErrorMeter:
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """(option, ΔY = Q(X)·Q(W)ᵀ − X·Wᵀ) for every option, as [tokens, outputs] rows.
 
-        Weight-only options: ΔY = X·(Q(W) − W)ᵀ. Options that quantize activations, in float32:
-        Q(X)·Q(W)ᵀ − Y, one matmul, exact enough at 24 bits. In lower precision the difference
-        of two rounded outputs would not be, so ΔY = X·(Q(W) − W)ᵀ + (Q(X) − X)·Q(W)ᵀ: products
-        of small differences, which stay accurate; both in one matmul of the inputs side by side,
-        [X | Q(X) − X]·[Q(W) − W | Q(W)]ᵀ, which accumulates the sum before rounding it once and
-        runs faster than two matmuls of half the width."""
-        for k in range(len(self.options)):
-            if k in self.weight_errors[name]:  # weight-only, or the weight half of "split"
-                yield k, nn.functional.linear(x.rows(), self.weight_errors[name][k])
-            elif self.direct:
+        Weight-only options (and the weight half of "split"): ΔY = X·(Q(W) − W)ᵀ. Options that
+        quantize activations, in float32: Q(X)·Q(W)ᵀ − Y, one matmul, exact enough at 24 bits.
+        In lower precision the difference of two rounded outputs would not be, so
+        ΔY = Q(X)·(Q(W) − W)ᵀ + (Q(X) − X)·Wᵀ: products of small differences, which stay
+        accurate. The second term depends on the option only through how it rounds X, so the
+        options that round X alike (llama.cpp's types: Q8_0 or Q8_K blocks) share one matmul."""
+        plain = [k for k in range(len(self.options)) if not self._rounds_input(k)]
+        for k in plain:
+            yield k, nn.functional.linear(x.rows(), self.weight_errors[name][k])
+        rounding = [k for k in range(len(self.options)) if self._rounds_input(k)]
+        if self.direct:
+            for k in rounding:
                 delta = nn.functional.linear(x.quantized(k), self.qweights[name][k])
                 yield k, delta.sub_(y.reshape(delta.shape))
-            else:
-                yield k, nn.functional.linear(x.joint(k), self.joint_weights[name][k])
+            return
+        for group in x.alike(rounding):
+            shared = nn.functional.linear(x.error(group[0]).to(self.dtype), self.weights[name])
+            shared = shared.float()
+            for k in group:
+                delta = nn.functional.linear(x.quantized(k), self.weight_errors[name][k])
+                yield k, delta.float().add_(shared)
+
+    def _rounds_input(self, k: int) -> bool:
+        """Whether option ``k``'s ΔY has an input part here ("split" weighs that part apart)."""
+        return self.options[k].quantizes_activations and self.form != "split"
 
     def close(self) -> None:
         for handle in self.handles:
@@ -187,10 +196,9 @@ def _quantized(fmt: Format, weight: torch.Tensor, importance: np.ndarray | None)
 
 
 class _SharedInput:
-    """A layer input as rows in the compute dtype, and its quantized form Q(X) (float32) or
-    [X | Q(X) − X] (lower precisions) for each option that quantizes activations:
-    made on first use (in the backward pass) and dropped once every layer reading this input
-    has used them."""
+    """A layer input as rows in the compute dtype, and its rounding Q(X) under each option that
+    quantizes activations: made on first use (in the backward pass), once for all options that
+    round it alike, and dropped once every layer reading this input has used them."""
 
     def __init__(self, x: torch.Tensor, options: Sequence[Format], dtype: torch.dtype):
         self.x = x
@@ -198,50 +206,60 @@ class _SharedInput:
         self.dtype = dtype
         self.readers = 0
         self._rows: torch.Tensor | None = None
-        self._quantized: dict[int, torch.Tensor] = {}
-        self._joint: dict[int, torch.Tensor] = {}
-        self._errors: dict[int, torch.Tensor] = {}
+        self._same: dict[int, int] = {}  # option -> the first option that rounds X alike
+        self._rounded: dict[int, torch.Tensor] = {}  # that option -> Q(X), float32
+        self._quantized: dict[int, torch.Tensor] = {}  # ... Q(X), compute dtype
+        self._errors: dict[int, torch.Tensor] = {}  # ... Q(X) − X, float32
 
     def rows(self) -> torch.Tensor:
         if self._rows is None:
             self._rows = self.x.reshape(-1, self.x.shape[-1]).to(self.dtype)
         return self._rows
 
+    def _float_rows(self) -> torch.Tensor:
+        return self.x.reshape(-1, self.x.shape[-1]).float()
+
+    @torch.no_grad()
+    def _first_alike(self, k: int) -> int:
+        """The first option that rounds X exactly as option ``k`` does (``k`` itself if none)."""
+        if k not in self._same:
+            rounded = self.options[k].quantize_activation(self._float_rows())
+            alike = (j for j, other in self._rounded.items() if torch.equal(other, rounded))
+            self._same[k] = next(alike, k)
+            if self._same[k] == k:
+                self._rounded[k] = rounded
+        return self._same[k]
+
+    def alike(self, options: Sequence[int]) -> list[list[int]]:
+        """``options`` grouped by how they round X: options in one group give equal Q(X)."""
+        groups: dict[int, list[int]] = {}
+        for k in options:
+            groups.setdefault(self._first_alike(k), []).append(k)
+        return list(groups.values())
+
     @torch.no_grad()
     def quantized(self, k: int) -> torch.Tensor:
         """Q(X) under option ``k``, in the compute dtype."""
-        if k not in self._quantized:
-            rows = self.x.reshape(-1, self.x.shape[-1]).float()
-            self._quantized[k] = self.options[k].quantize_activation(rows).to(self.dtype)
-        return self._quantized[k]
-
-    @torch.no_grad()
-    def joint(self, k: int) -> torch.Tensor:
-        """[X | Q(X) − X] under option ``k``: the error computed in float32, both halves stored
-        side by side in the compute dtype."""
-        if k not in self._joint:
-            rows, error = self._rows_and_error(k)
-            self._joint[k] = torch.cat([rows, error], dim=1).to(self.dtype)
-        return self._joint[k]
+        j = self._first_alike(k)
+        if j not in self._quantized:
+            self._quantized[j] = self._rounded[j].to(self.dtype)
+        return self._quantized[j]
 
     @torch.no_grad()
     def error(self, k: int) -> torch.Tensor:
-        """Q(X) − X under option ``k``, float32 (the "split" form)."""
-        if k not in self._errors:
-            self._errors[k] = self._rows_and_error(k)[1]
-        return self._errors[k]
-
-    def _rows_and_error(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """X as float32 rows, and Q(X) − X under option ``k``."""
-        rows = self.x.reshape(-1, self.x.shape[-1]).float()
-        return rows, self.options[k].quantize_activation(rows) - rows
+        """Q(X) − X under option ``k``, float32."""
+        j = self._first_alike(k)
+        if j not in self._errors:
+            self._errors[j] = self._rounded[j] - self._float_rows()
+        return self._errors[j]
 
     def done(self) -> None:
         self.readers -= 1
         if self.readers <= 0:
             self._rows = None
+            self._same.clear()
+            self._rounded.clear()
             self._quantized.clear()
-            self._joint.clear()
             self._errors.clear()
 
 
