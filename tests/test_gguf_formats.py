@@ -15,7 +15,6 @@ from gguf import GGMLQuantizationType, quants
 from bitplan.errors import BitplanError
 from bitplan.formats import BF16Format, MXFormat, parse_format, parse_format_list
 from bitplan.formats.ggml_quantizer import ggml_available, ggml_dequantize_rows
-from bitplan.formats.gguf_activations import round_q8_0, round_q8_k
 from bitplan.formats.gguf import (
     GGML_TYPES,
     PORTED_TYPES,
@@ -26,6 +25,7 @@ from bitplan.formats.gguf import (
     quantize_rows,
     resolve_type,
 )
+from bitplan.formats.gguf_activations import round_q8_0, round_q8_k
 from bitplan.plans import Plan
 
 #: The i-quants need llama.cpp's ggml (llama-cpp-python) to quantize.
