@@ -206,6 +206,7 @@ class _SharedInput:
         self.dtype = dtype
         self.readers = 0
         self._rows: torch.Tensor | None = None
+        self._float: torch.Tensor | None = None  # X as float32 rows, what every Q(X) rounds
         self._same: dict[int, int] = {}  # option -> the first option that rounds X alike
         self._rounded: dict[int, torch.Tensor] = {}  # that option -> Q(X), float32
         self._quantized: dict[int, torch.Tensor] = {}  # ... Q(X), compute dtype
@@ -217,7 +218,9 @@ class _SharedInput:
         return self._rows
 
     def _float_rows(self) -> torch.Tensor:
-        return self.x.reshape(-1, self.x.shape[-1]).float()
+        if self._float is None:
+            self._float = self.x.reshape(-1, self.x.shape[-1]).float()
+        return self._float
 
     @torch.no_grad()
     def _first_alike(self, k: int) -> int:
@@ -257,6 +260,7 @@ class _SharedInput:
         self.readers -= 1
         if self.readers <= 0:
             self._rows = None
+            self._float = None
             self._same.clear()
             self._rounded.clear()
             self._quantized.clear()
