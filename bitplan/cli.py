@@ -540,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--quantize-head",
         action="store_true",
-        help="include lm_head in scoring and budget (default: kept unquantized, as the reference)",
+        help="include lm_head in scoring and budget (default: kept unquantized, as the "
+        "reference); with llama.cpp types, an untied token embedding too (a tied one is lm_head)",
     )
     search.add_argument(
         "--ignore-scale-bits",

@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
+import math
 
 import gguf
 import pytest
 import torch
-from test_gguf_export import build_gguf_llama, write_tokenizer_gguf
+from test_gguf_export import (
+    KL_RATIO,
+    KL_TOLERANCE,
+    build_gguf_llama,
+    llama_cpp_agreement,
+    write_tokenizer_gguf,
+)
 from torch import nn
 
 import bitplan
 from bitplan.cli import main
 from bitplan.errors import BitplanError
 from bitplan.exporters.gguf import gguf_file_bytes
-from bitplan.formats import parse_format_list
+from bitplan.exporters.load import read_export
+from bitplan.formats import parse_format, parse_format_list
 from bitplan.formats.gguf import gguf_format_names
+from bitplan.plans import planning_table
 from bitplan.scoring.fisher import fisher_scores
 
 
@@ -280,3 +290,99 @@ def test_plan_files_of_a_mix_have_plain_names():
     assert plan_file_name(plan) == "plan_llama.cpp_IQ4_XS_imatrix_4p25.json"
     plan.recipe = "bitplan"
     assert plan_file_name(plan) == "plan_bitplan_4p25.json"
+
+
+@pytest.fixture()
+def untied_loaded(tiny_tokenizer, tmp_path, monkeypatch):
+    """``gguf_loaded`` with an output head of its own: the token embedding is another tensor."""
+    monkeypatch.setenv("BITPLAN_CACHE", str(tmp_path / "cache"))
+    metadata = write_tokenizer_gguf(tmp_path / "tokenizer.gguf", tiny_tokenizer)
+    model = build_gguf_llama(len(tiny_tokenizer), tied=False)
+    return dataclasses.replace(model, tokenizer=tiny_tokenizer, find_gguf=lambda: metadata)
+
+
+EMBED = "model.embed_tokens"
+
+
+def test_an_untied_embedding_is_scored_by_the_error_it_feeds_the_model(untied_loaded):
+    """Its score, ½ Σ G² ΔE² at the first block's input, predicts the KL that quantizing the
+    embedding alone causes; the output head keeps its own score."""
+    model = untied_loaded.module
+    formats = parse_format_list("q4_0,q8_0")
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(1, model.config.vocab_size, (4, 32), generator=generator)
+    table = planning_table(untied_loaded.layers, formats)
+    assert table.selected(include_head=True)[-1].role == "embedding"
+    assert EMBED not in {layer.name for layer in table.selected()}
+    assert EMBED not in {layer.name for layer in planning_table(untied_loaded.layers, [])}
+    common = dict(dtype=torch.float32, progress=False, gradient="kl")
+    scores = fisher_scores(model, table.selected(include_head=True), formats, tokens, **common)
+    for fmt in formats:
+        quantized = copy.deepcopy(model)
+        with torch.no_grad():
+            quantized.model.embed_tokens.weight.copy_(
+                fmt.quantize_weight(model.model.embed_tokens.weight)
+            )
+        measured = kl_per_token(model, quantized, tokens)
+        assert 0.3 < scores[EMBED][fmt.name] / measured < 3, (fmt.name, scores[EMBED], measured)
+    with pytest.raises(BitplanError, match="cannot score a token embedding"):
+        bitplan.search(untied_loaded, "q4_0,q8_0", [6], scorer="delta-loss", include_head=True)
+
+
+def test_an_untied_embedding_is_a_choice_of_a_gguf_plan_with_the_head(untied_loaded, tmp_path):
+    settings = dict(n_samples=4, seq_len=32, dtype="float32", progress=False)
+    options = "q3_k,q4_0,q5_k,q8_0"
+    plans = bitplan.search(untied_loaded, options, [4, 8], include_head=True, **settings).plans
+    # a choice like any other: not the cheapest at 4 bits, the best at 8
+    assert plans[0].layer_formats[EMBED] != "q3_k" and plans[1].layer_formats[EMBED] == "q8_0"
+    for plan in plans:  # the budget counts the embedding
+        weights = sum(layer.params for layer in untied_loaded.layers) + 320 * 256
+        bits = sum(
+            parse_format(fmt).weight_bits(shape_of(untied_loaded, name))
+            for name, fmt in plan.layer_formats.items()
+        )
+        assert bits / weights == pytest.approx(plan.avg_bits)
+    assert (
+        EMBED not in bitplan.search(untied_loaded, options, [6], **settings).plans[0].layer_formats
+    )
+    served = bitplan.search(untied_loaded, "w4g32,w8g32", [6], include_head=True, **settings)
+    assert EMBED not in served.plans[0].layer_formats  # only a GGUF file stores it quantized
+    plan = plans[0]
+    path = tmp_path / "untied.gguf"
+    report = bitplan.export(untied_loaded, plan, path, "gguf")
+    stored = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert stored["token_embd.weight"] == plan.layer_formats[EMBED].upper()
+    assert gguf_file_bytes(untied_loaded, plan) == report.file_bytes == path.stat().st_size
+    if importlib.util.find_spec("llama_cpp") is not None:  # llama.cpp runs it as our model
+        tokens = torch.randint(1, 320, (3, 48), generator=torch.Generator().manual_seed(0))
+        kl_llama, kl_quant, _ = llama_cpp_agreement(path, untied_loaded, plan, tokens, True)
+        assert kl_llama < KL_TOLERANCE and kl_llama < kl_quant / KL_RATIO
+    # the torch model of the plan holds the file's embedding; a fake export reloads to it
+    quantized = bitplan.quantize(untied_loaded, plan)
+    stored_table = parse_format(plan.layer_formats[EMBED]).quantize_weight(
+        untied_loaded.module.model.embed_tokens.weight
+    )
+    torch.testing.assert_close(quantized.model.embed_tokens.weight, stored_table, rtol=0, atol=0)
+    bitplan.export(untied_loaded, plan, tmp_path / "fake", "fake")
+    reloaded = read_export(tmp_path / "fake").module
+    tokens = torch.randint(0, 320, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens).logits, quantized(tokens).logits)
+
+
+def test_an_untied_embedding_takes_no_type_that_needs_an_importance_matrix(untied_loaded):
+    """llama.cpp collects no imatrix for an embedding (it is looked up, not multiplied), and
+    llama-quantize refuses IQ2_XS ... without one: the plan never offers them to it."""
+    settings = dict(n_samples=4, seq_len=32, dtype="float32", progress=False, include_head=True)
+    result = bitplan.search(untied_loaded, "iq2_xs,q4_0,q8_0", [2.5], imatrix=True, **settings)
+    assert math.isnan(result.scores.layer_scores[EMBED]["iq2_xs"])
+    assert result.plans[0].layer_formats[EMBED] == "q4_0"  # the cheapest it may take
+    assert result.plans[0].layer_formats["lm_head"] == "iq2_xs"
+    with pytest.raises(BitplanError, match="pinned to 'iq2_xs', which it lacks"):
+        bitplan.search(
+            untied_loaded, "iq2_xs,q4_0", [3], imatrix=True, pins=[f"{EMBED}=iq2_xs"], **settings
+        )
+
+
+def shape_of(model, name: str) -> tuple[int, int]:
+    return tuple(dict(model.module.named_modules())[name].weight.shape)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import nn
+
 from bitplan.exporters.backend import Backend
 from bitplan.exporters.folder import (
     FORMAT_VERSION,
@@ -54,8 +56,11 @@ def write_fake(
         "format_version": FORMAT_VERSION,
         "layer_formats": {name: fmt.name for name, fmt in formats.items()},
         "rounding": source.rounding,
-        "activation_formats": {
-            name: fmt.name for name, fmt in formats.items() if fmt.quantizes_activations
+        "activation_formats": {  # a GGUF plan's embedding has no input to round
+            name: fmt.name
+            for name, fmt in formats.items()
+            if fmt.quantizes_activations
+            and isinstance(source.module.get_submodule(name), nn.Linear)
         },
     }
     write_config(

@@ -5,7 +5,8 @@ Every planned layer is stored in the plan's llama.cpp type (formats ``q4_k``, ``
 ``bitplan/formats/gguf.py``, including llama.cpp's fallback for rows that a type's blocks do not
 divide), the norms in F32, and the token embedding and output tensor in ``embedding_type`` /
 ``output_type`` (llama.cpp's defaults: Q6_K for the output, and for a token embedding tied to
-it, falling back to Q8_0 on rows that 256 does not divide; Q4_K for an untied embedding).
+it, falling back to Q8_0 on rows that 256 does not divide; Q4_K for an untied embedding) unless
+the plan chooses them (``include_head``; an untied embedding is then a layer of the plan too).
 Tensor names and transformations are the architecture's (``gguf_architectures.py``): in llama
 files the q and k projections are stored in llama.cpp's rotary row order (the permutation
 transformers' GGUF loader undoes), in Gemma's the norms shifted by one.
@@ -116,11 +117,12 @@ def tensor_layout(
     head = module.get_output_embeddings()
     tied = head is not None and head.weight is embed.weight
     head_name = next((n for n, m in module.named_modules() if m is head), None)
+    embed_name = next(n for n, m in module.named_modules() if m is embed)
     out_fmt = _as_gguf_format(parse_format(output_type or DEFAULT_OUTPUT_TYPE), "the output")
     if head_name in planned:
         out_fmt = planned[head_name]
     emb_fmt = out_fmt if tied else parse_format(embedding_type or DEFAULT_EMBEDDING_TYPE)
-    emb_fmt = _as_gguf_format(emb_fmt, "the token embedding")
+    emb_fmt = planned.get(embed_name, _as_gguf_format(emb_fmt, "the token embedding"))
     q_heads, k_heads = config.num_attention_heads, config.num_key_value_heads
 
     tensors = []
@@ -139,7 +141,8 @@ def tensor_layout(
             offset = arch.norm_offset if parameter.endswith("norm.weight") else 0.0
         elif param is embed.weight:
             # A tied embedding is also the output: it takes a planned head's format.
-            fmt, layer = emb_fmt, (head_name if tied and head_name in planned else None)
+            owner = head_name if tied else embed_name
+            fmt, layer = emb_fmt, (owner if owner in planned else None)
         elif layer == head_name and layer not in planned:
             fmt, layer = out_fmt, None
         elif layer in planned:

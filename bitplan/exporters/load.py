@@ -98,6 +98,8 @@ def _wrap_layers(module: nn.Module, formats: dict[str, Format]) -> None:
     modules = dict(module.named_modules())
     for name, fmt in formats.items():
         linear = modules.get(name)
+        if isinstance(linear, nn.Embedding):  # a GGUF plan's: its table is all there is
+            continue
         if not isinstance(linear, nn.Linear):
             raise _missing_layer("the export", name)
         replace_module(module, name, fake_quant_linear(linear, fmt))

@@ -97,9 +97,8 @@ def export_report(
     with_scales = without = params = 0
     for name, fmt in formats.items():
         shape = shapes.get(name)
-        if shape is None:
-            module = modules[name]
-            shape = (module.out_features, module.in_features)
+        if shape is None:  # (out, in) of a Linear; (rows, width) of a GGUF plan's embedding
+            shape = tuple(modules[name].weight.shape)
         with_scales += fmt.weight_bits(shape, include_scales=True)
         without += fmt.weight_bits(shape, include_scales=False)
         params += math.prod(shape)

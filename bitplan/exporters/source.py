@@ -21,7 +21,7 @@ from bitplan.accounting import average_bits
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
 from bitplan.formats.block_scaled import RoundedWeight
-from bitplan.plans import Plan
+from bitplan.plans import Plan, planning_table
 
 if TYPE_CHECKING:
     from bitplan.model.layers import LayerTable
@@ -109,31 +109,32 @@ def planned_formats(source: ExportSource, plan: Plan) -> dict[str, Format]:
     """Layer name -> format for every layer of the plan, checked against the model: the one
     check of a plan before any export writes."""
     modules = dict(source.module.named_modules())
-    formats = {}
-    for name, fmt_name in plan.layer_formats.items():
+    formats = {name: parse_format(fmt_name) for name, fmt_name in plan.layer_formats.items()}
+    table = planning_table(source.layers, [parse_format(name) for name in plan.options])
+    embeddings = {layer.name for layer in table.layers if layer.role == "embedding"}
+    for name in formats:
         module = modules.get(name)
         if module is None:
             raise BitplanError(
                 f"the plan names layer {name}, which {source.name} does not have; "
                 "was it made for another model?"
             )
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) and name not in embeddings:
             raise BitplanError(f"{name} is a {type(module).__name__}, not a Linear layer")
-        formats[name] = parse_format(fmt_name)
-    _check_plan_covers(source, plan)
-    _check_plan_bits(source, plan, formats)
+    _check_plan_covers(table, source.name, plan)
+    _check_plan_bits(table, source.name, plan, formats)
     return formats
 
 
-def _check_plan_covers(source: ExportSource, plan: Plan) -> None:
+def _check_plan_covers(table: LayerTable, model_name: str, plan: Plan) -> None:
     """A plan must cover every layer it budgets (an absent one would silently stay unquantized:
     the model would not have the plan's bits) and agree with its own fusion groups."""
-    groups = source.layers.groups(plan.include_head)
+    groups = table.groups(plan.include_head)
     missing = [layer.name for layers in groups.values() for layer in layers
                if layer.name not in plan.layer_formats]  # fmt: skip
     if missing:
         raise BitplanError(
-            f"the plan does not cover {len(missing)} layer(s) of {source.name}, e.g. "
+            f"the plan does not cover {len(missing)} layer(s) of {model_name}, e.g. "
             f"{missing[0]}; was it edited, or made for another model? (a layer meant to stay "
             "unquantized is listed as bf16)"
         )
@@ -146,16 +147,18 @@ def _check_plan_covers(source: ExportSource, plan: Plan) -> None:
                 )
 
 
-def _check_plan_bits(source: ExportSource, plan: Plan, formats: dict[str, Format]) -> None:
+def _check_plan_bits(
+    table: LayerTable, model_name: str, plan: Plan, formats: dict[str, Format]
+) -> None:
     """The plan's layers must cost what the plan says and stay within its budget: an edited plan
     would otherwise export a model of other bits than the one the plan file reports."""
-    budgeted = source.layers.selected(plan.include_head)
+    budgeted = table.selected(plan.include_head)
     bits = average_bits(budgeted, formats, include_scales=plan.include_scales)
     counted = "with" if plan.include_scales else "without"
     if not math.isclose(bits, plan.avg_bits, rel_tol=1e-9, abs_tol=1e-9):
         raise BitplanError(
             f"the plan says {plan.avg_bits:.4f} average bits but its layers cost {bits:.4f} on "
-            f"{source.name} (scales counted: {counted}); was it edited, or made for another model?"
+            f"{model_name} (scales counted: {counted}); was it edited, or made for another model?"
         )
     budget = plan.budget_avg_bits
     if budget is not None and bits > budget + 1e-9:

@@ -33,6 +33,11 @@ class Format(ABC):
     #: lowest-bit i-quants).
     requires_importance: bool = False
 
+    def requires_importance_for(self, row_length: int) -> bool:
+        """Whether rows of ``row_length`` weights need an importance matrix in this format
+        (a llama.cpp type may fall back to one that needs none)."""
+        return self.requires_importance
+
     @abstractmethod
     def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """Return the quantize-dequantized weight: same shape and dtype as ``weight``."""

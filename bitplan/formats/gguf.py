@@ -839,6 +839,9 @@ class GGUFFormat(Format):
         type does not need one, but a plan cannot count on that)."""
         return GGML_TYPES[self.type_name].needs_imatrix
 
+    def requires_importance_for(self, row_length: int) -> bool:
+        return resolve_type(self.type_name, row_length).needs_imatrix
+
     def tensor_type(self, shape: tuple[int, int]) -> str:
         """The llama.cpp type a weight of ``shape`` is stored in (after llama.cpp's fallback)."""
         _, in_features = check_weight_shape(shape)

@@ -44,17 +44,19 @@ _FUSED_ROLES = {
 _FUSED_ROLES["gate_up"] = "gate_up"
 
 #: The order roles are listed in within a block.
-ROLE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "other", "lm_head")
+ROLE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "other")
+ROLE_ORDER += ("lm_head", "embedding")  # outside the blocks
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One quantizable Linear layer."""
+    """One quantizable Linear layer (or, in a GGUF plan's table, an untied token embedding:
+    ``bitplan.plans.build.planning_table``)."""
 
     name: str  # module path, e.g. "model.layers.0.self_attn.q_proj"
     block: int | None  # decoder block index (0 = nearest the embedding); None outside blocks
-    role: str  # q, k, v, o, gate, up, down, qkv, gate_up, lm_head or other
-    shape: tuple[int, int]  # (out_features, in_features), as the weight is stored
+    role: str  # q, k, v, o, gate, up, down, qkv, gate_up, lm_head, embedding or other
+    shape: tuple[int, int]  # (out_features, in_features), as the weight is stored; (rows, width)
     group: str  # fusion group name; layers of one group must share a format
 
     @property
@@ -78,6 +80,7 @@ class EmbeddingInfo:
 @dataclass(frozen=True)
 class LayerTable:
     layers: tuple[LayerInfo, ...]  # decoder layers in model order, then lm_head if present
+    # (then, in a GGUF plan's table, an untied token embedding)
     embeddings: tuple[EmbeddingInfo, ...]
     num_blocks: int
     blocks_path: str  # module path of the ModuleList holding the decoder blocks
@@ -90,10 +93,10 @@ class LayerTable:
         return next((layer for layer in self.layers if layer.role == "lm_head"), None)
 
     def selected(self, include_head: bool = False) -> list[LayerInfo]:
-        """Decoder layers, plus lm_head when ``include_head``."""
-        head = self.head()
-        extra = [head] if include_head and head is not None else []
-        return self.decoder_layers() + extra
+        """Decoder layers, plus, when ``include_head``, those outside the blocks: lm_head (and
+        an untied token embedding where the table lists one)."""
+        outside = [layer for layer in self.layers if layer.block is None]
+        return self.decoder_layers() + (outside if include_head else [])
 
     def groups(self, include_head: bool = False) -> dict[str, list[LayerInfo]]:
         """Fusion group name -> its layers, in model order."""

@@ -12,8 +12,10 @@ from bitplan.plans.build import (
     PlanSpace,
     build_plan,
     plan_from_formats,
+    planning_table,
     resolve_pins,
     solve_plans,
+    ungrouped,
 )
 from bitplan.plans.plan import PLAN_VERSION, Plan
 from bitplan.plans.recipes import (
@@ -27,7 +29,6 @@ from bitplan.plans.recipes import (
     recipe_plan,
     solve_gguf_plans,
     solve_unfused_plans,
-    ungrouped,
     uniform_gguf_plan,
 )
 
@@ -44,6 +45,7 @@ __all__ = [
     "mix_layer_type",
     "mix_tensor_types",
     "plan_from_formats",
+    "planning_table",
     "recipe_plan",
     "resolve_pins",
     "solve_gguf_plans",

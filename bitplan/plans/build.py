@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from bitplan.accounting import average_bits
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
+from bitplan.formats.gguf import makes_a_gguf_file
 from bitplan.model.layers import LayerInfo, LayerTable
 from bitplan.plans.plan import Plan
 from bitplan.solve import Solution, Unit, pareto_front, reachable_range, solve
@@ -72,6 +73,41 @@ def build_plan(
     )
 
 
+def ungrouped(table: LayerTable) -> LayerTable:
+    """The same layers, each in its own group (as a GGUF file stores them)."""
+    layers = tuple(dataclasses.replace(layer, group=layer.name) for layer in table.layers)
+    return dataclasses.replace(table, layers=layers)
+
+
+def planning_table(table: LayerTable, formats: Sequence[Format]) -> LayerTable:
+    """What a plan over ``formats`` chooses for: each fusion group (engines fuse q/k/v and
+    gate/up into one matmul with one scheme), but each layer when every option is a llama.cpp
+    type, because a GGUF file stores and llama.cpp runs every tensor on its own. A GGUF file
+    also stores an untied token embedding in a type of its own, so there it is one more choice,
+    planned with the head (``include_head``); a tied one is the head's."""
+    if not makes_a_gguf_file(formats):
+        return table
+    table = ungrouped(table)
+    untied = tuple(
+        LayerInfo(e.name, None, "embedding", e.shape, e.name)
+        for e in table.embeddings
+        if not e.tied_to_head
+    )
+    return dataclasses.replace(table, layers=table.layers + untied)
+
+
+def storable_options(formats: Sequence[Format], layers: Sequence[LayerInfo]) -> list[Format]:
+    """The options every one of ``layers`` can be stored in: all, except that a token embedding
+    takes no llama.cpp type that llama-quantize makes only with an importance matrix (llama.cpp
+    collects none for an embedding, which is looked up, not multiplied)."""
+    embeddings = [layer for layer in layers if layer.role == "embedding"]
+    return [
+        fmt
+        for fmt in formats
+        if not any(fmt.requires_importance_for(layer.shape[1]) for layer in embeddings)
+    ]
+
+
 @dataclass(frozen=True)
 class PlanSpace:
     """What a plan chooses among: one solver unit per fusion group, with the exact bits of every
@@ -105,7 +141,7 @@ class PlanSpace:
                 weights=sum(layer.params for layer in layers),
                 costs={
                     fmt.name: sum(fmt.weight_bits(layer.shape, include_scales) for layer in layers)
-                    for fmt in _servable(formats, group, layers, serve)
+                    for fmt in _servable(storable_options(formats, layers), group, layers, serve)
                 },
             )
             for group, layers in table.groups(include_head).items()
@@ -124,9 +160,9 @@ class PlanSpace:
         serve: str | None = None,
     ) -> PlanSpace:
         """The space of a search whose pins are ``REGEX=FORMAT`` strings (``resolve_pins``); a
-        pin on lm_head brings lm_head into the plan."""
-        pins, pins_lm_head = resolve_pins(pin_specs, table, formats)
-        return cls.build(table, formats, include_head or pins_lm_head, include_scales, pins, serve)
+        pin on lm_head (or a planned token embedding) brings them into the plan."""
+        pins, pins_head = resolve_pins(pin_specs, table, formats)
+        return cls.build(table, formats, include_head or pins_head, include_scales, pins, serve)
 
     def reachable_range(self) -> tuple[float, float]:
         """The lowest and highest average bits any plan here can reach."""
@@ -244,12 +280,12 @@ def resolve_pins(
     """Turn ``REGEX=FORMAT`` strings into fusion group -> option pins.
 
     A regex is searched in every layer name (``lm_head``, ``layers\\.0\\.``, ``down_proj``). It
-    must cover whole fusion groups. Returns the pins and whether one of them names lm_head (which
-    then joins the plan and the budget).
+    must cover whole fusion groups. Returns the pins and whether one of them names lm_head or a
+    planned token embedding (which then join the plan and the budget, ``include_head``).
     """
     names = {fmt.name for fmt in formats}
     pins: dict[str, str] = {}
-    pins_lm_head = False
+    pins_head = False
     all_layers = list(table)
     for spec in pin_specs:
         pattern, sep, option = spec.rpartition("=")
@@ -278,5 +314,5 @@ def resolve_pins(
                     "engine fuses with it: pin the whole group"
                 )
             pins[layer.group] = option
-            pins_lm_head = pins_lm_head or layer.role == "lm_head"
-    return pins, pins_lm_head
+            pins_head = pins_head or layer.block is None  # lm_head, a planned embedding
+    return pins, pins_head

@@ -48,14 +48,13 @@ whether one is given (``llama_cpp_mix_plan(..., imatrix=True)``).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
 from bitplan.model.layers import LayerTable
-from bitplan.plans.build import PlanSpace, plan_from_formats
+from bitplan.plans.build import PlanSpace, plan_from_formats, ungrouped
 from bitplan.plans.plan import Plan
 from bitplan.solve import promote_blocks, uniform
 
@@ -109,12 +108,6 @@ def baseline_plan(
     """:func:`recipe_plan` for a layer table and formats."""
     space = PlanSpace.build(table, formats, include_head, include_scales, pins)
     return recipe_plan(space, recipe, budget, model_id, scores)
-
-
-def ungrouped(table: LayerTable) -> LayerTable:
-    """The same layers, each in its own group (as a GGUF file stores them)."""
-    layers = tuple(dataclasses.replace(layer, group=layer.name) for layer in table.layers)
-    return dataclasses.replace(table, layers=layers)
 
 
 def solve_unfused_plans(

@@ -34,14 +34,13 @@ from bitplan.jsonio import write_json_atomic
 from bitplan.model.layers import LayerTable
 from bitplan.model.loading import LoadedModel
 from bitplan.model.streaming import BlockLoader
-from bitplan.plans.build import PlanSpace
+from bitplan.plans.build import PlanSpace, planning_table
 from bitplan.plans.plan import ROUNDINGS, Plan, scored_rounding
 from bitplan.plans.recipes import (
     RECIPES,
     check_mix,
     llama_cpp_mix_plan,
     recipe_plan,
-    ungrouped,
 )
 from bitplan.quantization.sequential import check_rounding_formats
 from bitplan.scoring import DEFAULT_SCORER, Scores, score
@@ -302,15 +301,6 @@ def budget_for_file_size(
             return budget
         budget -= max(size - target, 1) * 8 / weights
     raise BitplanError(f"no plan found within {target:,} bytes after 8 corrections")
-
-
-def planning_table(table: LayerTable, formats: Sequence[Format]) -> LayerTable:
-    """What a plan chooses for: each fusion group (engines fuse q/k/v and gate/up into one
-    matmul with one scheme), but each layer when every option is a llama.cpp type, because a
-    GGUF file stores and llama.cpp runs every tensor on its own."""
-    if makes_a_gguf_file(formats):
-        return ungrouped(table)
-    return table
 
 
 def _rounded(plans: list[Plan], rounding: str) -> list[Plan]:

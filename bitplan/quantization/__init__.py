@@ -97,12 +97,15 @@ def apply_formats(
             "was it made for another model?"
         )
     # Each FakeQuantLinear gets a new weight Parameter, so an lm_head tied to the embedding is
-    # untied here and the embedding itself stays unquantized.
+    # untied here and the embedding itself stays unquantized (unless a GGUF plan names it).
     for name, fmt in resolved.items():
-        linear = modules[name]
-        if not isinstance(linear, nn.Linear):
-            raise BitplanError(f"{name} is a {type(linear).__name__}, not a Linear layer")
-        replace_module(target, name, FakeQuantLinear.from_linear(linear, fmt))
+        module = modules[name]
+        if isinstance(module, nn.Embedding):  # looked up, not multiplied: only its table
+            module.weight = nn.Parameter(fmt.quantize_weight(module.weight.data), False)
+        elif isinstance(module, nn.Linear):
+            replace_module(target, name, FakeQuantLinear.from_linear(module, fmt))
+        else:
+            raise BitplanError(f"{name} is a {type(module).__name__}, not a Linear layer")
     if hasattr(target, "config") and getattr(target.config, "tie_word_embeddings", False):
         # The head is now its own module; keep transformers from re-tying it on save/load.
         head = target.get_output_embeddings() if hasattr(target, "get_output_embeddings") else None

@@ -28,6 +28,7 @@ from bitplan.formats import Format, parse_format
 from bitplan.formats.gguf import makes_a_gguf_file
 from bitplan.model.loading import LoadedModel
 from bitplan.model.streaming import BlockLoader
+from bitplan.plans.build import planning_table
 from bitplan.scoring.delta_loss import delta_loss_scores
 from bitplan.scoring.fisher import fisher_scores
 from bitplan.scoring.scores import Scores
@@ -98,7 +99,13 @@ def score(
     formats = [fmt if isinstance(fmt, Format) else parse_format(fmt) for fmt in options]
     if rounding != "rtn":
         _check_tuned_scoring(rounding, scorer, formats)
-    layers = model.layers.selected(include_head)
+    # A GGUF plan's table: with the head, an untied token embedding is a choice too.
+    layers = planning_table(model.layers, formats).selected(include_head)
+    if scorer not in _FISHER_GRADIENT and any(layer.role == "embedding" for layer in layers):
+        raise BitplanError(
+            f"the {scorer} scorer cannot score a token embedding, which a GGUF plan with the "
+            "head includes when it is untied: use --scorer fisher-kl, or drop --quantize-head"
+        )
     loader = loader if loader is not None else model.block_loader
     if loader is not None and scorer not in _FISHER_GRADIENT:
         raise BitplanError("streaming works with the fisher scorer only; drop --stream")
@@ -114,6 +121,7 @@ def score(
     tied = any(e.tied_to_head for e in model.layers.embeddings)
     tied_embedding = include_head and tied and makes_a_gguf_file(formats)
     key += "|tied-embedding" if tied_embedding else ""
+    key += "|untied-embedding" if any(layer.role == "embedding" for layer in layers) else ""
     if importance:
         if scorer not in _FISHER_GRADIENT:
             raise BitplanError(f"an importance matrix works with the fisher scorers, not {scorer}")

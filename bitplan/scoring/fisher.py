@@ -19,6 +19,7 @@ activations, plus the hidden states at block boundaries, are in memory at a time
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -317,6 +318,7 @@ def fisher_scores(
     blocks_path, blocks = find_blocks(model)
     head = model.get_output_embeddings()
     head_name = next((n for n, m in modules.items() if m is head), None)
+    embed = model.get_input_embeddings()
     totals: dict[str, list[float]] = {}
     calls: dict[str, int] = {}
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -397,10 +399,16 @@ def fisher_scores(
                 loader.unload(index)
             else:
                 block.to("cpu")
-        if tied_embedding and head_name in wanted:  # grads now: at the first block's input
-            ids = [record.input_ids for record in records]
-            fed = _embedding_errors(model.get_input_embeddings(), options, ids, grads, form)
+        # grads now: at the first block's input, where a quantized embedding's error enters.
+        ids = [record.input_ids for record in records]
+        if tied_embedding and head_name in wanted:
+            head_importance = (importance or {}).get(head_name)
+            fed = _embedding_errors(embed, options, ids, grads, form, head_importance)
             totals[head_name] = [a + b for a, b in zip(totals[head_name], fed, strict=True)]
+        for layer in layers:
+            if layer.role == "embedding":  # untied, in a GGUF plan: a choice of its own
+                totals[layer.name] = _embedding_errors(embed, options, ids, grads, form)
+                calls[layer.name] = len(records)
     finally:
         bar.close()
         for p, flag in saved_flags:
@@ -435,10 +443,13 @@ def _embedding_errors(
     input_ids: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     form: str,
+    importance: np.ndarray | None = None,
 ) -> list[float]:
     """For each option, ½ Σ G² ΔE² over the calibration tokens: ΔE is what the embedding module
     outputs with its table quantized minus what it outputs now (its own scaling included, as
-    Gemma's √hidden), G the loss's gradient there (the first block's input).
+    Gemma's √hidden), G the loss's gradient there (the first block's input). ``importance`` is
+    the imatrix the table is quantized with (a tied head's); an option that needs one when
+    there is none scores nan (llama-quantize refuses it: ``plans.build.storable_options``).
 
     Where the options are llama.cpp types, which round every row on its own, only the rows of
     the tokens used are quantized: a few thousand of Gemma-3-270M's 262,144, whose whole table
@@ -451,7 +462,10 @@ def _embedding_errors(
     quantized = {"weight": table}
     errors = []
     for fmt in options:
-        table[rows] = fmt.quantize_weight(weight[rows]).to(weight.dtype)
+        if importance is None and fmt.requires_importance_for(weight.shape[1]):
+            errors.append(math.nan)
+            continue
+        table[rows] = _quantized(fmt, weight[rows], importance).to(weight.dtype)
         total = 0.0
         for ids, grad, before in zip(input_ids, grads, plain, strict=True):
             after = torch.func.functional_call(embedding, quantized, (ids,)).float()
