@@ -114,8 +114,9 @@ def score(
     names = ",".join(fmt.name for fmt in formats)
     compute = dtype if isinstance(dtype, ComputeDtype) else choose_dtype(device, dtype)
     # v2: llama.cpp types count their activation rounding, and lower-precision ΔY is computed
-    # as Q(X)·(Q(W) − W)ᵀ + (Q(X) − X)·Wᵀ (2026-12-06): scores cached before are not reused.
-    key = f"v2|{scorer}|{model_id}|{data_id}|{names}|head={include_head}|bs={batch_size}"
+    # as Q(X)·(Q(W) − W)ᵀ + (Q(X) − X)·Wᵀ (2026-12-06); v3: a tied table's embedding term is
+    # quantized with the head's imatrix, as the file is: scores cached before are not reused.
+    key = f"v3|{scorer}|{model_id}|{data_id}|{names}|head={include_head}|bs={batch_size}"
     key += f"|{compute.name}" + ("" if rounding == "rtn" else f"|rounding={rounding}")
     # A GGUF file stores a tied output and token embedding as one tensor: its score counts both.
     tied = any(e.tied_to_head for e in model.layers.embeddings)
