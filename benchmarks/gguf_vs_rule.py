@@ -15,7 +15,10 @@ For each llama.cpp mix (``--mixes all``: every mix ``bitplan/plans/recipes.py`` 
 both written with an importance matrix collected on the calibration tokens (``--no-imatrix``:
 without), as ``llama-quantize --imatrix`` uses it. ``--with-head`` adds a third file per mix:
 bitplan's plan with the output tensor (and the token embedding tied to it) as one more choice of
-the plan (``bitplan search --quantize-head --target-size``), at the rule's whole file size. ``--front 3,4,5`` adds bitplan plans at
+the plan (``bitplan search --quantize-head --target-size``), at the rule's whole file size.
+``--untie`` gives the output its own copy of a tied table, so that the file stores an untied
+token embedding, which the plan with the head then chooses too (plus a row with it held to the
+mix's type: what the choice adds). ``--front 3,4,5`` adds bitplan plans at
 those budgets, for the curve of KL against size. Every KL, top-1 agreement and perplexity is
 computed from llama.cpp's logits (llama-cpp-python) on held-out text, against llama.cpp running
 the unquantized model (an F32 file). Results go to ``OUT/results.json`` as each file is measured;
@@ -28,12 +31,14 @@ a second run resumes; ``--plot FILE`` draws KL against file size.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 
 import bitplan
 from bitplan.data.calibration import calibration_samples
@@ -87,6 +92,18 @@ def same_tensors(a: Path, b: Path) -> tuple[int, int]:
         and np.array_equal(np.array(t.data), np.array(tb[name].data))
     )
     return equal, len(ta)
+
+
+def untied(model):
+    """``model`` with its output head given its own copy of the tied embedding table: the same
+    values, stored twice, as in a model trained untied (most from 1B up)."""
+    module = model.module
+    head = module.get_output_embeddings()
+    if head.weight is not module.get_input_embeddings().weight:
+        raise SystemExit(f"{model.name} is untied already; drop --untie")
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    module.config.tie_word_embeddings = False
+    return dataclasses.replace(model, name=f"{model.name}-untied")
 
 
 def mix_options(mix: str, model) -> list[str]:
@@ -150,6 +167,13 @@ def main() -> None:
         "the rule's whole file size",
     )
     parser.add_argument(
+        "--untie",
+        action="store_true",
+        help="give the output head its own copy of a tied embedding table (values unchanged), "
+        "so that the file stores the two apart and, with --with-head, the token embedding is a "
+        "choice of its own; adds a row with the embedding pinned to the rule's type",
+    )
+    parser.add_argument(
         "--like",
         action="store_true",
         help="also measure `bitplan search --like MIX`: bitplan's plan or the mix, whichever "
@@ -163,9 +187,12 @@ def main() -> None:
     front = [float(b) for b in args.front.split(",") if b]
 
     model = load_model(args.model)
+    if args.untie:
+        model = untied(model)
     model_id = model.identity
     setting = {
         "model": model_id,
+        **({"untied": True} if args.untie else {}),
         "options": args.options,
         "imatrix": not args.no_imatrix,  # in the files and in the scores
         **({"scorer": args.scorer} if args.scorer != "fisher" else {}),  # old results resume
@@ -240,6 +267,7 @@ def main() -> None:
         else None
     )
     hidden = model.module.config.hidden_size
+    embed = model.layers.embeddings[0].name
     # --like's windows: the calibration text after the windows the scores used.
     windows = check_tokens(model, args.calib_samples, args.calib_len) if args.like else None
     for mix in mixes:
@@ -267,8 +295,26 @@ def main() -> None:
             )
             plan = found.plans[0]
             head_type = plan.layer_formats[model.layers.head().name]
+            chosen = {"embedding_type": plan.layer_formats[embed]} if args.untie else {}
             measure(f"{mix} bitplan+head", plan, embedding_type, output_type, found.importance,
-                    mix=mix, recipe="bitplan+head", head_type=head_type)  # fmt: skip
+                    mix=mix, recipe="bitplan+head", head_type=head_type, **chosen)  # fmt: skip
+        if args.with_head and args.untie and not results.has(f"{mix} bitplan+output"):
+            # The same, with the embedding held to the mix's type: what choosing it adds.
+            found = bitplan.search(
+                model,
+                options,
+                target_size=results.data["rows"][f"{mix} rule"]["file_bytes"],
+                pins=[f"^{embed}$={embedding_type}"],
+                imatrix=importance is not None,
+                scorer=args.scorer,
+                n_samples=args.calib_samples,
+                seq_len=args.calib_len,
+                progress=False,
+            )
+            plan = found.plans[0]
+            head_type = plan.layer_formats[model.layers.head().name]
+            measure(f"{mix} bitplan+output", plan, embedding_type, output_type, found.importance,
+                    mix=mix, recipe="bitplan+output", head_type=head_type)  # fmt: skip
         if args.like and not results.has(f"{mix} like"):
             best, kls = least_divergent(
                 model, [ours, rule], windows, embedding_type, output_type, importance
