@@ -295,7 +295,7 @@ def main() -> None:
             )
             plan = found.plans[0]
             head_type = plan.layer_formats[model.layers.head().name]
-            chosen = {"embedding_type": plan.layer_formats[embed]} if args.untie else {}
+            chosen = {"embedding_choice": plan.layer_formats[embed]} if args.untie else {}
             measure(f"{mix} bitplan+head", plan, embedding_type, output_type, found.importance,
                     mix=mix, recipe="bitplan+head", head_type=head_type, **chosen)  # fmt: skip
         if args.with_head and args.untie and not results.has(f"{mix} bitplan+output"):
