@@ -38,7 +38,6 @@ from bitplan.plans import (
     mix_layer_type,
     plan_from_formats,
     solve_gguf_plans,
-    ungrouped,
     uniform_gguf_plan,
 )
 from bitplan.quantization.gguf import fake_quantize_gguf
@@ -281,7 +280,7 @@ def test_mix_plan_and_ungrouped_table(gguf_model):
     assert plan.recipe == "llama.cpp Q4_K_M"
     v = [plan.layer_formats[f"model.layers.{i}.self_attn.v_proj"] for i in range(2)]
     assert v == ["q4_k", "q6_k"]  # n = 2 blocks: 7n/8 = 1, so block 1 is promoted
-    table = ungrouped(gguf_model.layers)
+    table = gguf_model.layers.ungrouped()
     assert len(table.groups()) == len(gguf_model.layers.decoder_layers())
     with pytest.raises(BitplanError, match="unknown llama.cpp mix"):
         llama_cpp_mix_plan(gguf_model, "Q4_K_X")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -51,7 +51,7 @@ ROLE_ORDER += ("lm_head", "embedding")  # outside the blocks
 @dataclass(frozen=True)
 class LayerInfo:
     """One quantizable Linear layer (or, in a GGUF plan's table, an untied token embedding:
-    ``bitplan.plans.build.planning_table``)."""
+    ``LayerTable.as_gguf_tensors``)."""
 
     name: str  # module path, e.g. "model.layers.0.self_attn.q_proj"
     block: int | None  # decoder block index (0 = nearest the embedding); None outside blocks
@@ -104,6 +104,23 @@ class LayerTable:
         for layer in self.selected(include_head):
             out.setdefault(layer.group, []).append(layer)
         return out
+
+    def ungrouped(self) -> LayerTable:
+        """The same layers, each in its own group (as a GGUF file stores them)."""
+        return replace(self, layers=tuple(replace(layer, group=layer.name) for layer in self))
+
+    def as_gguf_tensors(self) -> LayerTable:
+        """What a plan for a GGUF file chooses for: each layer on its own (llama.cpp stores and
+        runs every tensor apart), and an untied token embedding as one more, outside the blocks
+        and so planned with the head (the file stores it in a type of its own; a tied one is
+        lm_head's)."""
+        untied = tuple(
+            LayerInfo(e.name, None, "embedding", e.shape, e.name)
+            for e in self.embeddings
+            if not e.tied_to_head
+        )
+        table = self.ungrouped()
+        return replace(table, layers=table.layers + untied)
 
     def __iter__(self) -> Iterator[LayerInfo]:
         return iter(self.layers)

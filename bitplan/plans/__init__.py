@@ -15,7 +15,6 @@ from bitplan.plans.build import (
     planning_table,
     resolve_pins,
     solve_plans,
-    ungrouped,
 )
 from bitplan.plans.plan import PLAN_VERSION, Plan
 from bitplan.plans.recipes import (
@@ -51,6 +50,5 @@ __all__ = [
     "solve_gguf_plans",
     "solve_plans",
     "solve_unfused_plans",
-    "ungrouped",
     "uniform_gguf_plan",
 ]

@@ -73,27 +73,11 @@ def build_plan(
     )
 
 
-def ungrouped(table: LayerTable) -> LayerTable:
-    """The same layers, each in its own group (as a GGUF file stores them)."""
-    layers = tuple(dataclasses.replace(layer, group=layer.name) for layer in table.layers)
-    return dataclasses.replace(table, layers=layers)
-
-
 def planning_table(table: LayerTable, formats: Sequence[Format]) -> LayerTable:
     """What a plan over ``formats`` chooses for: each fusion group (engines fuse q/k/v and
-    gate/up into one matmul with one scheme), but each layer when every option is a llama.cpp
-    type, because a GGUF file stores and llama.cpp runs every tensor on its own. A GGUF file
-    also stores an untied token embedding in a type of its own, so there it is one more choice,
-    planned with the head (``include_head``); a tied one is the head's."""
-    if not makes_a_gguf_file(formats):
-        return table
-    table = ungrouped(table)
-    untied = tuple(
-        LayerInfo(e.name, None, "embedding", e.shape, e.name)
-        for e in table.embeddings
-        if not e.tied_to_head
-    )
-    return dataclasses.replace(table, layers=table.layers + untied)
+    gate/up into one matmul with one scheme), but for a GGUF file each tensor, an untied token
+    embedding included (``LayerTable.as_gguf_tensors``)."""
+    return table.as_gguf_tensors() if makes_a_gguf_file(formats) else table
 
 
 def storable_options(formats: Sequence[Format], layers: Sequence[LayerInfo]) -> list[Format]:

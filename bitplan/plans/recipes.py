@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 from bitplan.errors import BitplanError
 from bitplan.formats import Format, parse_format
 from bitplan.model.layers import LayerTable
-from bitplan.plans.build import PlanSpace, plan_from_formats, ungrouped
+from bitplan.plans.build import PlanSpace, plan_from_formats
 from bitplan.plans.plan import Plan
 from bitplan.solve import promote_blocks, uniform
 
@@ -121,7 +121,7 @@ def solve_unfused_plans(
 ) -> list[Plan]:
     """bitplan's least-loss plans at each budget with every decoder layer choosing its own
     format (no fusion groups)."""
-    space = PlanSpace.build(ungrouped(table), formats, include_scales=include_scales)
+    space = PlanSpace.build(table.ungrouped(), formats, include_scales=include_scales)
     return space.solve(scores, budgets, model_id, recipe)
 
 

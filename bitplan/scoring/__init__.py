@@ -28,7 +28,6 @@ from bitplan.formats import Format, parse_format
 from bitplan.formats.gguf import makes_a_gguf_file
 from bitplan.model.loading import LoadedModel
 from bitplan.model.streaming import BlockLoader
-from bitplan.plans.build import planning_table
 from bitplan.scoring.delta_loss import delta_loss_scores
 from bitplan.scoring.fisher import fisher_scores
 from bitplan.scoring.scores import Scores
@@ -99,8 +98,9 @@ def score(
     formats = [fmt if isinstance(fmt, Format) else parse_format(fmt) for fmt in options]
     if rounding != "rtn":
         _check_tuned_scoring(rounding, scorer, formats)
-    # A GGUF plan's table: with the head, an untied token embedding is a choice too.
-    layers = planning_table(model.layers, formats).selected(include_head)
+    # A GGUF file stores an untied token embedding in a type of its own: planned with the head.
+    gguf = makes_a_gguf_file(formats)
+    layers = (model.layers.as_gguf_tensors() if gguf else model.layers).selected(include_head)
     if scorer not in _FISHER_GRADIENT and any(layer.role == "embedding" for layer in layers):
         raise BitplanError(
             f"the {scorer} scorer cannot score a token embedding, which a GGUF plan with the "
@@ -120,7 +120,7 @@ def score(
     key += f"|{compute.name}" + ("" if rounding == "rtn" else f"|rounding={rounding}")
     # A GGUF file stores a tied output and token embedding as one tensor: its score counts both.
     tied = any(e.tied_to_head for e in model.layers.embeddings)
-    tied_embedding = include_head and tied and makes_a_gguf_file(formats)
+    tied_embedding = include_head and tied and gguf
     key += "|tied-embedding" if tied_embedding else ""
     key += "|untied-embedding" if any(layer.role == "embedding" for layer in layers) else ""
     if importance:
