@@ -59,7 +59,14 @@ def cmd_info(args: argparse.Namespace) -> None:
             f"{'(tied to the embedding)' if tied else '-'}; not quantized by default"
         )
     for emb in table.embeddings:
-        print(f"embedding {emb.name}: {emb.shape[0]}x{emb.shape[1]} ({emb.params:,} params), kept")
+        kept = (
+            "kept (in a GGUF file, stored as lm_head)"
+            if emb.tied_to_head
+            else "kept (with GGUF types and --quantize-head, a choice of the plan)"
+        )
+        print(
+            f"embedding {emb.name}: {emb.shape[0]}x{emb.shape[1]} ({emb.params:,} params), {kept}"
+        )
     total = sum(layer.params for layer in decoder)
     print(f"\nquantizable decoder weights: {total:,}")
     if args.layers:
