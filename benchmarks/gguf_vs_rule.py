@@ -279,14 +279,21 @@ def main() -> None:
         ours = solve_gguf_plans(model, options, scores_for(options), [rule.avg_bits], model_id)[0]
         measure(f"{mix} rule", rule, embedding_type, output_type, mix=mix, recipe="rule")
         measure(f"{mix} bitplan", ours, embedding_type, output_type, mix=mix, recipe="bitplan")
-        if args.with_head and not results.has(f"{mix} bitplan+head"):
-            # The plan's own type for the output tensor (and the embedding tied to it) replaces
-            # the mix's; the file is held to the rule's whole size, everything counted.
+        # With the head: the plan's own type for the output tensor (and the embedding, tied or
+        # with --untie) replaces the mix's; the file is held to the rule's whole size. With
+        # --untie also the same with the embedding pinned to the mix's type: what choosing it adds.
+        variants = {"bitplan+head": []} if args.with_head else {}
+        if args.with_head and args.untie:
+            variants["bitplan+output"] = [f"^{embed}$={embedding_type}"]
+        for recipe, pins in variants.items():
+            if results.has(f"{mix} {recipe}"):
+                continue
             found = bitplan.search(
                 model,
                 options,
                 target_size=results.data["rows"][f"{mix} rule"]["file_bytes"],
                 include_head=True,
+                pins=pins,
                 imatrix=importance is not None,
                 scorer=args.scorer,
                 n_samples=args.calib_samples,
@@ -294,27 +301,11 @@ def main() -> None:
                 progress=False,
             )
             plan = found.plans[0]
-            head_type = plan.layer_formats[model.layers.head().name]
-            chosen = {"embedding_choice": plan.layer_formats[embed]} if args.untie else {}
-            measure(f"{mix} bitplan+head", plan, embedding_type, output_type, found.importance,
-                    mix=mix, recipe="bitplan+head", head_type=head_type, **chosen)  # fmt: skip
-        if args.with_head and args.untie and not results.has(f"{mix} bitplan+output"):
-            # The same, with the embedding held to the mix's type: what choosing it adds.
-            found = bitplan.search(
-                model,
-                options,
-                target_size=results.data["rows"][f"{mix} rule"]["file_bytes"],
-                pins=[f"^{embed}$={embedding_type}"],
-                imatrix=importance is not None,
-                scorer=args.scorer,
-                n_samples=args.calib_samples,
-                seq_len=args.calib_len,
-                progress=False,
-            )
-            plan = found.plans[0]
-            head_type = plan.layer_formats[model.layers.head().name]
-            measure(f"{mix} bitplan+output", plan, embedding_type, output_type, found.importance,
-                    mix=mix, recipe="bitplan+output", head_type=head_type)  # fmt: skip
+            chosen = {"head_type": plan.layer_formats[model.layers.head().name]}
+            if embed in plan.layer_formats and not pins:
+                chosen["embedding_choice"] = plan.layer_formats[embed]
+            measure(f"{mix} {recipe}", plan, embedding_type, output_type, found.importance,
+                    mix=mix, recipe=recipe, **chosen)  # fmt: skip
         if args.like and not results.has(f"{mix} like"):
             best, kls = least_divergent(
                 model, [ours, rule], windows, embedding_type, output_type, importance
