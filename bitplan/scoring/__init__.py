@@ -101,7 +101,8 @@ def score(
     # A GGUF file stores an untied token embedding in a type of its own: planned with the head.
     gguf = makes_a_gguf_file(formats)
     layers = (model.layers.as_gguf_tensors() if gguf else model.layers).selected(include_head)
-    if scorer not in _FISHER_GRADIENT and any(layer.role == "embedding" for layer in layers):
+    untied_embedding = any(layer.role == "embedding" for layer in layers)
+    if scorer not in _FISHER_GRADIENT and untied_embedding:
         raise BitplanError(
             f"the {scorer} scorer cannot score a token embedding, which a GGUF plan with the "
             "head includes when it is untied: use --scorer fisher-kl, or drop --quantize-head"
@@ -122,7 +123,7 @@ def score(
     tied = any(e.tied_to_head for e in model.layers.embeddings)
     tied_embedding = include_head and tied and gguf
     key += "|tied-embedding" if tied_embedding else ""
-    key += "|untied-embedding" if any(layer.role == "embedding" for layer in layers) else ""
+    key += "|untied-embedding" if untied_embedding else ""
     if importance:
         if scorer not in _FISHER_GRADIENT:
             raise BitplanError(f"an importance matrix works with the fisher scorers, not {scorer}")
