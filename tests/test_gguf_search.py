@@ -317,6 +317,8 @@ def test_an_untied_embedding_is_scored_by_the_error_it_feeds_the_model(untied_lo
     assert EMBED not in {layer.name for layer in planning_table(untied_loaded.layers, [])}
     common = dict(dtype=torch.float32, progress=False, gradient="kl")
     scores = fisher_scores(model, table.selected(include_head=True), formats, tokens, **common)
+    without = fisher_scores(model, untied_loaded.layers.selected(True), formats, tokens, **common)
+    assert EMBED not in without and scores["lm_head"] == without["lm_head"]
     for fmt in formats:
         quantized = copy.deepcopy(model)
         with torch.no_grad():
@@ -335,8 +337,9 @@ def test_an_untied_embedding_is_a_choice_of_a_gguf_plan_with_the_head(untied_loa
     plans = bitplan.search(untied_loaded, options, [4, 8], include_head=True, **settings).plans
     # a choice like any other: not the cheapest at 4 bits, the best at 8
     assert plans[0].layer_formats[EMBED] != "q3_k" and plans[1].layer_formats[EMBED] == "q8_0"
+    weights = sum(layer.params for layer in untied_loaded.layers)
+    weights += untied_loaded.layers.embeddings[0].params
     for plan in plans:  # the budget counts the embedding
-        weights = sum(layer.params for layer in untied_loaded.layers) + 320 * 256
         bits = sum(
             parse_format(fmt).weight_bits(shape_of(untied_loaded, name))
             for name, fmt in plan.layer_formats.items()
