@@ -2,7 +2,8 @@
 steps, target and batch): held-out KL, perplexity and wall time of each. For choosing defaults
 (issue 17); ``tuned_rounding.py`` measures the defaults end to end through the command line.
 
-Calibration 16 x 256 tokens of the shipped text, held-out 8 x 512, as the other benchmarks.
+Calibration 16 x 256 tokens of the shipped text (``--n-samples`` changes the 16), held-out 8 x 512,
+as the other benchmarks.
 
     .venv/bin/python benchmarks/rounding_variants.py PLAN.json \\
         '[{}, {"tune_iters": 25}, {"tune_iters": 25, "tune_target": "block"}]' [--model gemma3-270m]
@@ -29,13 +30,18 @@ def main() -> None:
         "variants", help="a JSON list of GPTQSettings fields (and batch_size), one dict a variant"
     )
     parser.add_argument("--model", default=None, help="bundled model key or folder")
+    parser.add_argument(
+        "--n-samples", type=int, default=16, help="calibration sequences of 256 tokens (16)"
+    )
     args = parser.parse_args()
     variants = json.loads(args.variants)
     plan = Plan.load(args.plan)
     model = load_model(args.model)
-    tokens = calibration_samples(model.tokenizer, 16, 256)
+    tokens = calibration_samples(model.tokenizer, args.n_samples, 256)
     base = BaseLogits.compute(model.module, heldout_samples(model.tokenizer, 8, 512))
-    print(f"{model.identity}; {args.plan}; base ppl {base.base_ppl:.2f}")
+    print(
+        f"{model.identity}; {args.plan}; {args.n_samples} x 256 calibration tokens; base ppl {base.base_ppl:.2f}"
+    )
     print("| gptq_model options | KL | ppl | wall s |\n|---|---:|---:|---:|", flush=True)
     for options in variants:
         batch_size = options.pop("batch_size", 4)
