@@ -42,6 +42,8 @@ already written under ``--out`` are reused, so an interrupted run picks up where
     five tasks (``lambada_openai, hellaswag, piqa, winogrande, mmlu``) through lm-eval with
     ``--limit`` (the baselines get KL only). SignRound's models: auto-round's tuned weights
     loaded into the planned layers, activations quantized by bitplan's formats as for every plan.
+    With ``--tuned``, bitplan's plans also rounded as ``--rounding tuned`` does (GPTQ + block
+    tuning, on the same calibration tokens), measured the same way.
 ``report``
     Prints the markdown tables (also written to ``results.md`` under ``--out``).
 """
@@ -710,6 +712,7 @@ def phase_eval(args: argparse.Namespace) -> None:
     baselines' KL: the comparison first, the context after."""
     import torch
 
+    from bitplan.data.calibration import calibration_samples
     from bitplan.data.heldout import heldout_samples
     from bitplan.evaluation.divergence import BaseLogits
     from bitplan.evaluation.harness import evaluate_tasks
@@ -717,6 +720,7 @@ def phase_eval(args: argparse.Namespace) -> None:
     from bitplan.plans import Plan
     from bitplan.plans.search import budget_label
     from bitplan.quantization import apply_plan
+    from bitplan.quantization.sequential import quantize_model
 
     torch.manual_seed(0)
     model = load_model(args.model)
@@ -735,26 +739,41 @@ def phase_eval(args: argparse.Namespace) -> None:
     base_path = out / "base_logits.safetensors"
     base = None
 
-    def kl(stem: str, quantize) -> None:
-        """KL of the model ``quantize()`` returns (with facts to record) into kl_{stem}.json."""
+    def measure(stem: str, quantize, tasks: bool = True) -> None:
+        """KL of the model ``quantize()`` returns (with facts to record) into kl_{stem}.json,
+        and with ``--limit`` (and ``tasks``) its task accuracy into tasks_{stem}_limit*.json;
+        the model is built once, and only if one of them is missing."""
         nonlocal base
         kl_path = out / f"kl_{stem}.json"
-        if kl_path.is_file() and not args.force:
+        task_path = out / f"tasks_{stem}_limit{args.limit}.json"
+        need_kl = args.force or not kl_path.is_file()
+        need_tasks = tasks and args.limit > 0 and (args.force or not task_path.is_file())
+        if not (need_kl or need_tasks):
             return
-        if base is None:
-            if base_path.is_file():
-                base = BaseLogits.load(base_path)
-            else:
-                tokens = heldout_samples(model.tokenizer, args.heldout_samples, args.heldout_len)
-                base = BaseLogits.compute(model.module, tokens)
-                base.save(base_path)
         quantized, facts = quantize()
-        start = time.perf_counter()
-        div = base.compare(quantized)
-        write_json_atomic(
-            kl_path, {**div.to_dict(), "seconds": time.perf_counter() - start, **facts}
-        )
-        print(f"eval KL {stem}: {div.kl:.4f}", flush=True)
+        if need_kl:
+            if base is None:
+                if base_path.is_file():
+                    base = BaseLogits.load(base_path)
+                else:
+                    tokens = heldout_samples(
+                        model.tokenizer, args.heldout_samples, args.heldout_len
+                    )
+                    base = BaseLogits.compute(model.module, tokens)
+                    base.save(base_path)
+            start = time.perf_counter()
+            div = base.compare(quantized)
+            write_json_atomic(
+                kl_path, {**div.to_dict(), "seconds": time.perf_counter() - start, **facts}
+            )
+            print(f"eval KL {stem}: {div.kl:.4f}", flush=True)
+        if need_tasks:
+            print(f"eval tasks {stem} (limit {args.limit}) ...", flush=True)
+            results = evaluate_tasks(
+                quantized, model.tokenizer, limit=args.limit, batch_size=args.eval_batch_size
+            )
+            results.save(task_path)
+            print(f"  average acc {results.average:.4f} in {results.seconds:.0f} s", flush=True)
 
     def planned(path: Path):
         return lambda: (apply_plan(model.module, Plan.load(path)), {})
@@ -768,25 +787,26 @@ def phase_eval(args: argparse.Namespace) -> None:
 
         return quantize
 
+    def tuned(path: Path):
+        def quantize():
+            tokens = calibration_samples(model.tokenizer, args.n_samples, args.seq_len)
+            start = time.perf_counter()
+            quantized = quantize_model(model.module, Plan.load(path), "tuned", tokens)
+            return quantized, {"rounding_s": time.perf_counter() - start}
+
+        return quantize
+
+    measure("base", lambda: (model.module, {}))  # KL 0: a check of the evaluator
     for path in tools:
-        kl(path.stem, planned(path))
+        measure(path.stem, planned(path))
     for path in sorted((args.out / "signround").glob(f"i{args.signround_iters}_*.json")):
-        kl(f"signround_{path.stem}", signround(path))
-    if args.limit > 0:
-        for name, path in [("base", None)] + [(p.stem, p) for p in tools]:
-            task_path = out / f"tasks_{name}_limit{args.limit}.json"
-            if task_path.is_file() and not args.force:
-                continue
-            print(f"eval tasks {name} (limit {args.limit}) ...", flush=True)
-            quantized = model.module if path is None else apply_plan(model.module, Plan.load(path))
-            results = evaluate_tasks(
-                quantized, model.tokenizer, limit=args.limit, batch_size=args.eval_batch_size
-            )
-            results.save(task_path)
-            print(f"  average acc {results.average:.4f} in {results.seconds:.0f} s", flush=True)
-            del quantized
+        measure(f"signround_{path.stem}", signround(path))
+    if args.tuned:
+        for path in tools:
+            if path.stem.startswith("bitplan_"):
+                measure(f"tuned_{path.stem}", tuned(path))
     for path in baselines:
-        kl(path.stem, planned(path))
+        measure(path.stem, planned(path), tasks=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -892,6 +912,45 @@ def phase_report(args: argparse.Namespace) -> str:
         )
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         lines += signround_rows + [""]
+    tuned_rows = []
+    for set_name in args.sets:
+        options, budgets = OPTION_SETS[set_name]
+        for bits in budgets:
+            label = f"{set_name}_{budget_label(bits)}"
+            stem = _signround_path(args, label).stem
+            cells = {
+                name: (
+                    _load(ev / f"kl_{name}.json"),
+                    _avg_acc(_load(ev / f"tasks_{name}_limit{limit}.json")),
+                )
+                for name in (
+                    f"bitplan_{label}",
+                    f"tuned_bitplan_{label}",
+                    f"autoround_{label}",
+                    f"signround_{stem}",
+                )
+            }
+            kl_ours, kl_sr = cells[f"tuned_bitplan_{label}"][0], cells[f"signround_{stem}"][0]
+            if kl_ours is None:
+                continue
+            ratio = f"{kl_ours['kl'] / kl_sr['kl']:.2f}" if kl_sr else "-"
+            tuned_rows.append(
+                f"| {options.replace(',', '+')} | {bits:g} | "
+                + " | ".join(
+                    f"{kl['kl']:.4f} / {_fmt_acc(acc)}" if kl else "-" for kl, acc in cells.values()
+                )
+                + f" | {ratio} | {kl_ours['rounding_s']:.0f} |"
+            )
+    if tuned_rows:
+        lines.append("### Rounded to nearest and tuned, both tools: KL / average accuracy (± se)")
+        lines.append("")
+        lines.append(
+            "| options | avg bits | bitplan plan + RTN | bitplan plan + tuned "
+            f"| AutoScheme + RTN | AutoScheme + SignRound (iters={args.signround_iters}) "
+            "| KL: bitplan tuned / SignRound | bitplan GPTQ + tuning s |"
+        )
+        lines.append("|---|---:|---|---|---|---|---:|---:|")
+        lines += tuned_rows + [""]
     lines.append("### Baselines and an ablation (KL only; same evaluator)")
     lines.append("")
     lines.append(
@@ -1081,6 +1140,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="give every auto-round budget its own empty score cache (each then scores anew); "
         "default: one fresh cache per option set, shared by its budgets",
+    )
+    parser.add_argument(
+        "--tuned",
+        action="store_true",
+        help="eval also measures bitplan's plans with --rounding tuned (GPTQ + block tuning on "
+        "the same calibration tokens)",
     )
     parser.add_argument("--force", action="store_true", help="redo results already in --out")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
