@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bitplan.errors import BitplanError
-from bitplan.exporters.rounded_store import RoundedStore
+from bitplan.exporters.rounded_store import RoundedStore, rounded_facts
 from bitplan.formats import parse_format
 from bitplan.formats.registry import known_format_names
 from bitplan.quantization.gptq import check_gptq_format
@@ -37,6 +37,8 @@ def test_rounded_weights_come_back_exactly(tmp_path, fmt):
     store.add({"layer2": weights["layer2"]})
     store.add({})  # a block with no planned layer writes nothing
     assert len(list(tmp_path.iterdir())) == 2 and len(store) == 3 and list(store) == list(weights)
+    # What an export checks is known without reading the elements back.
+    assert rounded_facts(store) == rounded_facts(weights) and store.facts["layer2"].row_length == 96
     for name, weight in weights.items():
         got = store[name]
         assert got.block_size == weight.block_size and got.method == weight.method

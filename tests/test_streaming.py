@@ -125,13 +125,21 @@ def test_streamed_export_in_shards_equals_in_memory_export(tiny_folder, tmp_path
 
 
 @pytest.mark.parametrize("rounding", ["gptq", "tuned"])
-def test_streamed_gptq_export_equals_in_memory_export(tiny_folder, tmp_path, rounding):
+def test_streamed_gptq_export_equals_in_memory_export(tiny_folder, tmp_path, rounding, monkeypatch):
     """quantize --stream --rounding gptq|tuned rounds one block at a time, its codes kept on
-    disk until stored: the export holds the same tensors as the in-memory one, and the
-    temporary codes are gone."""
+    disk until stored and each read back once: the export holds the same tensors as the
+    in-memory one, and the temporary codes are gone."""
+    from collections import Counter
+
     from safetensors.torch import load_file
 
+    from bitplan.exporters.rounded_store import RoundedStore
     from bitplan.exporters.shards import weight_files
+
+    reads, read = Counter(), RoundedStore.__getitem__
+    monkeypatch.setattr(
+        RoundedStore, "__getitem__", lambda store, name: reads.update([name]) or read(store, name)
+    )
 
     mixed_plan(load_model(tiny_folder)).save(tmp_path / "plan.json")
     exports = tmp_path / "exports"
@@ -139,6 +147,7 @@ def test_streamed_gptq_export_equals_in_memory_export(tiny_folder, tmp_path, rou
             "packed", "--rounding", rounding, "--n-samples", "4", "--seq-len", "32"]  # fmt: skip
     assert main([*argv, "--out", str(exports / "whole")]) == 0
     assert main([*argv, "--out", str(exports / "streamed"), "--stream"]) == 0
+    assert reads and set(reads.values()) == {1}, reads  # checks and the report ask no more
     assert sorted(p.name for p in exports.iterdir()) == ["streamed", "whole"]
 
     def tensors(folder):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -24,6 +25,26 @@ from bitplan.formats.block_scaled import BlockScales, RoundedWeight
 _PARTS = ("scale", "zero_point", "global_scale")
 
 
+class RoundedFacts(NamedTuple):
+    """What an export checks of a rounded weight before it stores it: known without reading
+    its elements back from a ``RoundedStore``."""
+
+    block_size: int
+    method: str
+    row_length: int
+
+
+def rounded_facts(rounded: Mapping[str, RoundedWeight]) -> dict[str, RoundedFacts]:
+    """Layer name -> the facts of each rounded weight; a ``RoundedStore``'s from memory (each
+    weight is then read from disk once, when the export stores it)."""
+    if isinstance(rounded, RoundedStore):
+        return dict(rounded.facts)
+    return {
+        name: RoundedFacts(weight.block_size, weight.method, weight.elements.shape[-1])
+        for name, weight in rounded.items()
+    }
+
+
 class RoundedStore(Mapping[str, RoundedWeight]):
     """Layer name -> ``RoundedWeight``, one safetensors file per ``add`` in ``folder``."""
 
@@ -31,6 +52,7 @@ class RoundedStore(Mapping[str, RoundedWeight]):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._file_of: dict[str, Path] = {}
+        self.facts: dict[str, RoundedFacts] = {}
 
     def add(self, weights: Mapping[str, RoundedWeight]) -> None:
         """Write ``weights`` (one block's) to a new file; they are read back on demand."""
@@ -50,6 +72,7 @@ class RoundedStore(Mapping[str, RoundedWeight]):
         path = self.folder / f"block-{len(set(self._file_of.values())):05d}.safetensors"
         save_file(tensors, path, metadata=metadata)
         self._file_of.update(dict.fromkeys(weights, path))
+        self.facts.update(rounded_facts(weights))
 
     def __getitem__(self, name: str) -> RoundedWeight:
         path = self._file_of[name]

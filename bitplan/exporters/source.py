@@ -19,6 +19,7 @@ from torch import nn
 
 from bitplan.accounting import average_bits
 from bitplan.errors import BitplanError
+from bitplan.exporters.rounded_store import rounded_facts
 from bitplan.formats import Format, parse_format
 from bitplan.formats.block_scaled import RoundedWeight
 from bitplan.plans import Plan, planning_table
@@ -54,7 +55,7 @@ class ExportSource:
     def rounding(self) -> str:
         """How the planned weights are rounded, as exports record it: ``rtn`` (to nearest),
         ``gptq``, or several names joined by ``+``."""
-        methods = sorted({weight.method for weight in self.rounded.values()})
+        methods = sorted({facts.method for facts in rounded_facts(self.rounded).values()})
         return "+".join(methods) if methods else "rtn"
 
     @classmethod

@@ -20,6 +20,7 @@ from bitplan.exporters import compressed, fake, gguf, packed
 from bitplan.exporters.backend import Backend
 from bitplan.exporters.folder import PLAN_FILE
 from bitplan.exporters.report import ExportReport
+from bitplan.exporters.rounded_store import rounded_facts
 from bitplan.exporters.source import ExportSource, planned_formats
 from bitplan.formats import Format
 from bitplan.formats.block_scaled import RoundedWeight
@@ -86,11 +87,11 @@ def check_importance_format(imatrix: bool, format: str) -> None:
 def check_rounded(source: ExportSource, formats: dict[str, Format], backend: Backend) -> None:
     """Tuned weights must be of the plan's layers and formats, and the back end must store
     them (GGUF has its own super-block layout that GPTQ does not round for yet)."""
-    for name, weight in source.rounded.items():
+    for name, facts in rounded_facts(source.rounded).items():
         fmt = formats.get(name)
         if fmt is None:
             raise BitplanError(f"a tuned weight is given for {name}, which the plan does not list")
-        if weight.block_size != fmt.block_size(weight.elements.shape[-1]):
+        if facts.block_size != fmt.block_size(facts.row_length):
             raise BitplanError(f"the tuned weight of {name} was not rounded as {fmt.name}")
     if source.rounded and not backend.stores_rounded:
         raise BitplanError(
