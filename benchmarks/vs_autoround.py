@@ -71,6 +71,8 @@ from bitplan.jsonio import write_json_atomic  # stdlib only: cheap to import
 OPTION_SETS = {
     "mx": ("MXFP4,MXFP8", (4.5, 5.0, 6.0)),
     "int": ("W2A16,W4A16", (3.0,)),
+    # Issue 17's sanity row: every layer W4A16 (one option, so the search is trivial).
+    "w4": ("W4A16", (4.0,)),
     # Four options each: how the cost of each tool grows with the number of options.
     "mx4": ("MXFP4,MXFP6,MXFP8,NVFP4", (4.5, 5.0, 6.0)),
     "int4": ("W2A16,W3A16,W4A16,W8A16", (3.0, 4.0, 5.0)),
